@@ -1,0 +1,1 @@
+//! Marlin printer simulator.

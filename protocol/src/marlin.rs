@@ -1,0 +1,1 @@
+//! Marlin host-protocol codec (owned by the simulator work).
