@@ -1,1 +1,2 @@
 //! Embedded rumqttd.
+pub mod cli;

@@ -1,1 +1,2 @@
 //! Marlin printer simulator.
+pub mod cli;
