@@ -1,5 +1,7 @@
-//! `printloop broker` (placeholder until the broker lands).
+//! `printloop broker`: run the embedded broker from a `broker.toml` until the process ends.
 use std::path::PathBuf;
+
+use crate::{BrokerConfig, BrokerError, EmbeddedBroker};
 
 /// Arguments of `printloop broker`.
 #[derive(Debug, clap::Args)]
@@ -9,7 +11,24 @@ pub struct BrokerArgs {
     pub config: PathBuf,
 }
 
-/// Runs the broker until the process is stopped.
-pub fn run(_args: BrokerArgs) -> Result<(), std::io::Error> {
-    Err(std::io::Error::other("broker not built yet"))
+/// Loads the configuration, starts rumqttd, logs its listeners and blocks.
+///
+/// Returns only with an error: a bad configuration, a listener that cannot bind or does not
+/// answer, or rumqttd stopping. Stop the broker by ending the process (SIGINT/SIGTERM): rumqttd
+/// keeps nothing on disk, so there is nothing to flush.
+pub fn run(args: BrokerArgs) -> Result<(), BrokerError> {
+    let config = BrokerConfig::load(&args.config)?;
+    let broker = EmbeddedBroker::start(config)?;
+    for listener in broker.listeners() {
+        tracing::info!(
+            listener = %listener.config_key(),
+            name = %listener.name,
+            addr = %listener.addr,
+            protocol = listener.kind.section(),
+            tls = listener.tls,
+            "broker listening"
+        );
+    }
+    tracing::info!(config = %args.config.display(), "broker ready");
+    broker.wait()
 }
