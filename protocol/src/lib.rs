@@ -1,2 +1,21 @@
-//! printloop's wire contract. No IO and no clock: time is always passed in.
+//! printloop's wire contract: the topic tree, every payload, and the Marlin line codec.
+//!
+//! This crate does no IO and reads no clock: time is always passed in (Unix milliseconds).
+//! Everything that comes from outside is decoded strictly, with a bounded size, into typed
+//! values or a typed error — never a panic. The JSON Schemas in `schemas/` are generated from
+//! these types ([`schema::all`]) and a test fails when they drift.
+
+pub mod api;
+pub mod codec;
+pub mod command;
+pub mod files;
+pub mod ids;
 pub mod marlin;
+pub mod presence;
+pub mod schema;
+pub mod state;
+pub mod topics;
+
+pub use codec::{DecodeError, EnvelopeError, Payload, Version, PROTOCOL_VERSION};
+pub use ids::{ClientId, CommandId, IdError, JobId, PrinterId, Sha256Hex};
+pub use topics::{PrinterTopicKind, Topic, TopicError, Topics, DEFAULT_ROOT};

@@ -1,0 +1,324 @@
+//! Commands to a gateway (`printers/<id>/cmd`) and its answers (`printers/<id>/cmd/result`).
+//!
+//! A command is `{v, id, kind, args, expires_at}`. The gateway answers every command it can
+//! read an id from on `cmd/result`: `ok`, `duplicate` (that id was handled before; nothing
+//! happens again), `expired` (past `expires_at`; nothing happens) or `error` with a reason.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{
+    decode_envelope, DecodeError, EnvelopeError, EnvelopeSpec, Payload, Version,
+    MAX_CONTROL_PAYLOAD,
+};
+use crate::ids::{CommandId, JobId, Sha256Hex};
+
+/// What a command asks the gateway to do. Serialised as `"kind"` + `"args"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", content = "args", rename_all = "snake_case")]
+pub enum CommandAction {
+    /// Fetch the file (if not cached), verify it, and print it. Refused unless the printer is
+    /// `ready`; a job id that already ran on this printer never runs again.
+    StartJob(StartJob),
+    /// Pause the current job (when `job_id` is given, only if it is the current job).
+    Pause(JobRef),
+    /// Resume the current job.
+    Resume(JobRef),
+    /// Cancel the current job.
+    Cancel(JobRef),
+    /// An operator confirms the bed is clear: `idle`/`finished` → `ready`.
+    BedCleared(Empty),
+    /// Re-publish meta, state and status (the supervisor's views disagree).
+    Rebirth(Empty),
+}
+
+impl CommandAction {
+    /// The wire name of the kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::StartJob(_) => "start_job",
+            Self::Pause(_) => "pause",
+            Self::Resume(_) => "resume",
+            Self::Cancel(_) => "cancel",
+            Self::BedCleared(_) => "bed_cleared",
+            Self::Rebirth(_) => "rebirth",
+        }
+    }
+}
+
+/// Every command kind this build understands.
+pub const COMMAND_KINDS: [&str; 6] = [
+    "start_job",
+    "pause",
+    "resume",
+    "cancel",
+    "bed_cleared",
+    "rebirth",
+];
+
+/// Arguments of `start_job`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartJob {
+    /// The job (assigned by the supervisor, never reused).
+    pub job_id: JobId,
+    /// The file to print, by content.
+    pub file_sha256: Sha256Hex,
+    /// File size in bytes (the gateway checks free space first).
+    pub size_bytes: u64,
+    /// A name for people.
+    pub name: String,
+}
+
+/// Arguments naming the job a command is meant for (optional).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobRef {
+    /// When given, the command applies only if this is the current job (a stale cancel never
+    /// hits the next job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<JobId>,
+}
+
+/// No arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+/// A command. QoS 1, **never** retained.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(extend("unevaluatedProperties" = false))]
+pub struct Command {
+    /// Protocol version.
+    pub v: Version,
+    /// Chosen by the sender, unique per command; the gateway de-duplicates on it.
+    pub id: CommandId,
+    /// The action (`kind` and `args`).
+    #[serde(flatten)]
+    pub action: CommandAction,
+    /// After this instant (Unix ms) the command is answered `expired` and not carried out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+}
+
+/// Why a command was rejected; carries its id when one could be read, so the gateway can
+/// answer on `cmd/result`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{error}")]
+pub struct CommandReject {
+    /// The command's id, if the payload had a valid one.
+    pub id: Option<CommandId>,
+    /// What was wrong.
+    pub error: EnvelopeError,
+}
+
+const COMMAND_SPEC: EnvelopeSpec = EnvelopeSpec {
+    tag: "kind",
+    kinds: &COMMAND_KINDS,
+    fields: &["id", "expires_at"],
+};
+
+impl Command {
+    /// A command with no expiry.
+    pub fn new(id: CommandId, action: CommandAction) -> Self {
+        Self {
+            v: Version,
+            id,
+            action,
+            expires_at: None,
+        }
+    }
+
+    /// Whether the command has expired at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expires_at.is_some_and(|at| now_ms > at)
+    }
+
+    /// Strictly decodes a command, keeping its id when anything else is wrong.
+    pub fn decode(bytes: &[u8]) -> Result<Command, CommandReject> {
+        decode_envelope::<Command, CommandAction>(bytes, MAX_CONTROL_PAYLOAD, &COMMAND_SPEC)
+            .map_err(|(map, error)| CommandReject {
+                id: map
+                    .as_ref()
+                    .and_then(|m| m.get("id"))
+                    .and_then(|v| v.as_str())
+                    .and_then(|s| CommandId::new(s).ok()),
+                error,
+            })
+    }
+
+    /// Encodes as compact JSON.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// The gateway's answer to a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ResultStatus {
+    /// Carried out (or, for start_job, accepted and under way).
+    Ok,
+    /// Refused: `reason` says why. Nothing changed.
+    Error,
+    /// This id was handled before; nothing happened again.
+    Duplicate,
+    /// Arrived after `expires_at`; nothing happened.
+    Expired,
+}
+
+/// The answer to one command. QoS 1, not retained.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommandResult {
+    /// Protocol version.
+    pub v: Version,
+    /// The command's id.
+    pub id: CommandId,
+    /// The outcome.
+    pub status: ResultStatus,
+    /// Why, for `error` (and context for the others).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The gateway's epoch.
+    pub epoch: u64,
+    /// When it was answered (Unix ms).
+    pub at_ms: u64,
+}
+
+impl Payload for CommandResult {
+    const SCHEMA: &'static str = "command-result";
+}
+
+/// Commands have a hand-written decoder (to keep the id on errors); the schema and the size
+/// limit still come from the trait.
+impl Payload for Command {
+    const SCHEMA: &'static str = "command";
+
+    fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        Command::decode(bytes).map_err(|r| match r.error {
+            EnvelopeError::Decode(d) => d,
+            other => DecodeError::Invalid(other.to_string()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha() -> Sha256Hex {
+        Sha256Hex::digest(b"G28\n")
+    }
+
+    #[test]
+    fn wire_shape() {
+        let c = Command {
+            expires_at: Some(1_700_000_000_000),
+            ..Command::new(
+                CommandId::new("c-1").expect("id"),
+                CommandAction::StartJob(StartJob {
+                    job_id: JobId::new("j-1").expect("id"),
+                    file_sha256: sha(),
+                    size_bytes: 4,
+                    name: "cube".into(),
+                }),
+            )
+        };
+        let json: serde_json::Value = serde_json::from_slice(&c.encode()).expect("json");
+        assert_eq!(json["kind"], "start_job");
+        assert_eq!(json["args"]["job_id"], "j-1");
+        assert_eq!(json["id"], "c-1");
+        assert_eq!(json["v"], 1);
+        assert_eq!(Command::decode(&c.encode()), Ok(c));
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        let actions = [
+            CommandAction::Pause(JobRef::default()),
+            CommandAction::Resume(JobRef {
+                job_id: Some(JobId::new("j").expect("id")),
+            }),
+            CommandAction::Cancel(JobRef::default()),
+            CommandAction::BedCleared(Empty {}),
+            CommandAction::Rebirth(Empty {}),
+        ];
+        for (i, a) in actions.into_iter().enumerate() {
+            assert!(COMMAND_KINDS.contains(&a.kind()));
+            let c = Command::new(CommandId::new(format!("c{i}")).expect("id"), a);
+            assert_eq!(Command::decode(&c.encode()), Ok(c));
+        }
+    }
+
+    #[test]
+    fn args_may_be_omitted_when_empty() {
+        let c = Command::decode(br#"{"v":1,"id":"x","kind":"rebirth"}"#).expect("ok");
+        assert_eq!(c.action, CommandAction::Rebirth(Empty {}));
+    }
+
+    #[test]
+    fn rejects_keep_the_id() {
+        let cases: &[(&str, Option<&str>, &str)] = &[
+            (
+                r#"{"v":1,"id":"a","kind":"launch"}"#,
+                Some("a"),
+                "unknown kind \"launch\"",
+            ),
+            (
+                r#"{"v":1,"id":"b","kind":"start_job","args":{}}"#,
+                Some("b"),
+                "bad arguments",
+            ),
+            (
+                r#"{"v":1,"id":"c","kind":"pause","args":{"job":1}}"#,
+                Some("c"),
+                "bad arguments",
+            ),
+            (
+                r#"{"v":1,"id":"d","kind":"pause","x":1}"#,
+                Some("d"),
+                "unknown field `x`",
+            ),
+            (
+                r#"{"v":2,"id":"e","kind":"pause"}"#,
+                None,
+                "unsupported protocol version",
+            ),
+            (r#"{"v":1,"kind":"pause"}"#, None, "missing field `id`"),
+            (
+                r#"{"v":1,"id":"a b","kind":"pause"}"#,
+                None,
+                "invalid command id",
+            ),
+            (
+                r#"{"v":1,"id":"f","kind":7}"#,
+                Some("f"),
+                "`kind` must be a string",
+            ),
+            (
+                r#"{"v":1,"id":"g","kind":"pause","expires_at":-3}"#,
+                Some("g"),
+                "expires_at",
+            ),
+            (r#"not json"#, None, "not valid JSON"),
+        ];
+        for (input, id, msg) in cases {
+            let r = Command::decode(input.as_bytes()).expect_err(input);
+            assert_eq!(r.id.as_ref().map(CommandId::as_str), *id, "{input}");
+            assert!(r.to_string().contains(msg), "{input}: {r}");
+        }
+    }
+
+    #[test]
+    fn expiry() {
+        let mut c = Command::new(
+            CommandId::new("x").expect("id"),
+            CommandAction::Rebirth(Empty {}),
+        );
+        assert!(!c.expired(u64::MAX));
+        c.expires_at = Some(10);
+        assert!(!c.expired(10));
+        assert!(c.expired(11));
+    }
+}
