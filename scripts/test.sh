@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs printloop's whole test suite on a fresh Debian machine: installs what the tests drive
+# for real (Mosquitto and its clients), then `cargo test` over every crate.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v mosquitto >/dev/null 2>&1 || need+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing ${need[*]} (the interop tests run a real Mosquitto)"
+  sudo_=""
+  [ "$(id -u)" -eq 0 ] || sudo_="sudo"
+  $sudo_ apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+exec cargo test --workspace "$@"
