@@ -1,0 +1,1 @@
+//! Sans-IO Marlin host driver (in progress).

@@ -1,0 +1,1 @@
+//! The tokio shell that runs the link over a serial port (in progress).
