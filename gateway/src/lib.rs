@@ -3,3 +3,4 @@
 
 pub mod link;
 pub mod serial;
+pub mod store;
