@@ -186,6 +186,10 @@ pub struct Snapshot {
     pub outbox: Vec<(u64, Vec<u8>)>,
     /// Cached files.
     pub files: Vec<FileRecord>,
+    /// Every job id in the ledger, with its outcome (`None`: accepted, not ended).
+    pub ledger: Vec<(JobId, Option<JobStage>)>,
+    /// Remembered command ids and their answers.
+    pub commands: Vec<(CommandId, CommandRecord)>,
 }
 
 /// The redb file.
@@ -265,9 +269,11 @@ impl Store {
 
         let ledger = tx.open_table(LEDGER).map_err(db("open ledger"))?;
         let mut ended = Vec::new();
+        let mut all_jobs = Vec::new();
         for row in ledger.iter().map_err(db("scan ledger"))? {
             let (k, v) = row.map_err(db("read ledger"))?;
             let rec: LedgerRecord = decode(k.value(), v.value())?;
+            all_jobs.push((rec.job_id.clone(), rec.outcome));
             if let (Some(outcome), Some(ended_at_ms)) = (rec.outcome, rec.ended_at_ms) {
                 ended.push(LedgerEntry {
                     job_id: rec.job_id,
@@ -297,6 +303,16 @@ impl Store {
             let (k, v) = row.map_err(db("read files"))?;
             files.push(decode::<FileRecord>(k.value(), v.value())?);
         }
+        let commands_t = tx.open_table(COMMANDS).map_err(db("open commands"))?;
+        let mut commands = Vec::new();
+        for row in commands_t.iter().map_err(db("scan commands"))? {
+            let (k, v) = row.map_err(db("read commands"))?;
+            let id = CommandId::new(k.value()).map_err(|e| StoreError::Corrupt {
+                key: k.value().to_owned(),
+                message: e.to_string(),
+            })?;
+            commands.push((id, decode::<CommandRecord>(k.value(), v.value())?));
+        }
         Ok(Snapshot {
             epoch,
             current,
@@ -304,6 +320,8 @@ impl Store {
             recent_jobs: ended,
             outbox,
             files,
+            ledger: all_jobs,
+            commands,
         })
     }
 
@@ -471,6 +489,7 @@ mod tests {
         }
         let s = Store::open(&path).expect("reopen");
         let snap = s.load().expect("load");
+        assert_eq!(snap.ledger.len(), 2);
         assert_eq!(snap.epoch, 3);
         assert_eq!(snap.current, Some(current("j1")));
         assert!(snap.flags.bed_clear);

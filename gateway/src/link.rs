@@ -1,1 +1,0 @@
-//! Sans-IO Marlin host driver (in progress).
