@@ -32,7 +32,7 @@ pub fn mqtt_options(client_id: &str, port: u16) -> MqttOptions {
 }
 
 #[derive(Debug)]
-enum Ack {
+enum Control {
     ConnAck(ConnAck),
     SubAck(Vec<SubscribeReasonCode>),
     PubAck,
@@ -47,7 +47,7 @@ pub struct TestClient {
     client: AsyncClient,
     connack: ConnAck,
     publishes: UnboundedReceiver<Publish>,
-    acks: UnboundedReceiver<Ack>,
+    acks: UnboundedReceiver<Control>,
     task: JoinHandle<()>,
 }
 
@@ -69,12 +69,12 @@ impl TestClient {
             reason,
         };
         let connack = match tokio::time::timeout(RECV_TIMEOUT, acks.recv()).await {
-            Ok(Some(Ack::ConnAck(c))) if c.code == ConnectReturnCode::Success => c,
-            Ok(Some(Ack::ConnAck(c))) => {
+            Ok(Some(Control::ConnAck(c))) if c.code == ConnectReturnCode::Success => c,
+            Ok(Some(Control::ConnAck(c))) => {
                 task.abort();
                 return Err(fail(format!("connection refused: {:?}", c.code)));
             }
-            Ok(Some(Ack::Closed(e))) => return Err(fail(format!("cannot connect: {e}"))),
+            Ok(Some(Control::Closed(e))) => return Err(fail(format!("cannot connect: {e}"))),
             Ok(other) => {
                 task.abort();
                 return Err(fail(format!("expected a CONNACK, got {other:?}")));
@@ -116,9 +116,11 @@ impl TestClient {
         }
     }
 
-    async fn next_ack(&mut self, what: &str) -> Result<Ack> {
+    async fn next_ack(&mut self, what: &str) -> Result<Control> {
         match tokio::time::timeout(RECV_TIMEOUT, self.acks.recv()).await {
-            Ok(Some(Ack::Closed(e))) => Err(self.error(format!("{what}: connection closed: {e}"))),
+            Ok(Some(Control::Closed(e))) => {
+                Err(self.error(format!("{what}: connection closed: {e}")))
+            }
             Ok(Some(ack)) => Ok(ack),
             Ok(None) => Err(self.error(format!("{what}: event loop ended"))),
             Err(_) => Err(self.error(format!("{what}: no answer within {RECV_TIMEOUT:?}"))),
@@ -133,10 +135,10 @@ impl TestClient {
             .map_err(|e| self.error(format!("subscribe {filter}: {e}")))?;
         loop {
             match self.next_ack(&format!("SUBACK for {filter}")).await? {
-                Ack::SubAck(codes) if codes.contains(&SubscribeReasonCode::Failure) => {
+                Control::SubAck(codes) if codes.contains(&SubscribeReasonCode::Failure) => {
                     return Err(self.error(format!("subscription to {filter} refused")))
                 }
-                Ack::SubAck(_) => return Ok(()),
+                Control::SubAck(_) => return Ok(()),
                 _ => continue,
             }
         }
@@ -164,7 +166,9 @@ impl TestClient {
                 self.next_ack(&format!("ack for publish to {topic}"))
                     .await?,
             ) {
-                (QoS::AtLeastOnce, Ack::PubAck) | (QoS::ExactlyOnce, Ack::PubComp) => return Ok(()),
+                (QoS::AtLeastOnce, Control::PubAck) | (QoS::ExactlyOnce, Control::PubComp) => {
+                    return Ok(())
+                }
                 _ => continue,
             }
         }
@@ -223,7 +227,7 @@ impl TestClient {
         let waited = tokio::time::timeout(RECV_TIMEOUT, async {
             loop {
                 match self.acks.recv().await {
-                    Some(Ack::Closed(_)) | None => return,
+                    Some(Control::Closed(_)) | None => return,
                     Some(_) => continue,
                 }
             }
@@ -251,7 +255,7 @@ impl Drop for TestClient {
 async fn drive(
     mut eventloop: EventLoop,
     publishes: UnboundedSender<Publish>,
-    acks: UnboundedSender<Ack>,
+    acks: UnboundedSender<Control>,
 ) {
     let mut disconnecting = false;
     loop {
@@ -260,16 +264,16 @@ async fn drive(
                 let _ = publishes.send(p);
             }
             Ok(Event::Incoming(Packet::ConnAck(c))) => {
-                let _ = acks.send(Ack::ConnAck(c));
+                let _ = acks.send(Control::ConnAck(c));
             }
             Ok(Event::Incoming(Packet::SubAck(s))) => {
-                let _ = acks.send(Ack::SubAck(s.return_codes));
+                let _ = acks.send(Control::SubAck(s.return_codes));
             }
             Ok(Event::Incoming(Packet::PubAck(_))) => {
-                let _ = acks.send(Ack::PubAck);
+                let _ = acks.send(Control::PubAck);
             }
             Ok(Event::Incoming(Packet::PubComp(_))) => {
-                let _ = acks.send(Ack::PubComp);
+                let _ = acks.send(Control::PubComp);
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => disconnecting = true,
             Ok(_) => {}
@@ -279,7 +283,7 @@ async fn drive(
                 } else {
                     e.to_string()
                 };
-                let _ = acks.send(Ack::Closed(reason));
+                let _ = acks.send(Control::Closed(reason));
                 return;
             }
         }

@@ -158,17 +158,17 @@ pub enum BrokerKind {
 #[derive(Debug)]
 pub enum TestBroker {
     /// In-process rumqttd.
-    Embedded(EmbeddedBroker),
+    Embedded(Box<EmbeddedBroker>),
     /// Mosquitto child process.
-    Mosquitto(MosquittoGuard),
+    Mosquitto(Box<MosquittoGuard>),
 }
 
 impl TestBroker {
     /// Starts a broker of `kind` on free loopback ports.
     pub fn start(kind: BrokerKind) -> Result<Self> {
         Ok(match kind {
-            BrokerKind::Embedded => TestBroker::Embedded(EmbeddedBroker::start()?),
-            BrokerKind::Mosquitto => TestBroker::Mosquitto(Mosquitto::start()?),
+            BrokerKind::Embedded => TestBroker::Embedded(Box::new(EmbeddedBroker::start()?)),
+            BrokerKind::Mosquitto => TestBroker::Mosquitto(Box::new(Mosquitto::start()?)),
         })
     }
 
