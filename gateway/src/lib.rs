@@ -2,5 +2,6 @@
 //! durable, and stays autonomous when the network is gone.
 
 pub mod link;
+pub mod machine;
 pub mod serial;
 pub mod store;

@@ -1,0 +1,706 @@
+//! Script-driven tests of the gateway state machine: inputs in, outputs checked. No IO.
+
+use super::*;
+use protocol::command::{Command, CommandAction, Empty, JobRef, StartJob};
+use protocol::presence::Presence;
+
+const FILE: &[u8] = b"G28\nG1 X10 F3000\nG1 X20\n";
+
+struct H {
+    g: Gateway,
+    now: Now,
+    n: u64,
+}
+
+fn pid() -> PrinterId {
+    PrinterId::new("p0").expect("valid")
+}
+
+fn jid(s: &str) -> JobId {
+    JobId::new(s).expect("valid")
+}
+
+fn sha() -> Sha256Hex {
+    Sha256Hex::digest(FILE)
+}
+
+fn cfg() -> CoreConfig {
+    CoreConfig {
+        chunk_len: 10,
+        ..CoreConfig::new(pid())
+    }
+}
+
+fn firmware() -> Firmware {
+    Firmware {
+        name: "Marlin 2.1.2.1".into(),
+        protocol_version: None,
+        machine_type: None,
+        capabilities: vec![],
+    }
+}
+
+impl H {
+    fn new() -> Self {
+        Self::from(Snapshot::default())
+    }
+
+    fn from(snap: Snapshot) -> Self {
+        let now = Now {
+            mono_ms: 1_000,
+            unix_ms: 1_795_000_000_000,
+        };
+        let (g, _) = Gateway::new(cfg(), snap, now);
+        Self { g, now, n: 0 }
+    }
+
+    fn advance(&mut self, ms: u64) -> Vec<Output> {
+        self.now.mono_ms += ms;
+        self.now.unix_ms += ms;
+        self.g.handle(self.now, Input::Tick)
+    }
+
+    fn input(&mut self, i: Input) -> Vec<Output> {
+        self.g.handle(self.now, i)
+    }
+
+    fn connect(&mut self) -> Vec<Output> {
+        let _ = self.g.prepare_connect(self.now);
+        self.input(Input::MqttConnected {
+            session_present: false,
+        })
+    }
+
+    fn ready_printer(&mut self) {
+        self.input(Input::Printer(PrinterEvent::Ready {
+            firmware: firmware(),
+        }));
+    }
+
+    fn cmd(&mut self, action: CommandAction) -> (CommandResult, Vec<Output>) {
+        self.n += 1;
+        let c = Command::new(CommandId::new(format!("c{}", self.n)).expect("id"), action);
+        self.raw_cmd(&c.encode())
+    }
+
+    fn raw_cmd(&mut self, payload: &[u8]) -> (CommandResult, Vec<Output>) {
+        let out = self.input(Input::Message {
+            topic: "printloop/v1/printers/p0/cmd".into(),
+            payload: payload.to_vec(),
+        });
+        let result = results(&out).pop().expect("a command result");
+        (result, out)
+    }
+
+    fn start(&mut self, job: &str) -> (CommandResult, Vec<Output>) {
+        self.cmd(CommandAction::StartJob(StartJob {
+            job_id: jid(job),
+            file_sha256: sha(),
+            size_bytes: FILE.len() as u64,
+            name: "f.gcode".into(),
+        }))
+    }
+
+    /// Serves every chunk request in `out` (and the ones that follow) until the file is stored
+    /// and checked.
+    fn serve_file(&mut self, mut out: Vec<Output>) -> Vec<Output> {
+        let mut all = Vec::new();
+        for _ in 0..100 {
+            all.extend(out.clone());
+            if let Some(req) = published::<FileChunkRequest>(&out, "file/request").pop() {
+                let start = req.offset as usize;
+                let end = (start + req.len as usize).min(FILE.len());
+                let resp = FileChunkResponse::chunk(
+                    req.request_id,
+                    req.sha256,
+                    req.offset,
+                    FILE.len() as u64,
+                    &FILE[start..end],
+                );
+                let o = self.input(Input::Message {
+                    topic: "printloop/v1/printers/p0/file/chunk".into(),
+                    payload: resp.encode(),
+                });
+                all.extend(o.clone());
+                let stored = o.iter().find_map(|x| match x {
+                    Output::StoreChunk {
+                        sha256,
+                        offset,
+                        data,
+                    } => Some(Input::ChunkStored {
+                        sha256: sha256.clone(),
+                        offset: *offset,
+                        len: data.len() as u64,
+                    }),
+                    _ => None,
+                });
+                out = match stored {
+                    Some(i) => self.input(i),
+                    None => vec![],
+                };
+                continue;
+            }
+            if out.iter().any(|x| matches!(x, Output::CheckFile { .. })) {
+                let o = self.input(Input::FileChecked {
+                    sha256: sha(),
+                    result: Ok(3),
+                });
+                all.extend(o);
+            }
+            break;
+        }
+        all
+    }
+
+    fn state(&self) -> StateSnapshot {
+        self.g.snapshot(self.now)
+    }
+}
+
+fn published<T: Payload>(out: &[Output], suffix: &str) -> Vec<T> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Publish(p) if p.topic.ends_with(suffix) => {
+                Some(T::decode(&p.payload).expect("own payloads decode"))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn results(out: &[Output]) -> Vec<CommandResult> {
+    published(out, "/cmd/result")
+}
+
+fn events(out: &[Output]) -> Vec<EventKind> {
+    published::<Event>(out, "/events")
+        .into_iter()
+        .map(|e| e.event)
+        .collect()
+}
+
+fn persisted(out: &[Output]) -> Vec<Mutation> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Persist(m) => Some(m.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// Index of the first output matching `f`.
+fn pos(out: &[Output], f: impl Fn(&Output) -> bool) -> usize {
+    out.iter().position(f).expect("output present")
+}
+
+#[test]
+fn connect_bumps_epoch_and_births_in_order() {
+    let mut h = H::new();
+    let (muts, will_topic, will) = h.g.prepare_connect(h.now);
+    assert_eq!(muts, vec![Mutation::SetEpoch(1)]);
+    assert_eq!(will_topic, "printloop/v1/printers/p0/status");
+    let will = Status::decode(&will).expect("will decodes");
+    assert_eq!((will.presence, will.epoch), (Presence::Offline, 1));
+
+    let out = h.input(Input::MqttConnected {
+        session_present: false,
+    });
+    let topics: Vec<&str> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Subscribe(t) => Some(t.as_str()),
+            Output::Publish(p) => Some(p.topic.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        topics,
+        [
+            "printloop/v1/printers/p0/cmd",
+            "printloop/v1/printers/p0/file/chunk",
+            "printloop/v1/printers/p0/events",
+            "printloop/v1/printers/p0/meta",
+            "printloop/v1/printers/p0/state",
+            "printloop/v1/printers/p0/status",
+        ]
+    );
+    let status = published::<Status>(&out, "/status").pop().expect("birth");
+    assert_eq!((status.presence, status.epoch), (Presence::Online, 1));
+    assert!(out
+        .iter()
+        .all(|o| !matches!(o, Output::Publish(p) if p.topic.ends_with("/cmd") && p.retain)));
+
+    // Reconnecting: epoch 2, seq restarts.
+    h.input(Input::MqttDisconnected);
+    let (muts, _, _) = h.g.prepare_connect(h.now);
+    assert_eq!(muts, vec![Mutation::SetEpoch(2)]);
+    let out = h.input(Input::MqttConnected {
+        session_present: true,
+    });
+    let st = published::<StateSnapshot>(&out, "/state")
+        .pop()
+        .expect("state");
+    assert_eq!((st.epoch, st.seq), (2, 1));
+}
+
+#[test]
+fn nominal_job_from_idle_to_finished_to_ready() {
+    let mut h = H::new();
+    h.connect();
+    h.ready_printer();
+    assert_eq!(h.g.phase(), PrinterPhase::Idle);
+
+    let (r, _) = h.start("j1");
+    assert_eq!(r.status, ResultStatus::Error);
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("bed must be cleared"),
+        "{r:?}"
+    );
+    assert_eq!(
+        h.g.phase(),
+        PrinterPhase::Idle,
+        "a refused start changes nothing"
+    );
+
+    let (r, _) = h.cmd(CommandAction::BedCleared(Empty {}));
+    assert_eq!(r.status, ResultStatus::Ok);
+    assert_eq!(h.g.phase(), PrinterPhase::Ready);
+
+    let (r, out) = h.start("j1");
+    assert_eq!(r.status, ResultStatus::Ok);
+    assert_eq!(h.g.phase(), PrinterPhase::Preparing);
+    // The acceptance is persisted before its event and its result are published.
+    let persist = pos(
+        &out,
+        |o| matches!(o, Output::Persist(m) if m.iter().any(|m| matches!(m, Mutation::PutLedger(_)))),
+    );
+    let first_pub = pos(&out, |o| matches!(o, Output::Publish(_)));
+    assert!(persist < first_pub);
+    assert_eq!(
+        events(&out),
+        vec![EventKind::JobAccepted { job_id: jid("j1") }]
+    );
+
+    let all = h.serve_file(out);
+    assert_eq!(
+        all.iter()
+            .filter(|o| matches!(o, Output::StoreChunk { .. }))
+            .count(),
+        3,
+        "25 bytes in 10-byte chunks"
+    );
+    assert!(all
+        .iter()
+        .any(|o| matches!(o, Output::Printer(PrinterCommand::StartStream { .. }))));
+    assert_eq!(h.g.phase(), PrinterPhase::Printing);
+    assert!(!h.state().bed_clear);
+
+    h.input(Input::Printer(PrinterEvent::LinesAcked { count: 2 }));
+    assert_eq!(h.state().job.expect("job").line, 2);
+    let out = h.input(Input::Printer(PrinterEvent::LinesAcked { count: 3 }));
+    assert_eq!(h.g.phase(), PrinterPhase::Finished);
+    assert!(events(&out).contains(&EventKind::JobEnded {
+        job_id: jid("j1"),
+        outcome: JobStage::Finished,
+        line: 3,
+        reason: None
+    }));
+    let st = h.state();
+    assert_eq!(st.job.as_ref().map(|j| j.progress_pct), Some(100.0));
+    assert_eq!(st.recent_jobs[0].job_id, jid("j1"));
+
+    // A new job waits until the bed is cleared.
+    assert_eq!(h.start("j2").0.status, ResultStatus::Error);
+    h.cmd(CommandAction::BedCleared(Empty {}));
+    assert_eq!(h.g.phase(), PrinterPhase::Ready);
+    assert!(h.state().job.is_none());
+}
+
+#[test]
+fn duplicate_expired_malformed_and_unknown_commands() {
+    let mut h = H::new();
+    h.connect();
+    h.ready_printer();
+    let c = Command::new(
+        CommandId::new("same").expect("id"),
+        CommandAction::BedCleared(Empty {}),
+    );
+    let (r1, out1) = h.raw_cmd(&c.encode());
+    assert_eq!(r1.status, ResultStatus::Ok);
+    assert_eq!(events(&out1).len(), 1);
+    let (r2, out2) = h.raw_cmd(&c.encode());
+    assert_eq!(r2.status, ResultStatus::Duplicate);
+    assert!(events(&out2).is_empty(), "a duplicate does nothing again");
+    assert!(persisted(&out2).is_empty(), "a duplicate writes nothing");
+
+    let mut late = Command::new(
+        CommandId::new("late").expect("id"),
+        CommandAction::Rebirth(Empty {}),
+    );
+    late.expires_at = Some(h.now.unix_ms - 1);
+    let (r, out) = h.raw_cmd(&late.encode());
+    assert_eq!(r.status, ResultStatus::Expired);
+    assert!(
+        published::<Meta>(&out, "/meta").is_empty(),
+        "an expired rebirth does nothing"
+    );
+
+    let (r, _) = h.raw_cmd(br#"{"v":1,"id":"u1","kind":"launch","args":{}}"#);
+    assert_eq!(r.status, ResultStatus::Error);
+    assert!(r.reason.as_deref().unwrap_or("").contains("unknown kind"));
+
+    let (r, _) = h.raw_cmd(br#"{"v":1,"id":"m1","kind":"start_job","args":{"job_id":"x"}}"#);
+    assert_eq!(r.status, ResultStatus::Error);
+    assert!(
+        r.reason.as_deref().unwrap_or("").contains("missing field"),
+        "{r:?}"
+    );
+
+    // No readable id: nothing to answer, nothing published, no panic.
+    for junk in [
+        &b"\xff\x00garbage"[..],
+        b"{}",
+        b"[]",
+        b"{\"v\":1,\"kind\":\"pause\"}",
+    ] {
+        let out = h.input(Input::Message {
+            topic: "printloop/v1/printers/p0/cmd".into(),
+            payload: junk.to_vec(),
+        });
+        assert!(results(&out).is_empty());
+    }
+}
+
+#[test]
+fn an_ended_job_id_never_runs_again() {
+    let mut h = H::new();
+    h.connect();
+    h.ready_printer();
+    h.cmd(CommandAction::BedCleared(Empty {}));
+    let (_, out) = h.start("j1");
+    h.serve_file(out);
+    h.input(Input::Printer(PrinterEvent::LinesAcked { count: 3 }));
+    h.cmd(CommandAction::BedCleared(Empty {}));
+    assert_eq!(h.g.phase(), PrinterPhase::Ready);
+    // The same job id, with a new command id (a supervisor that forgot it sent it).
+    let (r, out) = h.start("j1");
+    assert_eq!(r.status, ResultStatus::Error);
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("never runs again"),
+        "{r:?}"
+    );
+    assert!(!out.iter().any(|o| matches!(o, Output::Printer(_))));
+    assert_eq!(h.g.phase(), PrinterPhase::Ready);
+}
+
+#[test]
+fn restart_mid_print_reports_interrupted_and_never_restarts() {
+    let job = CurrentJob {
+        job_id: jid("j7"),
+        file_sha256: sha(),
+        name: "f".into(),
+        size_bytes: 25,
+        stage: JobStage::Printing,
+        line: 2,
+        total_lines: 3,
+        accepted_at_ms: 1,
+        started_at_ms: Some(2),
+        ended_at_ms: None,
+        reason: None,
+    };
+    let snap = Snapshot {
+        epoch: 4,
+        current: Some(job),
+        ledger: vec![(jid("j7"), None)],
+        ..Snapshot::default()
+    };
+    let now = Now {
+        mono_ms: 0,
+        unix_ms: 1_795_000_000_000,
+    };
+    let (mut g, out) = Gateway::new(cfg(), snap, now);
+    let muts = persisted(&out);
+    assert!(muts.iter().any(|m| matches!(m, Mutation::PutLedger(r) if r.outcome == Some(JobStage::Interrupted) && r.line == 2)));
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Printer(_))),
+        "never restarts a print"
+    );
+    let (_, _, _) = g.prepare_connect(now);
+    let out = g.handle(
+        now,
+        Input::MqttConnected {
+            session_present: false,
+        },
+    );
+    // The journaled event goes out before the birth.
+    let ev = pos(
+        &out,
+        |o| matches!(o, Output::Publish(p) if p.topic.ends_with("/events")),
+    );
+    let birth = pos(
+        &out,
+        |o| matches!(o, Output::Publish(p) if p.topic.ends_with("/status")),
+    );
+    assert!(ev < birth);
+    let e = published::<Event>(&out, "/events").pop().expect("event");
+    assert!(matches!(
+        e.event,
+        EventKind::JobEnded {
+            outcome: JobStage::Interrupted,
+            line: 2,
+            ..
+        }
+    ));
+    let st = published::<StateSnapshot>(&out, "/state")
+        .pop()
+        .expect("state");
+    assert_eq!(
+        st.job.as_ref().map(|j| j.stage),
+        Some(JobStage::Interrupted)
+    );
+    assert_eq!(st.epoch, 5);
+}
+
+#[test]
+fn events_while_offline_are_journaled_and_published_in_order_after_reconnect() {
+    let mut h = H::new();
+    h.connect();
+    h.ready_printer();
+    h.cmd(CommandAction::BedCleared(Empty {}));
+    let (_, out) = h.start("j1");
+    h.serve_file(out);
+    h.input(Input::MqttDisconnected);
+    let out = h.input(Input::Printer(PrinterEvent::LinesAcked { count: 3 }));
+    assert!(
+        out.iter().all(|o| !matches!(o, Output::Publish(_))),
+        "offline: nothing published"
+    );
+    assert!(persisted(&out)
+        .iter()
+        .any(|m| matches!(m, Mutation::PushOutbox(..))));
+    assert_eq!(
+        h.g.phase(),
+        PrinterPhase::Finished,
+        "the print finished without the broker"
+    );
+
+    let out = h.connect();
+    let evs = published::<Event>(&out, "/events");
+    let kinds: Vec<&str> = evs
+        .iter()
+        .map(|e| match e.event {
+            EventKind::JobAccepted { .. } => "accepted",
+            EventKind::FileVerified { .. } => "verified",
+            EventKind::JobStarted { .. } => "started",
+            EventKind::JobEnded { .. } => "ended",
+            EventKind::BedCleared {} => "bed",
+            EventKind::PrinterConnected { .. } => "connected",
+            _ => "other",
+        })
+        .collect();
+    // Unacknowledged events are all re-sent, in their original order (the broker may have
+    // them already: readers de-duplicate by (epoch, seq)).
+    assert_eq!(kinds.last(), Some(&"ended"));
+    let seqs: Vec<(u64, u64)> = evs.iter().map(|e| (e.epoch, e.seq)).collect();
+    let mut sorted = seqs.clone();
+    sorted.sort();
+    assert_eq!(seqs, sorted, "in order");
+
+    // When the broker echoes the last one back, all of them leave the outbox.
+    let last = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Publish(p) if p.outbox_key.is_some() => Some(p.clone()),
+            _ => None,
+        })
+        .last()
+        .expect("events");
+    let out = h.input(Input::Message {
+        topic: last.topic.clone(),
+        payload: last.payload.clone(),
+    });
+    assert_eq!(
+        persisted(&out),
+        vec![Mutation::AckOutbox(last.outbox_key.expect("key"))]
+    );
+    h.input(Input::MqttDisconnected);
+    let out = h.connect();
+    assert!(published::<Event>(&out, "/events").is_empty());
+}
+
+#[test]
+fn chunk_timeouts_retry_then_fail_the_job() {
+    let mut h = H::new();
+    h.connect();
+    h.ready_printer();
+    h.cmd(CommandAction::BedCleared(Empty {}));
+    let (_, out) = h.start("j1");
+    let first = published::<FileChunkRequest>(&out, "file/request")
+        .pop()
+        .expect("request");
+    assert_eq!(first.offset, 0);
+    let mut requests = 1;
+    let mut failed = false;
+    for _ in 0..50 {
+        let out = h.advance(h.g.cfg.chunk_timeout_ms);
+        requests += published::<FileChunkRequest>(&out, "file/request").len();
+        if events(&out).iter().any(|e| {
+            matches!(
+                e,
+                EventKind::JobEnded {
+                    outcome: JobStage::Failed,
+                    ..
+                }
+            )
+        }) {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "the job fails after bounded retries");
+    assert_eq!(requests as u32, h.g.cfg.chunk_attempts);
+    // Nothing was printed, so the printer is ready again without a bed clear.
+    assert_eq!(h.g.phase(), PrinterPhase::Ready);
+}
+
+#[test]
+fn corrupt_and_stale_chunks_are_not_stored() {
+    let mut h = H::new();
+    h.connect();
+    h.ready_printer();
+    h.cmd(CommandAction::BedCleared(Empty {}));
+    let (_, out) = h.start("j1");
+    let req = published::<FileChunkRequest>(&out, "file/request")
+        .pop()
+        .expect("request");
+    // Right request id, wrong bytes for the claimed digest.
+    let mut bad = FileChunkResponse::chunk(req.request_id.clone(), sha(), 0, 25, &FILE[..10]);
+    if let FileChunkResponse::Ok { data_b64, .. } = &mut bad {
+        *data_b64 = "QUFBQUFBQUFBQQ==".into();
+    }
+    let out = h.input(Input::Message {
+        topic: "printloop/v1/printers/p0/file/chunk".into(),
+        payload: bad.encode(),
+    });
+    assert!(!out.iter().any(|o| matches!(o, Output::StoreChunk { .. })));
+    let again = published::<FileChunkRequest>(&out, "file/request")
+        .pop()
+        .expect("asks again");
+    assert_eq!(again.offset, 0);
+    // An answer to the old request id is stale.
+    let stale = FileChunkResponse::chunk(req.request_id, sha(), 0, 25, &FILE[..10]);
+    let out = h.input(Input::Message {
+        topic: "printloop/v1/printers/p0/file/chunk".into(),
+        payload: stale.encode(),
+    });
+    assert!(out.iter().all(|o| !matches!(o, Output::StoreChunk { .. })));
+}
+
+#[test]
+fn transfer_resumes_from_the_last_stored_chunk_after_a_restart() {
+    let job = CurrentJob {
+        job_id: jid("j1"),
+        file_sha256: sha(),
+        name: "f".into(),
+        size_bytes: 25,
+        stage: JobStage::Transferring,
+        line: 0,
+        total_lines: 0,
+        accepted_at_ms: 1,
+        started_at_ms: None,
+        ended_at_ms: None,
+        reason: None,
+    };
+    let snap = Snapshot {
+        current: Some(job),
+        ledger: vec![(jid("j1"), None)],
+        files: vec![FileRecord {
+            sha256: sha(),
+            size_bytes: 25,
+            received_bytes: 20,
+            verified: false,
+            last_used_ms: 0,
+        }],
+        flags: Flags {
+            bed_clear: true,
+            maintenance: false,
+        },
+        ..Snapshot::default()
+    };
+    let mut h = H::from(snap);
+    let out = h.connect();
+    let req = published::<FileChunkRequest>(&out, "file/request")
+        .pop()
+        .expect("request");
+    assert_eq!((req.offset, req.len), (20, 5));
+}
+
+#[test]
+fn stale_cancel_does_not_hit_the_next_job_and_fatal_errors_halt() {
+    let mut h = H::new();
+    h.connect();
+    h.ready_printer();
+    h.cmd(CommandAction::BedCleared(Empty {}));
+    let (_, out) = h.start("j2");
+    h.serve_file(out);
+    let (r, out) = h.cmd(CommandAction::Cancel(JobRef {
+        job_id: Some(jid("j1")),
+    }));
+    assert_eq!(r.status, ResultStatus::Error);
+    assert!(!out.iter().any(|o| matches!(o, Output::Printer(_))));
+    assert_eq!(h.g.phase(), PrinterPhase::Printing);
+
+    let (r, out) = h.cmd(CommandAction::Pause(JobRef::default()));
+    assert_eq!(r.status, ResultStatus::Ok);
+    assert!(out.contains(&Output::Printer(PrinterCommand::PauseStream)));
+    assert_eq!(h.g.phase(), PrinterPhase::Paused);
+    h.cmd(CommandAction::Resume(JobRef::default()));
+    assert_eq!(h.g.phase(), PrinterPhase::Printing);
+
+    let out = h.input(Input::Printer(PrinterEvent::Fatal {
+        message: "Thermal Runaway, system stopped! Heater_ID: 0".into(),
+    }));
+    assert_eq!(h.g.phase(), PrinterPhase::Halted);
+    assert!(events(&out).iter().any(|e| matches!(
+        e,
+        EventKind::JobEnded {
+            outcome: JobStage::Failed,
+            ..
+        }
+    )));
+    assert_eq!(h.start("j3").0.status, ResultStatus::Error);
+    // The operator looks, clears the bed: the printer is reset.
+    let (_, out) = h.cmd(CommandAction::BedCleared(Empty {}));
+    assert!(out.contains(&Output::Printer(PrinterCommand::ResetPrinter)));
+}
+
+#[test]
+fn heartbeat_and_rate_limit() {
+    let mut h = H::new();
+    h.connect();
+    let hb = h.g.cfg.heartbeat_ms;
+    let out = h.advance(hb - 1);
+    assert!(published::<StateSnapshot>(&out, "/state").is_empty());
+    let out = h.advance(1);
+    assert_eq!(
+        published::<StateSnapshot>(&out, "/state").len(),
+        1,
+        "heartbeat"
+    );
+    // Two changes in quick succession: one publish now, the next after the minimum interval.
+    h.ready_printer();
+    let out = h.input(Input::Printer(PrinterEvent::Progress {
+        percent: 5.0,
+        remaining_min: Some(3),
+    }));
+    assert!(published::<StateSnapshot>(&out, "/state").is_empty());
+    let out = h.advance(h.g.cfg.state_min_interval_ms);
+    assert_eq!(published::<StateSnapshot>(&out, "/state").len(), 1);
+}
