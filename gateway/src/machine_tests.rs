@@ -516,11 +516,11 @@ fn events_while_offline_are_journaled_and_published_in_order_after_reconnect() {
     // When the broker echoes the last one back, all of them leave the outbox.
     let last = out
         .iter()
-        .filter_map(|o| match o {
+        .rev()
+        .find_map(|o| match o {
             Output::Publish(p) if p.outbox_key.is_some() => Some(p.clone()),
             _ => None,
         })
-        .last()
         .expect("events");
     let out = h.input(Input::Message {
         topic: last.topic.clone(),
