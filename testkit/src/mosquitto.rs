@@ -42,6 +42,17 @@ impl Mosquitto {
 
     /// Mosquitto on a free loopback port with `options`.
     pub fn start_with(options: MosquittoOptions) -> Result<MosquittoGuard> {
+        Self::start_inner(options, None)
+    }
+
+    /// Mosquitto with a whole configuration given as text, in which `{port}` is replaced by a
+    /// free loopback port (write `listener {port} 127.0.0.1`). Its log must go to stderr
+    /// (`log_dest stderr`, the default) so readiness can be seen.
+    pub fn start_with_template(template: &str) -> Result<MosquittoGuard> {
+        Self::start_inner(MosquittoOptions::default(), Some(template.to_owned()))
+    }
+
+    fn start_inner(options: MosquittoOptions, template: Option<String>) -> Result<MosquittoGuard> {
         let binary = Self::binary()?;
         let dir = tempfile::Builder::new()
             .prefix("printloop-mosquitto-")
@@ -54,6 +65,7 @@ impl Mosquitto {
             dir,
             port: 0,
             options,
+            template,
             child: None,
         };
         let mut attempt = 0;
@@ -78,6 +90,7 @@ pub struct MosquittoGuard {
     log_path: PathBuf,
     port: u16,
     options: MosquittoOptions,
+    template: Option<String>,
     child: Option<ChildProcess>,
 }
 
@@ -87,6 +100,11 @@ impl MosquittoGuard {
         if nix::unistd::geteuid().is_root() {
             // As root Mosquitto switches to the `mosquitto` user, which cannot read this temp dir.
             conf.push_str("user root\n");
+        }
+        if let Some(template) = &self.template {
+            conf.push_str(&template.replace("{port}", &self.port.to_string()));
+            return std::fs::write(&self.config_path, conf)
+                .map_err(io_error(format!("writing {}", self.config_path.display())));
         }
         let _ = writeln!(conf, "listener {} 127.0.0.1", self.port);
         let anonymous = self.options.password_file.is_none();
