@@ -1,15 +1,146 @@
-//! `printloop sim` (placeholder until the simulator lands).
+//! `printloop sim`: one simulated printer on a pseudo-terminal until Ctrl-C.
 use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::{SimConfig, SimError, Simulator};
 
 /// Arguments of `printloop sim`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct SimArgs {
-    /// Where to link the pseudo-terminal's device path.
+    /// Where to link the pseudo-terminal's device path (a symlink; a stale one is replaced).
     #[arg(long)]
     pub link: PathBuf,
+    /// Wire rate, bits per second (8N1: 10 bits a byte).
+    #[arg(long, default_value_t = 250_000)]
+    pub baud: u32,
+    /// Time scale: 1 = real time, 100 = a hundred times faster (wire, timers, motion, heat).
+    #[arg(long, default_value_t = 1.0)]
+    pub speed: f64,
+    /// Seed for every random choice (fault injection, UUID).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Answer `ok N<line> P<planner free> B<buffer free>` (Marlin ADVANCED_OK).
+    #[arg(long)]
+    pub advanced_ok: bool,
+    /// UART receive buffer, bytes (Marlin RX_BUFFER_SIZE).
+    #[arg(long, default_value_t = 128)]
+    pub rx_buffer: usize,
+    /// Command buffer slots (Marlin BUFSIZE).
+    #[arg(long, default_value_t = 4)]
+    pub bufsize: usize,
+    /// Planner ring size (Marlin BLOCK_BUFFER_SIZE).
+    #[arg(long, default_value_t = 16)]
+    pub planner_blocks: usize,
+    /// Probability per numbered line of a checksum error.
+    #[arg(long, default_value_t = 0.0)]
+    pub checksum_error_rate: f64,
+    /// Line numbers whose first arrival fails its checksum, e.g. `5,17`.
+    #[arg(long, value_delimiter = ',')]
+    pub checksum_error_lines: Vec<u32>,
+    /// Probability per output line of corrupted bytes.
+    #[arg(long, default_value_t = 0.0)]
+    pub garble_rate: f64,
+    /// Motion and heating speed relative to real time, independent of `--speed`
+    /// (e.g. 1000000 for instant moves at a true wire rate).
+    #[arg(long)]
+    pub motion_speed: Option<f64>,
+    /// Milliseconds from a port open (reset) to the `start` banner.
+    #[arg(long, default_value_t = 0)]
+    pub boot_ms: u64,
 }
 
-/// Runs the simulator until Ctrl-C.
-pub async fn run(_args: SimArgs) -> Result<(), std::io::Error> {
-    Err(std::io::Error::other("simulator not built yet"))
+impl SimArgs {
+    /// The simulator configuration these flags describe.
+    pub fn config(&self) -> SimConfig {
+        SimConfig {
+            seed: self.seed,
+            baud: self.baud,
+            speed: self.speed,
+            motion_speed: self.motion_speed,
+            advanced_ok: self.advanced_ok,
+            rx_buffer: self.rx_buffer,
+            bufsize: self.bufsize,
+            planner_blocks: self.planner_blocks,
+            checksum_error_rate: self.checksum_error_rate,
+            checksum_error_lines: self.checksum_error_lines.clone(),
+            garble_rate: self.garble_rate,
+            boot_time: Duration::from_millis(self.boot_ms),
+            ..SimConfig::default()
+        }
+    }
+}
+
+/// Runs the simulator until Ctrl-C (or until it fails), then removes the link.
+pub async fn run(args: SimArgs) -> Result<(), SimError> {
+    let config = args.config();
+    config.validate()?;
+    let mut handle = Simulator::start(config, Some(&args.link))?;
+    tracing::info!(
+        link = %args.link.display(),
+        device = %handle.stats().device.display(),
+        baud = args.baud,
+        speed = args.speed,
+        "simulated printer ready; Ctrl-C to stop"
+    );
+    tokio::select! {
+        signal = tokio::signal::ctrl_c() => {
+            signal?;
+            tracing::info!("stopping the simulator");
+            handle.shutdown().await
+        }
+        ended = handle.stopped() => ended,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: SimArgs,
+    }
+
+    #[test]
+    fn flags_map_onto_the_config() {
+        let cli = Cli::parse_from([
+            "sim",
+            "--link",
+            "/tmp/printer0",
+            "--baud",
+            "115200",
+            "--speed",
+            "10",
+            "--seed",
+            "9",
+            "--advanced-ok",
+            "--rx-buffer",
+            "64",
+            "--bufsize",
+            "8",
+            "--planner-blocks",
+            "32",
+            "--checksum-error-rate",
+            "0.01",
+            "--checksum-error-lines",
+            "5,17",
+            "--garble-rate",
+            "0.001",
+            "--motion-speed",
+            "1000",
+        ]);
+        let c = cli.sim.config();
+        assert_eq!(cli.sim.link, PathBuf::from("/tmp/printer0"));
+        assert_eq!((c.baud, c.speed, c.seed), (115_200, 10.0, 9));
+        assert!(c.advanced_ok);
+        assert_eq!((c.rx_buffer, c.bufsize, c.planner_blocks), (64, 8, 32));
+        assert_eq!(c.checksum_error_lines, vec![5, 17]);
+        assert_eq!((c.checksum_error_rate, c.garble_rate), (0.01, 0.001));
+        assert_eq!(c.motion_speed, Some(1000.0));
+        assert!(c.validate().is_ok());
+        let defaults = Cli::parse_from(["sim", "--link", "x"]).sim.config();
+        assert_eq!(defaults, SimConfig::default());
+    }
 }

@@ -25,6 +25,9 @@ pub enum SimError {
     /// The simulator task has stopped; the control request was not carried out.
     #[error("the simulator has stopped")]
     Stopped,
+    /// A bounded wait ran out.
+    #[error("timed out after {0:?}")]
+    Timeout(std::time::Duration),
     /// The request does not fit the current state (e.g. `replug` while plugged in).
     #[error("{0}")]
     InvalidState(&'static str),
