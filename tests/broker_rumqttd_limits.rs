@@ -570,9 +570,10 @@ async fn rumqttd_silent_tls_peer_blocks_the_tls_listener() {
 // connection dies.
 
 /// A raw MQTT 3.1.1 CONNECT with a retained QoS 1 will, keep-alive 60 s.
-fn connect_with_will(client_id: &str, topic: &str, will: &str) -> Vec<u8> {
+fn connect_with_will(client_id: &str, clean: bool, topic: &str, will: &str) -> Vec<u8> {
     let mut body = b"\x00\x04MQTT\x04".to_vec();
-    body.push(0x02 | 0x04 | 0x08 | 0x20); // clean session, will, will QoS 1, will retain
+    // (clean session), will, will QoS 1, will retain
+    body.push(if clean { 0x02 } else { 0x00 } | 0x04 | 0x08 | 0x20);
     body.extend_from_slice(&60u16.to_be_bytes());
     for field in [client_id.as_bytes(), topic.as_bytes(), will.as_bytes()] {
         body.extend_from_slice(&u16::try_from(field.len()).expect("short").to_be_bytes());
@@ -585,7 +586,7 @@ fn connect_with_will(client_id: &str, topic: &str, will: &str) -> Vec<u8> {
 
 /// Returns (what the observer saw up to the birth, what it saw within 3 s after the new
 /// connection died, the retained status at the end).
-async fn half_open_takeover(port: u16) -> (Vec<String>, Vec<String>, Vec<String>) {
+async fn half_open_takeover(port: u16, clean: bool) -> (Vec<String>, Vec<String>, Vec<String>) {
     let status = "printloop/v1/printers/h1/status";
     let mut observer = TestClient::connect(port, "observer")
         .await
@@ -599,14 +600,20 @@ async fn half_open_takeover(port: u16) -> (Vec<String>, Vec<String>, Vec<String>
     // when a Wi-Fi link drops without a FIN.
     let mut old = TcpStream::connect(("127.0.0.1", port)).expect("old connection");
     old.set_read_timeout(Some(RECV_TIMEOUT)).expect("timeout");
-    old.write_all(&connect_with_will("gw-h1", status, "offline epoch=1"))
-        .expect("CONNECT");
+    old.write_all(&connect_with_will(
+        "gw-h1",
+        clean,
+        status,
+        "offline epoch=1",
+    ))
+    .expect("CONNECT");
     let mut connack = [0u8; 4];
     old.read_exact(&mut connack).expect("CONNACK");
     assert_eq!(connack[0], 0x20);
 
     // The gateway reconnects (clean session) with its next epoch before the broker noticed.
     let mut options = mqtt_options("gw-h1", port);
+    options.set_clean_session(clean);
     options.set_last_will(LastWill::new(
         status,
         "offline epoch=2",
@@ -652,7 +659,7 @@ async fn half_open_takeover(port: u16) -> (Vec<String>, Vec<String>, Vec<String>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rumqttd_half_open_clean_reconnect_loses_the_new_will() {
     let broker = start_embedded();
-    let (until_birth, after_death, retained) = half_open_takeover(broker.v4_port()).await;
+    let (until_birth, after_death, retained) = half_open_takeover(broker.v4_port(), true).await;
     eprintln!("MEASURED rumqttd half-open takeover: before birth {until_birth:?}; after the new connection died {after_death:?}; retained {retained:?}");
     assert_eq!(
         until_birth,
@@ -670,8 +677,20 @@ async fn rumqttd_half_open_clean_reconnect_loses_the_new_will() {
     );
 
     let mosquitto = start_mosquitto(MosquittoOptions::default());
-    let (until_birth, after_death, retained) = half_open_takeover(mosquitto.port()).await;
+    let (until_birth, after_death, retained) = half_open_takeover(mosquitto.port(), true).await;
     eprintln!("MEASURED mosquitto half-open takeover: before birth {until_birth:?}; after the new connection died {after_death:?}; retained {retained:?}");
+    assert_eq!(after_death, ["offline epoch=2"]);
+    assert_eq!(retained, ["offline epoch=2"]);
+}
+
+/// The workaround: with a persistent session (clean_session=false) rumqttd cancels the old
+/// will instead of firing, and the new will survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rumqttd_half_open_persistent_reconnect_keeps_the_new_will() {
+    let broker = start_embedded();
+    let (until_birth, after_death, retained) = half_open_takeover(broker.v4_port(), false).await;
+    eprintln!("MEASURED rumqttd half-open takeover, persistent session: before birth {until_birth:?}; after the new connection died {after_death:?}; retained {retained:?}");
+    assert_eq!(until_birth, ["online epoch=2"]);
     assert_eq!(after_death, ["offline epoch=2"]);
     assert_eq!(retained, ["offline epoch=2"]);
 }
