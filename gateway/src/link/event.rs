@@ -62,9 +62,11 @@ pub enum LinkEvent {
         firmware: FirmwareInfo,
     },
     /// The print line with this sequence number (1 = the first line ever
-    /// [submitted](super::Link::submit)) was acknowledged by the firmware.
+    /// [submitted](super::Link::submit), as `submit` returned it) was acknowledged by the
+    /// firmware. Lines are acknowledged in order, so it also says that every earlier line
+    /// still queued at the time was acknowledged.
     Acked {
-        /// Submitted print lines acknowledged so far, this one included.
+        /// The line's sequence number.
         seq: u64,
     },
     /// A temperature report (auto-report, `M105`'s `ok T:`, or a heating wait line).

@@ -71,7 +71,8 @@ pub enum SubmitError {
 /// Marlin's `MAX_CMD_SIZE` less its terminator: longer numbered lines are cut by the firmware.
 const MAX_WIRE_LINE: usize = 95;
 
-fn check_command(cmd: &str) -> Result<&str, SubmitError> {
+/// Checks a command as [`Link::submit`] would and returns it without comment and whitespace.
+pub fn check_command(cmd: &str) -> Result<&str, SubmitError> {
     let cmd = marlin::strip_comment(cmd).ok_or(SubmitError::Empty)?;
     if cmd.contains(['\n', '\r']) {
         return Err(SubmitError::LineBreak);
@@ -291,7 +292,8 @@ impl Link {
         self.in_flight.len()
     }
 
-    /// Print lines acknowledged so far.
+    /// Print lines acknowledged so far (a count: lines dropped by [`Link::clear`], a reset or
+    /// a closed port never count, so after such a drop it is less than the last `seq`).
     pub fn acked_count(&self) -> u64 {
         self.acked
     }
@@ -681,7 +683,7 @@ impl Link {
             };
             match kind {
                 Kind::Print(seq) => {
-                    self.acked = self.acked.max(seq);
+                    self.acked += 1;
                     self.events.push_back(LinkEvent::Acked { seq });
                 }
                 Kind::Handshake(step) => self.handshake_step_done(now, step),
