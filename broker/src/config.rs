@@ -280,6 +280,21 @@ impl BrokerConfig {
             return Err(self.invalid("router.max_segment_size", "must be at least 1024 bytes"));
         }
 
+        for (filter, segment) in router.custom_segment.iter().flatten() {
+            let key = format!("router.custom_segment.'{filter}'");
+            if segment.max_segment_size < 1024 {
+                return Err(self.invalid(
+                    format!("{key}.max_segment_size"),
+                    "must be at least 1024 bytes",
+                ));
+            }
+            if segment.max_segment_count == 0 {
+                return Err(
+                    self.invalid(format!("{key}.max_segment_count"), "must be greater than 0")
+                );
+            }
+        }
+
         let mut seen: BTreeMap<SocketAddr, String> = BTreeMap::new();
         for (kind, servers) in self.servers() {
             for (key, s) in servers {
@@ -449,6 +464,18 @@ max_inflight_count = 10
         );
         let text = MINIMAL.replace("127.0.0.1:1883", "127.0.0.1:0");
         assert!(err(&text).starts_with("test.toml: `v4.1.listen`: port 0"));
+    }
+
+    #[test]
+    fn custom_segments_are_checked_like_the_default() {
+        let text = MINIMAL.replace(
+            "max_segment_count = 2\n",
+            "max_segment_count = 2\n[router.custom_segment.'a/+/b']\nmax_segment_size = 10\nmax_segment_count = 1\n",
+        );
+        assert_eq!(
+            err(&text),
+            "test.toml: `router.custom_segment.'a/+/b'.max_segment_size`: must be at least 1024 bytes"
+        );
     }
 
     #[test]
