@@ -358,7 +358,7 @@ impl Firmware {
     /// A board that is powered but has no host yet (call [`Firmware::host_opened`]).
     pub fn new(cfg: SimConfig) -> Result<Firmware, SimError> {
         cfg.validate()?;
-        let mut id = SplitMix64::new(cfg.seed ^ 0x5EED_0F_F1C3_u64);
+        let mut id = SplitMix64::new(cfg.seed ^ 0x5EED_F1C3_u64);
         let (a, b) = (id.next_u64(), id.next_u64());
         let uuid = format!(
             "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
@@ -1043,7 +1043,7 @@ impl Firmware {
                 self.emit("echo:Settings Stored (662 bytes; crc 31585)");
                 Next::Ok
             }
-            ('M', Some(501 | 502 | 503)) => {
+            ('M', Some(501..=503)) => {
                 if cmd.is('M', 503) {
                     self.emit("echo:; Steps per unit:");
                     self.emit("echo: M92 X80.00 Y80.00 Z400.00 E93.00");

@@ -112,8 +112,8 @@ impl SimControl {
     }
 }
 
-/// A running simulator. Dropping it without [`SimHandle::shutdown`] stops the task too, but
-/// then the link is left behind.
+/// A running simulator. Prefer [`SimHandle::shutdown`]; otherwise the simulator stops (and
+/// removes its link) once this handle and every [`SimControl`] clone are dropped.
 #[derive(Debug)]
 pub struct SimHandle {
     link: Option<PathBuf>,
@@ -405,8 +405,9 @@ impl Shell {
                     self.pending.extend_from_slice(&bytes);
                 }
             }
-            self.write_pending();
+            // Publish first: a client that reads this output then sees stats at least as new.
             self.publish();
+            self.write_pending();
             let capacity = self.fw.input_capacity().min(buf.len());
             let can_read = self.connected && capacity > 0;
             let want_write = self.connected && !self.pending.is_empty();

@@ -181,6 +181,36 @@ async fn stale_link_is_replaced_and_a_file_is_refused() {
     sim.shutdown().await.expect("shutdown");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speed_scales_firmware_time() {
+    let s = start(SimConfig {
+        speed: 50.0,
+        ..SimConfig::default()
+    });
+    let mut c = Client::open(&s.link).expect("open");
+    c.banner();
+    c.command(0, "M110 N0");
+    // About 45 s of heating in the model: under a second at 50×.
+    let t0 = Instant::now();
+    let got = c.command(1, "M109 S215");
+    let took = t0.elapsed();
+    assert!(
+        took > Duration::from_millis(500) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(got.iter().any(|l| l == "echo:busy: processing"));
+    assert!(s.sim.stats().firmware.hotend.actual >= 214.0);
+    // A 5 s dwell: 100 ms.
+    let t0 = Instant::now();
+    c.command(2, "G4 S5");
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(95) && took < Duration::from_millis(600),
+        "{took:?}"
+    );
+    s.sim.shutdown().await.expect("shutdown");
+}
+
 /// Streams short commands as fast as the host can write them (motion instant, so the firmware
 /// is never the bottleneck) and measures, on the host's clock, the rate at which they are
 /// acknowledged. Returns (host bytes/s, the sim's own arrival span in bytes/s).
@@ -220,7 +250,14 @@ async fn measure_throughput(baud: u32, seconds: f64) -> (f64, f64) {
     }
     let took = t0.elapsed();
     write.join().expect("writer").expect("write");
-    let after = s.sim.stats().firmware;
+    let after = s
+        .sim
+        .wait_for(LIMIT, |st| {
+            st.firmware.bytes_in - before.bytes_in >= len as u64
+        })
+        .await
+        .expect("stats catch up")
+        .firmware;
     assert_eq!(after.rx_overflow_bytes, 0);
     assert_eq!(after.bytes_in - before.bytes_in, len as u64);
     // The sim's own model timestamps (virtual time = real time at speed 1).
