@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Runs printloop's whole test suite on a fresh Debian machine: installs what the tests drive
-# for real (Mosquitto and its clients), then `cargo test` over every crate.
+# for real (Mosquitto and its clients; openssl for the TLS tests), then `cargo test` over every crate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v mosquitto >/dev/null 2>&1 || need+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]} (the interop tests run a real Mosquitto)"
   sudo_=""
