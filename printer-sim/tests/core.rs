@@ -565,8 +565,10 @@ fn wire_delivers_bytes_at_the_baud_rate() {
 
 #[test]
 fn every_command_of_the_prusaslicer_samples_is_accepted() {
-    let dir = std::env::var("PRINTLOOP_GCODE_DIR")
-        .unwrap_or_else(|_| "/work/shared/data/gcode".to_owned());
+    // `../shared` sits beside the repository (on CI too).
+    let dir = std::env::var("PRINTLOOP_GCODE_DIR").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/gcode").to_owned()
+    });
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("sample G-code in {dir}: {e} (set PRINTLOOP_GCODE_DIR)"))
         .filter_map(Result::ok)
