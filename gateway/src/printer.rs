@@ -104,6 +104,17 @@ impl PrinterTask {
         (Arc::new(link), events)
     }
 
+    /// Closes the link (so the port is free) and opens it again.
+    async fn reopen(&self, link: Arc<SerialLink>) -> (Arc<SerialLink>, mpsc::Receiver<LinkEvent>) {
+        match Arc::try_unwrap(link) {
+            Ok(old) => {
+                let _ = old.close().await;
+            }
+            Err(shared) => drop(shared), // a feeder still holds it; dropping the last one closes it
+        }
+        self.open()
+    }
+
     async fn run(mut self) {
         let (mut link, mut link_events) = self.open();
         let mut acked_total = 0u64;
@@ -145,13 +156,7 @@ impl PrinterTask {
                             if let Some(old) = stream.take() {
                                 old.feeder.abort();
                             }
-                            // Close first so the port is free, then open it again.
-                            if let Ok(old) = Arc::try_unwrap(link) {
-                                let _ = old.close().await;
-                            }
-                            let (l, e) = self.open();
-                            link = l;
-                            link_events = e;
+                            (link, link_events) = self.reopen(link).await;
                         }
                     }
                 }
@@ -199,8 +204,16 @@ impl PrinterTask {
                         LinkEvent::Garbage { line } => tracing::debug!(%line, "garbled line from the printer"),
                         _ => {}
                     }
+                    let silent = matches!(ev, LinkEvent::Timeout { .. } | LinkEvent::LinkError { .. });
                     if let Some(pe) = printer_event(ev) {
                         out.push(pe);
+                    }
+                    if silent {
+                        // A printer that stopped answering gets its port closed and opened
+                        // again (which resets a Marlin board): a replugged cable or a new
+                        // device behind the same path is found that way.
+                        tracing::warn!("printer silent: reopening its port");
+                        (link, link_events) = self.reopen(link).await;
                     }
                     for e in out {
                         if self.events.send(e).await.is_err() {

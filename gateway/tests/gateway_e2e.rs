@@ -1,0 +1,708 @@
+//! The gateway as users run it: the real `printloop-gateway` binary (so kill -9 is real), a
+//! simulated Marlin printer on a pseudo-terminal, a real broker (embedded rumqttd or a real
+//! Mosquitto), and a small file server in the test that answers the gateway's chunk requests
+//! with the protocol's own types (the supervisor serves files in production).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use printer_sim::{SimConfig, SimHandle, Simulator};
+use protocol::command::{CommandResult, ResultStatus};
+use protocol::files::{FileChunkRequest, FileChunkResponse};
+use protocol::presence::{Presence, Status};
+use protocol::state::{Event, EventKind, JobStage, PrinterPhase, StateSnapshot};
+use protocol::{Payload, Sha256Hex};
+use rumqttc::QoS;
+use testkit::TestClient;
+use testkit::{BrokerKind, TestBroker};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn gcode(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data/gcode")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (../shared must sit beside the repo)",
+            path.display()
+        )
+    })
+}
+
+fn gcode_lines(file: &[u8]) -> u64 {
+    String::from_utf8_lossy(file)
+        .lines()
+        .filter(|l| protocol::marlin::strip_comment(l).is_some())
+        .count() as u64
+}
+
+/// Everything a test drives.
+struct Rig {
+    broker: TestBroker,
+    sim: SimHandle,
+    dir: tempfile::TempDir,
+    link: PathBuf,
+    time_scale: f64,
+    gateway: Option<Child>,
+    obs: TestClient,
+    ctl: TestClient,
+    files: Arc<std::sync::Mutex<HashMap<Sha256Hex, Vec<u8>>>>,
+    /// The file server answers only requests below this offset (a cut link otherwise).
+    serve_below: Arc<AtomicU64>,
+    served: Arc<AtomicU64>,
+    _server: tokio::task::JoinHandle<()>,
+    n: u32,
+}
+
+impl Rig {
+    async fn start(kind: BrokerKind, sim: SimConfig) -> Self {
+        let broker = TestBroker::start(kind).expect("broker starts");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let link = dir.path().join("printer");
+        let time_scale = sim.speed;
+        let sim = Simulator::start(sim, Some(&link)).expect("simulator starts");
+        let mut obs = TestClient::connect(broker.port(), "obs")
+            .await
+            .expect("observer connects");
+        obs.subscribe("printloop/v1/printers/p0/#", QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        let ctl = TestClient::connect(broker.port(), "ctl")
+            .await
+            .expect("controller connects");
+        let files = Arc::new(std::sync::Mutex::new(HashMap::new()));
+        let serve_below = Arc::new(AtomicU64::new(u64::MAX));
+        let served = Arc::new(AtomicU64::new(0));
+        let mut srv = TestClient::connect(broker.port(), "files")
+            .await
+            .expect("file server connects");
+        srv.subscribe("printloop/v1/printers/+/file/request", QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        let server = tokio::spawn(file_server(
+            srv,
+            files.clone(),
+            serve_below.clone(),
+            served.clone(),
+        ));
+        let mut rig = Self {
+            broker,
+            sim,
+            dir,
+            link,
+            time_scale,
+            gateway: None,
+            obs,
+            ctl,
+            files,
+            serve_below,
+            served,
+            _server: server,
+            n: 0,
+        };
+        rig.spawn_gateway();
+        rig
+    }
+
+    fn spawn_gateway(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("gateway.log"))
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_printloop-gateway"))
+            .args(["--id", "p0", "--heartbeat", "1", "--keepalive", "2"])
+            .arg("--broker")
+            .arg(format!("mqtt://127.0.0.1:{}", self.broker.port()))
+            .arg("--serial")
+            .arg(&self.link)
+            .arg("--data-dir")
+            .arg(self.dir.path().join("gw"))
+            .arg("--time-scale")
+            .arg(self.time_scale.to_string())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("gateway starts");
+        self.gateway = Some(child);
+    }
+
+    fn kill_gateway(&mut self) {
+        if let Some(mut c) = self.gateway.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    fn offer(&self, file: &[u8]) -> Sha256Hex {
+        let sha = Sha256Hex::digest(file);
+        self.files
+            .lock()
+            .expect("lock")
+            .insert(sha.clone(), file.to_vec());
+        sha
+    }
+
+    async fn cmd(&mut self, json_kind_args: &str) -> String {
+        self.n += 1;
+        let id = format!("t{}", self.n);
+        let payload = format!("{{\"v\":1,\"id\":\"{id}\",{json_kind_args}}}");
+        self.ctl
+            .publish(
+                "printloop/v1/printers/p0/cmd",
+                QoS::AtLeastOnce,
+                false,
+                payload.into_bytes(),
+            )
+            .await
+            .expect("publish command");
+        id
+    }
+
+    async fn start_job(&mut self, job: &str, file: &[u8], name: &str) -> String {
+        let sha = self.offer(file);
+        self.cmd(&format!(
+            "\"kind\":\"start_job\",\"args\":{{\"job_id\":\"{job}\",\"file_sha256\":\"{sha}\",\"size_bytes\":{},\"name\":\"{name}\"}}",
+            file.len()
+        ))
+        .await
+    }
+
+    /// Reads the observer's messages until `f` returns Some.
+    async fn until<T>(&mut self, what: &str, mut f: impl FnMut(&str, &[u8]) -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.obs.recv(left).await {
+                Some(p) => {
+                    if let Some(t) = f(&p.topic, &p.payload) {
+                        return t;
+                    }
+                }
+                None => panic!(
+                    "timed out waiting for {what}\n--- gateway log ---\n{}",
+                    self.log()
+                ),
+            }
+        }
+    }
+
+    async fn result(&mut self, id: &str) -> CommandResult {
+        let id = id.to_owned();
+        self.until(&format!("result of {id}"), |t, p| {
+            t.ends_with("/cmd/result")
+                .then(|| CommandResult::decode(p).ok())
+                .flatten()
+                .filter(|r| r.id.as_str() == id)
+        })
+        .await
+    }
+
+    async fn state(&mut self, what: &str, f: impl Fn(&StateSnapshot) -> bool) -> StateSnapshot {
+        self.until(what, |t, p| {
+            t.ends_with("/state")
+                .then(|| StateSnapshot::decode(p).ok())
+                .flatten()
+                .filter(|s| f(s))
+        })
+        .await
+    }
+
+    async fn event(&mut self, what: &str, f: impl Fn(&EventKind) -> bool) -> Event {
+        self.until(what, |t, p| {
+            t.ends_with("/events")
+                .then(|| Event::decode(p).ok())
+                .flatten()
+                .filter(|e| f(&e.event))
+        })
+        .await
+    }
+
+    async fn status(&mut self, presence: Presence) -> Status {
+        self.until(&format!("status {presence:?}"), |t, p| {
+            t.ends_with("/status")
+                .then(|| Status::decode(p).ok())
+                .flatten()
+                .filter(|s| s.presence == presence)
+        })
+        .await
+    }
+
+    async fn ready_for_work(&mut self) {
+        self.state("the printer connected (idle or ready)", |s| {
+            matches!(s.phase, PrinterPhase::Idle | PrinterPhase::Ready)
+        })
+        .await;
+        let id = self.cmd("\"kind\":\"bed_cleared\",\"args\":{}").await;
+        assert_eq!(self.result(&id).await.status, ResultStatus::Ok);
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.kill_gateway();
+    }
+}
+
+async fn file_server(
+    mut srv: TestClient,
+    files: Arc<std::sync::Mutex<HashMap<Sha256Hex, Vec<u8>>>>,
+    serve_below: Arc<AtomicU64>,
+    served: Arc<AtomicU64>,
+) {
+    loop {
+        let Some(p) = srv.recv(Duration::from_secs(3600)).await else {
+            return;
+        };
+        let Ok(req) = FileChunkRequest::decode(&p.payload) else {
+            continue;
+        };
+        if req.offset >= serve_below.load(Ordering::SeqCst) {
+            continue; // the link is "cut": no answer
+        }
+        let reply_topic = p.topic.replace("/file/request", "/file/chunk");
+        let resp = {
+            let files = files.lock().expect("lock");
+            match files.get(&req.sha256) {
+                Some(data) => {
+                    let start = (req.offset as usize).min(data.len());
+                    let end = (start + req.len as usize).min(data.len());
+                    FileChunkResponse::chunk(
+                        req.request_id,
+                        req.sha256,
+                        req.offset,
+                        data.len() as u64,
+                        &data[start..end],
+                    )
+                }
+                None => FileChunkResponse::Error {
+                    v: protocol::Version,
+                    request_id: req.request_id,
+                    sha256: req.sha256,
+                    code: protocol::files::ChunkErrorCode::NotFound,
+                    message: "no such file".into(),
+                },
+            }
+        };
+        served.fetch_add(1, Ordering::SeqCst);
+        if srv
+            .publish(&reply_topic, QoS::AtLeastOnce, false, resp.encode())
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn fast_sim() -> SimConfig {
+    SimConfig {
+        speed: 20.0,
+        motion_speed: Some(20_000.0),
+        advanced_ok: true,
+        seed: 7,
+        ..SimConfig::default()
+    }
+}
+
+async fn whole_print(kind: BrokerKind) {
+    let mut rig = Rig::start(kind, fast_sim()).await;
+    let online = rig.status(Presence::Online).await;
+    assert!(online.epoch >= 1);
+    rig.state("idle after connecting", |s| s.phase == PrinterPhase::Idle)
+        .await;
+
+    // A start while the bed is not confirmed clear is refused and changes nothing.
+    let file = gcode("cube20.gcode");
+    let id = rig.start_job("j-early", &file, "cube20.gcode").await;
+    let r = rig.result(&id).await;
+    assert_eq!(r.status, ResultStatus::Error);
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("bed must be cleared"),
+        "{r:?}"
+    );
+
+    rig.ready_for_work().await;
+    let id = rig.start_job("j1", &file, "cube20.gcode").await;
+    assert_eq!(rig.result(&id).await.status, ResultStatus::Ok);
+    rig.event("file verified", |e| {
+        matches!(e, EventKind::FileVerified { .. })
+    })
+    .await;
+    rig.event("job started", |e| matches!(e, EventKind::JobStarted { .. }))
+        .await;
+    let total = gcode_lines(&file);
+    let ended = rig
+        .event("job ended", |e| matches!(e, EventKind::JobEnded { .. }))
+        .await;
+    match ended.event {
+        EventKind::JobEnded { outcome, line, .. } => {
+            assert_eq!(outcome, JobStage::Finished, "log:\n{}", rig.log());
+            assert_eq!(line, total);
+        }
+        _ => unreachable!(),
+    }
+    let st = rig
+        .state("finished, awaiting bed clear", |s| {
+            s.phase == PrinterPhase::Finished
+        })
+        .await;
+    assert_eq!(
+        st.recent_jobs.first().map(|j| j.job_id.as_str()),
+        Some("j1")
+    );
+    let fw = rig.sim.stats().firmware;
+    assert_eq!(
+        fw.unknown_commands, 0,
+        "every line of real slicer output is understood"
+    );
+    assert!(
+        fw.commands_executed >= total,
+        "{} executed < {total}",
+        fw.commands_executed
+    );
+    // 187 KB in 64 KiB chunks.
+    assert_eq!(rig.served.load(Ordering::SeqCst), 3);
+
+    // The same job id never runs again, even after the bed is cleared.
+    let id = rig.cmd("\"kind\":\"bed_cleared\",\"args\":{}").await;
+    assert_eq!(rig.result(&id).await.status, ResultStatus::Ok);
+    let id = rig.start_job("j1", &file, "cube20.gcode").await;
+    let r = rig.result(&id).await;
+    assert_eq!(r.status, ResultStatus::Error);
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("never runs again"),
+        "{r:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_print_on_rumqttd() {
+    whole_print(BrokerKind::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_print_on_mosquitto() {
+    whole_print(BrokerKind::Mosquitto).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_print_reports_interrupted_and_never_restarts_the_print() {
+    let mut rig = Rig::start(
+        BrokerKind::Mosquitto,
+        SimConfig {
+            speed: 4.0,
+            ..fast_sim()
+        },
+    )
+    .await;
+    rig.ready_for_work().await;
+    let file = gcode("plate_tall.gcode");
+    rig.start_job("j-kill", &file, "plate_tall.gcode").await;
+    let before = rig
+        .state("printing past line 500", |s| {
+            s.phase == PrinterPhase::Printing && s.job.as_ref().is_some_and(|j| j.line > 500)
+        })
+        .await;
+    rig.kill_gateway();
+    let will = rig.status(Presence::Offline).await;
+    assert_eq!(
+        will.epoch, before.epoch,
+        "the will carries the epoch of the birth"
+    );
+
+    rig.spawn_gateway();
+    let online = rig.status(Presence::Online).await;
+    assert_eq!(online.epoch, before.epoch + 1);
+    let st = rig
+        .state("the job reported interrupted", |s| {
+            s.job
+                .as_ref()
+                .is_some_and(|j| j.stage == JobStage::Interrupted)
+        })
+        .await;
+    let job = st.job.expect("job");
+    assert_eq!(job.job_id.as_str(), "j-kill");
+    assert!(
+        job.line > 0 && job.line < gcode_lines(&file),
+        "line reached: {}",
+        job.line
+    );
+    assert_eq!(
+        st.phase,
+        PrinterPhase::Finished,
+        "needs a person before the next job"
+    );
+    // The print is not started again: after the reopen the printer only handshakes.
+    let accepted_after = rig.sim.stats().firmware.lines_accepted;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        rig.sim.stats().firmware.lines_accepted - accepted_after < 50,
+        "no print lines after the restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_print_finishes_with_the_broker_down_and_is_reported_after_reconnect() {
+    let mut rig = Rig::start(
+        BrokerKind::Mosquitto,
+        SimConfig {
+            speed: 6.0,
+            ..fast_sim()
+        },
+    )
+    .await;
+    rig.ready_for_work().await;
+    let file = gcode("cube20.gcode");
+    rig.start_job("j-offline", &file, "cube20.gcode").await;
+    let printing = rig
+        .state("printing", |s| s.phase == PrinterPhase::Printing)
+        .await;
+    let TestBroker::Mosquitto(m) = &mut rig.broker else {
+        unreachable!()
+    };
+    m.kill(); // the broker is gone, and with persistence off it forgets everything
+    let total = gcode_lines(&file);
+    let sim = rig.sim.watch_stats();
+    let mut sim = sim;
+    tokio::time::timeout(
+        WAIT,
+        sim.wait_for(|s| s.firmware.commands_executed >= total),
+    )
+    .await
+    .expect("the print runs to the end without the broker")
+    .expect("simulator alive");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let TestBroker::Mosquitto(m) = &mut rig.broker else {
+        unreachable!()
+    };
+    m.start_again().expect("broker restarts");
+    // Reconnect the test's clients to the new broker.
+    let port = rig.broker.port();
+    rig.obs = TestClient::connect(port, "obs2")
+        .await
+        .expect("observer reconnects");
+    rig.obs
+        .subscribe("printloop/v1/printers/p0/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let online = rig.status(Presence::Online).await;
+    assert!(
+        online.epoch > printing.epoch,
+        "a new epoch after reconnecting"
+    );
+    let st = rig
+        .state("finished reported", |s| s.phase == PrinterPhase::Finished)
+        .await;
+    let job = st.job.expect("job");
+    assert_eq!((job.stage, job.line), (JobStage::Finished, total));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_file_transfer_resumes_from_the_last_verified_chunk() {
+    let mut rig = Rig::start(BrokerKind::Embedded, fast_sim()).await;
+    rig.ready_for_work().await;
+    let file = gcode("plate_tall.gcode"); // 490 KB: 8 chunks
+    rig.serve_below.store(3 * 65536, Ordering::SeqCst);
+    rig.start_job("j-cut", &file, "plate_tall.gcode").await;
+    rig.state("3 chunks received, then the link is cut", |s| {
+        s.job.as_ref().and_then(|j| j.transferred_bytes) == Some(3 * 65536)
+    })
+    .await;
+    // Kill the gateway mid-transfer, restore the link, restart: it asks from byte 196608.
+    rig.kill_gateway();
+    let served_before = rig.served.load(Ordering::SeqCst);
+    rig.serve_below.store(u64::MAX, Ordering::SeqCst);
+    rig.spawn_gateway();
+    rig.event("file verified", |e| {
+        matches!(e, EventKind::FileVerified { .. })
+    })
+    .await;
+    let chunks_after = rig.served.load(Ordering::SeqCst) - served_before;
+    assert_eq!(
+        chunks_after, 5,
+        "only the missing 5 of 8 chunks were fetched again"
+    );
+    rig.event("job started", |e| matches!(e, EventKind::JobStarted { .. }))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resend_storm_still_prints_every_line_exactly() {
+    let mut rig = Rig::start(
+        BrokerKind::Embedded,
+        SimConfig {
+            checksum_error_rate: 0.05,
+            ..fast_sim()
+        },
+    )
+    .await;
+    rig.ready_for_work().await;
+    let file = gcode("cube20.gcode");
+    rig.start_job("j-storm", &file, "cube20.gcode").await;
+    let ended = rig
+        .event("job ended", |e| matches!(e, EventKind::JobEnded { .. }))
+        .await;
+    assert!(
+        matches!(
+            ended.event,
+            EventKind::JobEnded {
+                outcome: JobStage::Finished,
+                ..
+            }
+        ),
+        "{ended:?}"
+    );
+    let fw = rig.sim.stats().firmware;
+    assert!(
+        fw.injected_checksum_errors > 100,
+        "a storm: {} injected",
+        fw.injected_checksum_errors
+    );
+    assert!(fw.resends_requested >= fw.injected_checksum_errors);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cable_pull_interrupts_the_job_and_replug_brings_the_printer_back() {
+    let mut rig = Rig::start(
+        BrokerKind::Embedded,
+        SimConfig {
+            speed: 4.0,
+            ..fast_sim()
+        },
+    )
+    .await;
+    rig.ready_for_work().await;
+    rig.start_job("j-cable", &gcode("plate_tall.gcode"), "plate_tall.gcode")
+        .await;
+    rig.state("printing", |s| s.phase == PrinterPhase::Printing)
+        .await;
+    rig.sim.control().cable_pull().await.expect("pull");
+    let ended = rig
+        .event("job ended", |e| matches!(e, EventKind::JobEnded { .. }))
+        .await;
+    assert!(
+        matches!(
+            ended.event,
+            EventKind::JobEnded {
+                outcome: JobStage::Interrupted,
+                ..
+            }
+        ),
+        "{ended:?}"
+    );
+    rig.state("disconnected", |s| s.phase == PrinterPhase::Disconnected)
+        .await;
+    rig.sim.control().replug().await.expect("replug");
+    let st = rig
+        .state("back, awaiting a person", |s| {
+            s.phase == PrinterPhase::Finished
+        })
+        .await;
+    assert_eq!(st.job.map(|j| j.stage), Some(JobStage::Interrupted));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thermal_runaway_halts_the_printer_and_fails_the_job() {
+    let mut rig = Rig::start(
+        BrokerKind::Embedded,
+        SimConfig {
+            speed: 4.0,
+            ..fast_sim()
+        },
+    )
+    .await;
+    rig.ready_for_work().await;
+    rig.start_job("j-hot", &gcode("plate_tall.gcode"), "plate_tall.gcode")
+        .await;
+    rig.state("printing", |s| s.phase == PrinterPhase::Printing)
+        .await;
+    rig.sim.control().thermal_runaway().await.expect("runaway");
+    let err = rig
+        .event("fatal printer error", |e| {
+            matches!(e, EventKind::PrinterError { fatal: true, .. })
+        })
+        .await;
+    assert!(
+        format!("{err:?}").contains("Thermal Runaway") || format!("{err:?}").contains("kill()"),
+        "{err:?}"
+    );
+    let st = rig
+        .state("halted", |s| s.phase == PrinterPhase::Halted)
+        .await;
+    assert_eq!(st.job.map(|j| j.stage), Some(JobStage::Failed));
+    // A new job is refused while halted.
+    let id = rig
+        .start_job("j-after", &gcode("cube20.gcode"), "cube20.gcode")
+        .await;
+    assert_eq!(rig.result(&id).await.status, ResultStatus::Error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_expired_malformed_and_unknown_commands_over_mqtt() {
+    let mut rig = Rig::start(BrokerKind::Mosquitto, fast_sim()).await;
+    rig.state("connected", |s| s.phase == PrinterPhase::Idle)
+        .await;
+    let dup = "{\"v\":1,\"id\":\"same\",\"kind\":\"bed_cleared\",\"args\":{}}";
+    for _ in 0..2 {
+        rig.ctl
+            .publish(
+                "printloop/v1/printers/p0/cmd",
+                QoS::AtLeastOnce,
+                false,
+                dup.as_bytes().to_vec(),
+            )
+            .await
+            .expect("publish");
+    }
+    assert_eq!(rig.result("same").await.status, ResultStatus::Ok);
+    assert_eq!(rig.result("same").await.status, ResultStatus::Duplicate);
+    let expired = "{\"v\":1,\"id\":\"old\",\"kind\":\"rebirth\",\"args\":{},\"expires_at\":1000}";
+    rig.ctl
+        .publish(
+            "printloop/v1/printers/p0/cmd",
+            QoS::AtLeastOnce,
+            false,
+            expired.as_bytes().to_vec(),
+        )
+        .await
+        .expect("publish");
+    assert_eq!(rig.result("old").await.status, ResultStatus::Expired);
+    let id = rig.cmd("\"kind\":\"self_destruct\",\"args\":{}").await;
+    assert_eq!(rig.result(&id).await.status, ResultStatus::Error);
+    rig.ctl
+        .publish(
+            "printloop/v1/printers/p0/cmd",
+            QoS::AtLeastOnce,
+            false,
+            b"\x00\xffnot json".to_vec(),
+        )
+        .await
+        .expect("publish");
+    let id = rig
+        .cmd("\"kind\":\"pause\",\"args\":{\"job_id\":\"nope\"}")
+        .await;
+    let r = rig.result(&id).await;
+    assert_eq!(
+        r.status,
+        ResultStatus::Error,
+        "the gateway is alive after garbage: {r:?}"
+    );
+    assert!(rig.log().contains("command without a readable id dropped"));
+}
