@@ -704,3 +704,75 @@ fn heartbeat_and_rate_limit() {
     let out = h.advance(h.g.cfg.state_min_interval_ms);
     assert_eq!(published::<StateSnapshot>(&out, "/state").len(), 1);
 }
+
+#[test]
+fn the_cache_evicts_least_recently_used_files_and_refuses_what_cannot_fit() {
+    let old = |name: &[u8], used: u64| FileRecord {
+        sha256: Sha256Hex::digest(name),
+        size_bytes: 40,
+        received_bytes: 40,
+        verified: true,
+        last_used_ms: used,
+    };
+    let snap = Snapshot {
+        files: vec![old(b"a", 1), old(b"b", 2)],
+        flags: Flags {
+            bed_clear: true,
+            maintenance: false,
+        },
+        ..Snapshot::default()
+    };
+    let mut h = H::from(snap);
+    h.g.cfg.cache_max_bytes = 100;
+    h.connect();
+    h.ready_printer();
+    // 25 more bytes do not fit beside 80: the least recently used file goes.
+    let (r, out) = h.start("j1");
+    assert_eq!(r.status, ResultStatus::Ok);
+    let removed: Vec<&Sha256Hex> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::RemoveFile { sha256 } => Some(sha256),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(removed, vec![&Sha256Hex::digest(b"a")]);
+
+    // A file larger than the whole cache is refused before anything is downloaded.
+    let mut h = H::new();
+    h.g.cfg.cache_max_bytes = 10;
+    h.connect();
+    h.ready_printer();
+    h.cmd(CommandAction::BedCleared(Empty {}));
+    let (r, out) = h.start("j2");
+    assert_eq!(r.status, ResultStatus::Error);
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("larger than the cache"),
+        "{r:?}"
+    );
+    assert!(published::<FileChunkRequest>(&out, "file/request").is_empty());
+
+    // Not enough free disk either.
+    let mut h = H::new();
+    h.connect();
+    h.ready_printer();
+    h.cmd(CommandAction::BedCleared(Empty {}));
+    h.input(Input::DiskFree { bytes: 5 });
+    let (r, _) = h.start("j3");
+    assert_eq!(r.status, ResultStatus::Error);
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("not enough disk space"),
+        "{r:?}"
+    );
+    assert_eq!(
+        h.g.phase(),
+        PrinterPhase::Ready,
+        "a refused start changes nothing"
+    );
+}

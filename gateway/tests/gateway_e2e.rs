@@ -706,3 +706,82 @@ async fn duplicate_expired_malformed_and_unknown_commands_over_mqtt() {
     );
     assert!(rig.log().contains("command without a readable id dropped"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_are_reported_clearly_and_good_ones_connect() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pw = dir.path().join("passwd");
+    testkit::mosquitto_passwd(&pw, "p0", "right").expect("mosquitto_passwd");
+    let broker = testkit::Mosquitto::start_with(testkit::MosquittoOptions {
+        password_file: Some(pw),
+        extra_lines: vec!["allow_anonymous false".into()],
+        ..Default::default()
+    })
+    .expect("mosquitto with a password file");
+    let sim = Simulator::start(fast_sim(), Some(&dir.path().join("printer"))).expect("sim");
+    let run = |password: &str, log: &str| {
+        Command::new(env!("CARGO_BIN_EXE_printloop-gateway"))
+            .args(["--id", "p0", "--username", "p0"])
+            .arg("--broker")
+            .arg(format!("mqtt://127.0.0.1:{}", broker.port()))
+            .arg("--serial")
+            .arg(sim.path())
+            .arg("--data-dir")
+            .arg(dir.path().join("gw"))
+            .env("PRINTLOOP_MQTT_PASSWORD", password)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join(log)).expect("log"))
+            .spawn()
+            .expect("gateway starts")
+    };
+    let mut bad = run("wrong", "bad.log");
+    testkit::wait_for(
+        "the refusal in the log",
+        WAIT,
+        Duration::from_millis(50),
+        || async {
+            std::fs::read_to_string(dir.path().join("bad.log"))
+                .unwrap_or_default()
+                .contains("the broker refused the connection")
+        },
+    )
+    .await;
+    let _ = bad.kill();
+    let _ = bad.wait();
+    let log = std::fs::read_to_string(dir.path().join("bad.log")).unwrap_or_default();
+    assert!(
+        log.contains("PRINTLOOP_MQTT_PASSWORD"),
+        "the error says what to check:\n{log}"
+    );
+
+    let mut obs = TestClient::connect_with({
+        let mut o = testkit::mqtt_options("obs", broker.port());
+        o.set_credentials("p0", "right");
+        o
+    })
+    .await
+    .expect("observer");
+    obs.subscribe("printloop/v1/printers/p0/status", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let mut good = run("right", "good.log");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let online = loop {
+        let p = obs
+            .recv(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await
+            .expect("status published");
+        let s = Status::decode(&p.payload).expect("status");
+        if s.presence == Presence::Online {
+            break s;
+        }
+    };
+    assert!(
+        online.epoch >= 2,
+        "the refused attempts used epochs too: {}",
+        online.epoch
+    );
+    let _ = good.kill();
+    let _ = good.wait();
+}
