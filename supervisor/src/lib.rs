@@ -1,1 +1,9 @@
-//! The supervisor: fleet decisions.
+//! The supervisor: the one place where fleet decisions are made.
+//!
+//! - [`model`]: the durable records and the mutations the machine emits.
+//! - [`store`]: the redb database that holds them.
+//! - [`files`]: content-addressed G-code storage: uploads in, chunks out.
+
+pub mod files;
+pub mod model;
+pub mod store;

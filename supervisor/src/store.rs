@@ -1,0 +1,1 @@
+//! The supervisor redb store (in progress).
