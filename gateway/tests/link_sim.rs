@@ -210,7 +210,12 @@ async fn link_prints_cube20_exactly_pingpong() {
     assert_eq!(status.acked, n);
     assert_eq!(status.stats.resend_requests, 0);
     assert_exact(&status, &sim);
-    assert_eq!(status.stats.peak_in_flight, 1, "ping-pong");
+    // Ping-pong: one line in flight (a timeout probe, if a loaded machine provoked one, is
+    // the only thing that may overlap it).
+    assert!(
+        status.stats.peak_in_flight <= 1 + status.stats.probes as usize,
+        "{status:?}"
+    );
     rig.shutdown().await;
 }
 
