@@ -1,9 +1,11 @@
 //! The supervisor: the one place where fleet decisions are made.
 //!
+//! - [`machine`]: the reactive loop, a pure state machine (no IO, no clock).
 //! - [`model`]: the durable records and the mutations the machine emits.
 //! - [`store`]: the redb database that holds them.
 //! - [`files`]: content-addressed G-code storage: uploads in, chunks out.
 
 pub mod files;
+pub mod machine;
 pub mod model;
 pub mod store;

@@ -1,0 +1,1565 @@
+//! The reactive loop: every fleet decision, as a pure state machine.
+//!
+//! `Supervisor::handle(now, input) -> Vec<Output>`. Inputs are what the broker delivers
+//! (printer status/meta/state/events/results, operator requests), results of file IO, and timer
+//! ticks. Outputs are durable mutations, publishes and file IO. No IO, no clock.
+//!
+//! The rules it keeps:
+//! - **Persist, then publish**: an assignment is durable before its start command leaves.
+//! - **Never move a job off a printer it cannot hear from**: a silent printer may still be
+//!   printing. After the step timeout the job is flagged `timed_out`; an operator decides.
+//! - **Reconcile on every contact**: each newer `state` is compared with what the supervisor
+//!   believes; the printer's report wins for what happened on the printer (its ledger in
+//!   `recent_jobs` tells the outcome of jobs that ended while nobody listened).
+//! - **Exactly-once start** rests on the gateway's ledger (a job id never runs twice) and on
+//!   start commands that expire; the supervisor may re-send a start freely.
+
+use std::collections::{BTreeMap, HashMap};
+
+use protocol::api::{
+    ApiOp, ApiRequest, ApiResponse, ApiResult, BedClear, JobState, JobSummary, ListJobs,
+    PrinterSummary, QueueCounts, QueueSnapshot, SubmitJob, UploadChunk,
+};
+use protocol::command::{
+    Command, CommandAction, CommandResult, Empty, JobRef, ResultStatus, StartJob,
+};
+use protocol::files::FileChunkRequest;
+use protocol::presence::{Meta, Presence, Status};
+use protocol::state::{Event, EventKind, JobStage, PrinterPhase, StateSnapshot};
+use protocol::{
+    ClientId, CommandId, JobId, Payload, PrinterId, PrinterTopicKind, Sha256Hex, Topic, Topics,
+    Version,
+};
+
+use crate::model::{FileRecord, JobRecord, Mutation, PrinterRecord, Snapshot};
+
+/// The supervisor's policies.
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// The topic tree.
+    pub topics: Topics,
+    /// A printer is stale after this many of its heartbeats without a `state`.
+    pub stale_heartbeats: u32,
+    /// A start command expires this long after it was sent.
+    pub command_ttl_ms: u64,
+    /// A start with no sign of life after this long is sent again (a new command id).
+    pub command_retry_ms: u64,
+    /// A job whose printer is silent this long is flagged `timed_out` (never moved).
+    pub step_timeout_ms: u64,
+    /// Jobs failed in a row before a printer is held out of dispatch.
+    pub breaker_threshold: u32,
+    /// Minimum time between two queue snapshots.
+    pub queue_min_interval_ms: u64,
+    /// A printer online without a `state` for this long is asked to re-publish (rebirth).
+    pub rebirth_after_ms: u64,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            topics: Topics::default(),
+            stale_heartbeats: 3,
+            command_ttl_ms: 120_000,
+            command_retry_ms: 15_000,
+            step_timeout_ms: 300_000,
+            breaker_threshold: 3,
+            queue_min_interval_ms: 250,
+            rebirth_after_ms: 5_000,
+        }
+    }
+}
+
+/// The time, passed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic milliseconds.
+    pub mono_ms: u64,
+    /// Unix milliseconds.
+    pub unix_ms: u64,
+}
+
+/// One publish (QoS 1 unless `qos0`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// Retained?
+    pub retain: bool,
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Commit durably before anything after it.
+    Persist(Vec<Mutation>),
+    /// Subscribe; `qos0` for retained-snapshot wildcards (rumqttd sends at most 100 retained
+    /// messages on a QoS 1 wildcard).
+    Subscribe {
+        /// The filter.
+        filter: String,
+        /// QoS 0 instead of 1.
+        qos0: bool,
+    },
+    /// Publish.
+    Publish(Publish),
+    /// Read a chunk from the file store and answer the printer (stateless; done by the shell).
+    ServeChunk {
+        /// Who asked.
+        printer: PrinterId,
+        /// The request.
+        request: FileChunkRequest,
+    },
+    /// Store an upload chunk; answer with `Input::Uploaded`.
+    StoreUpload {
+        /// Who asked.
+        client: ClientId,
+        /// The request id.
+        id: CommandId,
+        /// The chunk.
+        chunk: UploadChunk,
+    },
+}
+
+/// The result of storing an upload chunk.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UploadOutcome {
+    /// Stored; `complete` when the whole file is verified.
+    Progress {
+        /// Bytes stored, contiguous from 0.
+        received: u64,
+        /// The file's size.
+        total_size: u64,
+        /// The stored file, once complete and verified.
+        complete: Option<FileRecord>,
+    },
+    /// Refused.
+    Failed(String),
+}
+
+/// Everything that happens to the supervisor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// Connected to the broker.
+    Connected,
+    /// Lost the broker.
+    Disconnected,
+    /// A message.
+    Message {
+        /// Topic.
+        topic: String,
+        /// Payload.
+        payload: Vec<u8>,
+    },
+    /// An upload chunk was handled.
+    Uploaded {
+        /// Who asked.
+        client: ClientId,
+        /// The request id.
+        id: CommandId,
+        /// What happened.
+        outcome: UploadOutcome,
+    },
+    /// Time passed.
+    Tick,
+}
+
+#[derive(Debug, Clone)]
+struct PendingStart {
+    job: JobId,
+    command: CommandId,
+    sent_mono: u64,
+    expires_unix: u64,
+}
+
+#[derive(Debug, Clone)]
+struct PrinterView {
+    rec: PrinterRecord,
+    presence: Presence,
+    status_epoch: u64,
+    state: Option<StateSnapshot>,
+    last_state_mono: Option<u64>,
+    online_since_mono: u64,
+    last_event: (u64, u64),
+    stale: bool,
+    pending: Option<PendingStart>,
+    last_rebirth_mono: Option<u64>,
+    silent_since_mono: Option<u64>,
+}
+
+impl PrinterView {
+    fn new(rec: PrinterRecord, now: Now) -> Self {
+        Self {
+            rec,
+            presence: Presence::Offline,
+            status_epoch: 0,
+            state: None,
+            last_state_mono: None,
+            online_since_mono: now.mono_ms,
+            last_event: (0, 0),
+            stale: false,
+            pending: None,
+            last_rebirth_mono: None,
+            silent_since_mono: Some(now.mono_ms),
+        }
+    }
+
+    fn phase(&self) -> Option<PrinterPhase> {
+        self.state.as_ref().map(|s| s.phase)
+    }
+
+    fn reachable(&self) -> bool {
+        self.presence == Presence::Online && !self.stale && self.state.is_some()
+    }
+
+    fn heartbeat_ms(&self) -> u64 {
+        self.state
+            .as_ref()
+            .map_or(10_000, |s| u64::from(s.heartbeat_s.max(1)) * 1000)
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counters {
+    /// Reconciliations that changed the supervisor's view.
+    pub reconciliations: u64,
+    /// Start commands sent again.
+    pub command_retries: u64,
+    /// Start commands sent.
+    pub starts_sent: u64,
+    /// Rebirth requests sent.
+    pub rebirths: u64,
+    /// Messages that failed to decode.
+    pub rejected_messages: u64,
+    /// Dispatch latencies (job queued → start command sent), milliseconds.
+    pub dispatch_latency_ms: Vec<u64>,
+}
+
+/// The supervisor.
+pub struct Supervisor {
+    cfg: SupervisorConfig,
+    epoch: u64,
+    next_job: u64,
+    commands_sent: u64,
+    connected: bool,
+    jobs: BTreeMap<JobId, JobRecord>,
+    printers: BTreeMap<PrinterId, PrinterView>,
+    files: HashMap<Sha256Hex, FileRecord>,
+    answers: HashMap<String, Vec<u8>>,
+    queued_since_mono: HashMap<JobId, u64>,
+    queue_dirty: bool,
+    queue_seq: u64,
+    last_queue_mono: Option<u64>,
+    counters: Counters,
+}
+
+fn job_state_of(stage: JobStage) -> JobState {
+    match stage {
+        JobStage::Transferring => JobState::Transferring,
+        JobStage::Starting => JobState::Starting,
+        JobStage::Printing => JobState::Printing,
+        JobStage::Paused => JobState::Paused,
+        JobStage::Finished => JobState::Finished,
+        JobStage::Failed => JobState::Failed,
+        JobStage::Cancelled => JobState::Cancelled,
+        JobStage::Interrupted => JobState::Interrupted,
+    }
+}
+
+/// States in which a job is (or may be) on a printer.
+fn active(state: JobState) -> bool {
+    matches!(
+        state,
+        JobState::Assigned
+            | JobState::Transferring
+            | JobState::Starting
+            | JobState::Printing
+            | JobState::Paused
+            | JobState::TimedOut
+    )
+}
+
+impl Supervisor {
+    /// Builds the supervisor from its durable snapshot.
+    pub fn new(cfg: SupervisorConfig, snap: Snapshot, now: Now) -> Self {
+        let mut queued_since = HashMap::new();
+        for j in &snap.jobs {
+            if j.state == JobState::Queued {
+                queued_since.insert(j.job_id.clone(), now.mono_ms);
+            }
+        }
+        Self {
+            cfg,
+            epoch: snap.epoch,
+            next_job: snap.next_job.max(1),
+            commands_sent: 0,
+            connected: false,
+            jobs: snap
+                .jobs
+                .into_iter()
+                .map(|j| (j.job_id.clone(), j))
+                .collect(),
+            printers: snap
+                .printers
+                .into_iter()
+                .map(|p| (p.printer_id.clone(), PrinterView::new(p, now)))
+                .collect(),
+            files: snap
+                .files
+                .into_iter()
+                .map(|f| (f.sha256.clone(), f))
+                .collect(),
+            answers: snap.requests.into_iter().collect(),
+            queued_since_mono: queued_since,
+            queue_dirty: true,
+            queue_seq: 0,
+            last_queue_mono: None,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Before connecting: the next epoch (persist it first) and the will carrying it.
+    pub fn prepare_connect(&mut self, now: Now) -> (Vec<Mutation>, String, Vec<u8>) {
+        self.epoch += 1;
+        (
+            vec![Mutation::SetEpoch(self.epoch)],
+            self.cfg.topics.format(&Topic::SupervisorStatus),
+            Status::offline(self.epoch, now.unix_ms, None).encode(),
+        )
+    }
+
+    /// A clean goodbye.
+    pub fn goodbye(&self, now: Now) -> Publish {
+        Publish {
+            topic: self.cfg.topics.format(&Topic::SupervisorStatus),
+            payload: Status::offline(self.epoch, now.unix_ms, Some("shutdown".into())).encode(),
+            retain: true,
+        }
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Counters for metrics.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Drains the dispatch latency samples (the metrics shell keeps its histogram).
+    pub fn take_dispatch_latencies(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.counters.dispatch_latency_ms)
+    }
+
+    /// Every job, by id.
+    pub fn jobs(&self) -> impl Iterator<Item = &JobRecord> {
+        self.jobs.values()
+    }
+
+    /// Every printer as operators see it.
+    pub fn printer_summaries(&self) -> Vec<PrinterSummary> {
+        self.printers.values().map(|p| self.summary(p)).collect()
+    }
+
+    fn summary(&self, p: &PrinterView) -> PrinterSummary {
+        let job = p.state.as_ref().and_then(|s| s.job.as_ref());
+        PrinterSummary {
+            printer_id: p.rec.printer_id.clone(),
+            presence: p.presence,
+            stale: p.stale,
+            phase: p.phase().unwrap_or(PrinterPhase::Disconnected),
+            job_id: job
+                .map(|j| j.job_id.clone())
+                .or_else(|| p.rec.assigned.clone()),
+            progress_pct: job.map(|j| j.progress_pct),
+            held: p.rec.held,
+            consecutive_failures: p.rec.consecutive_failures,
+        }
+    }
+
+    /// When `Tick` is due next (monotonic ms).
+    pub fn next_deadline(&self) -> Option<u64> {
+        let mut d: Option<u64> = None;
+        let mut at = |t: u64| d = Some(d.map_or(t, |x: u64| x.min(t)));
+        if self.queue_dirty {
+            at(self
+                .last_queue_mono
+                .map_or(0, |l| l + self.cfg.queue_min_interval_ms));
+        }
+        for p in self.printers.values() {
+            if p.presence == Presence::Online && !p.stale {
+                if let Some(last) = p.last_state_mono {
+                    at(last + p.heartbeat_ms() * u64::from(self.cfg.stale_heartbeats) + 1);
+                } else {
+                    at(p.online_since_mono + self.cfg.rebirth_after_ms);
+                }
+            }
+            if let Some(pending) = &p.pending {
+                at(pending.sent_mono + self.cfg.command_retry_ms);
+            }
+            if let Some(since) = p.silent_since_mono {
+                if p.rec.assigned.is_some() {
+                    at(since + self.cfg.step_timeout_ms);
+                }
+            }
+        }
+        d
+    }
+
+    /// Handles one input.
+    pub fn handle(&mut self, now: Now, input: Input) -> Vec<Output> {
+        let mut out = Vec::new();
+        match input {
+            Input::Connected => self.on_connected(now, &mut out),
+            Input::Disconnected => self.connected = false,
+            Input::Message { topic, payload } => self.on_message(now, &topic, &payload, &mut out),
+            Input::Uploaded {
+                client,
+                id,
+                outcome,
+            } => self.on_uploaded(now, client, id, outcome, &mut out),
+            Input::Tick => {}
+        }
+        self.on_time(now, &mut out);
+        self.dispatch(now, &mut out);
+        self.publish_queue(now, &mut out, false);
+        out
+    }
+
+    fn topic(&self, t: Topic) -> String {
+        self.cfg.topics.format(&t)
+    }
+
+    fn publish(&self, out: &mut Vec<Output>, topic: String, payload: Vec<u8>, retain: bool) {
+        if self.connected {
+            out.push(Output::Publish(Publish {
+                topic,
+                payload,
+                retain,
+            }));
+        }
+    }
+
+    fn on_connected(&mut self, now: Now, out: &mut Vec<Output>) {
+        self.connected = true;
+        let t = &self.cfg.topics;
+        // Retained snapshots first, at QoS 0 (see docs/broker.md); then the live streams.
+        for kind in [
+            PrinterTopicKind::Status,
+            PrinterTopicKind::Meta,
+            PrinterTopicKind::State,
+        ] {
+            out.push(Output::Subscribe {
+                filter: t.all_printers(kind),
+                qos0: true,
+            });
+        }
+        for kind in [
+            PrinterTopicKind::Events,
+            PrinterTopicKind::CmdResult,
+            PrinterTopicKind::FileRequest,
+        ] {
+            out.push(Output::Subscribe {
+                filter: t.all_printers(kind),
+                qos0: false,
+            });
+        }
+        out.push(Output::Subscribe {
+            filter: t.format(&Topic::ApiRequest),
+            qos0: false,
+        });
+        // Then our own birth.
+        self.publish(
+            out,
+            self.topic(Topic::SupervisorStatus),
+            Status::online(self.epoch, now.unix_ms).encode(),
+            true,
+        );
+        self.queue_dirty = true;
+        self.last_queue_mono = None;
+        for p in self.printers.values_mut() {
+            // Everything we knew of presence is from before; the retained messages will tell.
+            p.online_since_mono = now.mono_ms;
+        }
+    }
+
+    fn on_message(&mut self, now: Now, topic: &str, payload: &[u8], out: &mut Vec<Output>) {
+        let parsed = match self.cfg.topics.parse(topic) {
+            Ok(t) => t,
+            Err(e) => {
+                self.counters.rejected_messages += 1;
+                tracing::warn!(error = %e, "message on an unknown topic");
+                return;
+            }
+        };
+        if payload.is_empty() {
+            return; // a cleared retained topic
+        }
+        let result = match parsed {
+            Topic::Status(p) => Status::decode(payload).map(|s| self.on_status(now, p, s, out)),
+            Topic::Meta(p) => Meta::decode(payload).map(|m| self.on_meta(now, p, m, out)),
+            Topic::State(p) => {
+                StateSnapshot::decode(payload).map(|s| self.on_state(now, p, s, out))
+            }
+            Topic::Events(p) => Event::decode(payload).map(|e| self.on_event(now, p, e, out)),
+            Topic::CmdResult(p) => {
+                CommandResult::decode(payload).map(|r| self.on_result(now, p, r, out))
+            }
+            Topic::FileRequest(p) => FileChunkRequest::decode(payload).map(|request| {
+                out.push(Output::ServeChunk {
+                    printer: p,
+                    request,
+                });
+            }),
+            Topic::ApiRequest => {
+                self.on_api(now, payload, out);
+                Ok(())
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            self.counters.rejected_messages += 1;
+            tracing::warn!(%topic, error = %e, "message rejected");
+        }
+    }
+
+    fn printer_mut(&mut self, now: Now, id: &PrinterId, out: &mut Vec<Output>) -> &mut PrinterView {
+        if !self.printers.contains_key(id) {
+            let rec = PrinterRecord {
+                printer_id: id.clone(),
+                tags: vec![],
+                held: false,
+                consecutive_failures: 0,
+                assigned: None,
+                first_seen_ms: now.unix_ms,
+            };
+            out.push(Output::Persist(vec![Mutation::PutPrinter(rec.clone())]));
+            tracing::info!(printer = %id, "new printer");
+            self.printers.insert(id.clone(), PrinterView::new(rec, now));
+        }
+        self.printers.get_mut(id).expect("inserted above")
+    }
+
+    fn on_status(&mut self, now: Now, id: PrinterId, s: Status, out: &mut Vec<Output>) {
+        let p = self.printer_mut(now, &id, out);
+        if s.epoch < p.status_epoch {
+            tracing::debug!(printer = %id, epoch = s.epoch, "late status of an older epoch ignored");
+            return;
+        }
+        if s.presence == Presence::Offline && s.epoch < p.status_epoch {
+            return;
+        }
+        let was = p.presence;
+        p.status_epoch = s.epoch;
+        p.presence = s.presence;
+        match s.presence {
+            Presence::Online => {
+                p.online_since_mono = now.mono_ms;
+                if was != Presence::Online {
+                    tracing::info!(printer = %id, epoch = s.epoch, "printer online");
+                }
+            }
+            Presence::Offline => {
+                p.silent_since_mono.get_or_insert(now.mono_ms);
+                if was != Presence::Offline {
+                    tracing::warn!(printer = %id, epoch = s.epoch, "printer offline");
+                }
+            }
+        }
+        self.queue_dirty = true;
+    }
+
+    fn on_meta(&mut self, now: Now, id: PrinterId, m: Meta, out: &mut Vec<Output>) {
+        let p = self.printer_mut(now, &id, out);
+        if p.rec.tags != m.tags {
+            p.rec.tags = m.tags;
+            let rec = p.rec.clone();
+            out.push(Output::Persist(vec![Mutation::PutPrinter(rec)]));
+        }
+    }
+
+    fn on_state(&mut self, now: Now, id: PrinterId, s: StateSnapshot, out: &mut Vec<Output>) {
+        let p = self.printer_mut(now, &id, out);
+        if let Some(have) = &p.state {
+            if (s.epoch, s.seq) <= (have.epoch, have.seq) {
+                return; // not newer: a duplicate or an old retained copy
+            }
+        }
+        if s.epoch > p.status_epoch {
+            // A state of a newer connection is proof of life even before its status arrives.
+            p.status_epoch = s.epoch;
+            p.presence = Presence::Online;
+        }
+        if p.stale {
+            tracing::info!(printer = %id, "printer is reporting again");
+        }
+        p.stale = false;
+        p.silent_since_mono = None;
+        p.last_state_mono = Some(now.mono_ms);
+        p.state = Some(s.clone());
+        self.reconcile(now, &id, &s, out);
+        self.queue_dirty = true;
+    }
+
+    fn on_event(&mut self, now: Now, id: PrinterId, e: Event, out: &mut Vec<Output>) {
+        let p = self.printer_mut(now, &id, out);
+        if (e.epoch, e.seq) <= p.last_event {
+            return; // a duplicate (QoS 1 redelivery or an outbox re-send)
+        }
+        p.last_event = (e.epoch, e.seq);
+        match e.event {
+            EventKind::JobEnded {
+                job_id,
+                outcome,
+                line,
+                reason,
+            } => {
+                tracing::info!(printer = %id, job = %job_id, ?outcome, line, "job ended (event)");
+                self.apply_outcome(now, &id, &job_id, outcome, reason, Some(e.at_ms), out);
+            }
+            EventKind::JobStarted { job_id } => {
+                let mut muts = Vec::new();
+                if let Some(j) = self.jobs.get_mut(&job_id) {
+                    if matches!(
+                        j.state,
+                        JobState::Assigned
+                            | JobState::Transferring
+                            | JobState::Starting
+                            | JobState::TimedOut
+                    ) && j.printer.as_ref() == Some(&id)
+                    {
+                        j.state = JobState::Printing;
+                        j.started_at_ms = Some(e.at_ms);
+                        muts.push(Mutation::PutJob(j.clone()));
+                    }
+                }
+                if !muts.is_empty() {
+                    out.push(Output::Persist(muts));
+                    self.queue_dirty = true;
+                }
+            }
+            EventKind::PrinterError { message, fatal } => {
+                tracing::warn!(printer = %id, fatal, %message, "printer error");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_result(&mut self, now: Now, id: PrinterId, r: CommandResult, out: &mut Vec<Output>) {
+        let Some(p) = self.printers.get_mut(&id) else {
+            return;
+        };
+        let Some(pending) = p.pending.clone() else {
+            return;
+        };
+        if pending.command != r.id {
+            return;
+        }
+        match r.status {
+            ResultStatus::Ok => {
+                tracing::info!(printer = %id, job = %pending.job, "start accepted");
+                p.pending = None;
+                let mut muts = Vec::new();
+                if let Some(j) = self.jobs.get_mut(&pending.job) {
+                    if j.state == JobState::Assigned {
+                        j.state = JobState::Transferring;
+                        muts.push(Mutation::PutJob(j.clone()));
+                    }
+                }
+                if !muts.is_empty() {
+                    out.push(Output::Persist(muts));
+                }
+            }
+            ResultStatus::Duplicate => {}
+            ResultStatus::Expired | ResultStatus::Error => {
+                tracing::warn!(printer = %id, job = %pending.job, status = ?r.status, reason = r.reason.as_deref().unwrap_or(""), "start refused");
+                p.pending = None;
+                // The printer's state tells the truth (a job that already ran shows in its
+                // ledger); a refused start leaves the job assigned and it is sent again when
+                // the printer is ready.
+                if let Some(s) = p.state.clone() {
+                    self.reconcile(now, &id, &s, out);
+                }
+            }
+        }
+        self.queue_dirty = true;
+    }
+
+    /// Compares a printer's report with what the supervisor believes, and converges.
+    fn reconcile(&mut self, now: Now, id: &PrinterId, s: &StateSnapshot, out: &mut Vec<Output>) {
+        // 1. Jobs that ended on this printer while nobody listened.
+        for entry in s.recent_jobs.iter().rev() {
+            let Some(j) = self.jobs.get(&entry.job_id) else {
+                continue;
+            };
+            if active(j.state) && j.printer.as_ref() == Some(id) {
+                self.counters.reconciliations += 1;
+                tracing::info!(printer = %id, job = %entry.job_id, outcome = ?entry.outcome, "reconciled: the job ended while we were apart");
+                self.apply_outcome(
+                    now,
+                    id,
+                    &entry.job_id.clone(),
+                    entry.outcome,
+                    None,
+                    Some(entry.ended_at_ms),
+                    out,
+                );
+            }
+        }
+        // 2. The job on the printer now.
+        if let Some(pj) = &s.job {
+            match self.jobs.get(&pj.job_id).cloned() {
+                Some(j) if pj.stage.is_terminal() => {
+                    if active(j.state) {
+                        self.counters.reconciliations += 1;
+                        self.apply_outcome(
+                            now,
+                            id,
+                            &pj.job_id,
+                            pj.stage,
+                            pj.reason.clone(),
+                            pj.ended_at_ms,
+                            out,
+                        );
+                    }
+                }
+                Some(j) => {
+                    if matches!(j.state, JobState::Cancelled) {
+                        // The operator cancelled it while the printer could not hear us.
+                        self.send(
+                            now,
+                            id,
+                            CommandAction::Cancel(JobRef {
+                                job_id: Some(pj.job_id.clone()),
+                            }),
+                            None,
+                            out,
+                        );
+                    } else if j.state == JobState::Done
+                        || j.printer.as_ref() != Some(id) && j.printer.is_some()
+                    {
+                        tracing::error!(printer = %id, job = %pj.job_id, "printer runs a job the supervisor placed elsewhere; flagged");
+                    } else {
+                        let state = job_state_of(pj.stage);
+                        let mut rec = j.clone();
+                        let changed = rec.state != state || rec.printer.as_ref() != Some(id);
+                        if rec.state != state
+                            && !(rec.state == JobState::Assigned && state == JobState::Transferring)
+                        {
+                            self.counters.reconciliations +=
+                                u64::from(rec.state == JobState::TimedOut);
+                        }
+                        rec.state = state;
+                        rec.printer = Some(id.clone());
+                        rec.progress_pct = Some(pj.progress_pct);
+                        rec.started_at_ms = pj.started_at_ms.or(rec.started_at_ms);
+                        rec.reason = None;
+                        self.jobs.insert(rec.job_id.clone(), rec.clone());
+                        let p = self.printers.get_mut(id).expect("known");
+                        if p.pending.as_ref().is_some_and(|x| x.job == rec.job_id) {
+                            p.pending = None;
+                        }
+                        let mut muts = vec![];
+                        if changed {
+                            muts.push(Mutation::PutJob(rec.clone()));
+                        }
+                        if p.rec.assigned.as_ref() != Some(&rec.job_id) {
+                            p.rec.assigned = Some(rec.job_id.clone());
+                            muts.push(Mutation::PutPrinter(p.rec.clone()));
+                        }
+                        if !muts.is_empty() {
+                            out.push(Output::Persist(muts));
+                        }
+                    }
+                }
+                None => {
+                    tracing::warn!(printer = %id, job = %pj.job_id, "printer runs a job this supervisor does not know");
+                }
+            }
+        }
+        // 3. A job we assigned that the printer does not show: start it when it is ready.
+        self.push_start(now, id, out);
+    }
+
+    /// Records how a job ended on `printer`.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_outcome(
+        &mut self,
+        _now: Now,
+        printer: &PrinterId,
+        job_id: &JobId,
+        stage: JobStage,
+        reason: Option<String>,
+        ended_at: Option<u64>,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(j) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        if !active(j.state) && j.state != JobState::Cancelled {
+            return;
+        }
+        let new_state = job_state_of(stage);
+        if j.state == new_state {
+            return;
+        }
+        j.state = new_state;
+        j.printer = Some(printer.clone());
+        j.ended_at_ms = ended_at;
+        if stage == JobStage::Finished {
+            j.progress_pct = Some(100.0);
+        }
+        j.reason = reason;
+        let rec = j.clone();
+        let mut muts = vec![Mutation::PutJob(rec)];
+        if let Some(p) = self.printers.get_mut(printer) {
+            if p.rec.assigned.as_ref() == Some(job_id) {
+                p.rec.assigned = None;
+            }
+            if p.pending.as_ref().is_some_and(|x| &x.job == job_id) {
+                p.pending = None;
+            }
+            match stage {
+                JobStage::Finished => p.rec.consecutive_failures = 0,
+                JobStage::Failed | JobStage::Interrupted => {
+                    p.rec.consecutive_failures += 1;
+                    if p.rec.consecutive_failures >= self.cfg.breaker_threshold && !p.rec.held {
+                        p.rec.held = true;
+                        tracing::error!(printer = %printer, failures = p.rec.consecutive_failures, "circuit breaker: printer held out of dispatch until an operator releases it");
+                    }
+                }
+                _ => {}
+            }
+            muts.push(Mutation::PutPrinter(p.rec.clone()));
+        }
+        out.push(Output::Persist(muts));
+        self.queue_dirty = true;
+    }
+
+    fn next_command_id(&mut self) -> CommandId {
+        self.commands_sent += 1;
+        CommandId::new(format!("sup-{}-{}", self.epoch, self.commands_sent))
+            .expect("digits form a valid id")
+    }
+
+    fn send(
+        &mut self,
+        now: Now,
+        printer: &PrinterId,
+        action: CommandAction,
+        expires: Option<u64>,
+        out: &mut Vec<Output>,
+    ) -> CommandId {
+        let id = self.next_command_id();
+        let cmd = Command {
+            expires_at: expires.map(|ttl| now.unix_ms + ttl),
+            ..Command::new(id.clone(), action)
+        };
+        self.publish(
+            out,
+            self.topic(Topic::Cmd(printer.clone())),
+            cmd.encode(),
+            false,
+        );
+        id
+    }
+
+    /// Sends the start of the printer's assigned job when the printer is ready for it.
+    fn push_start(&mut self, now: Now, id: &PrinterId, out: &mut Vec<Output>) {
+        let Some(p) = self.printers.get(id) else {
+            return;
+        };
+        let Some(job_id) = p.rec.assigned.clone() else {
+            return;
+        };
+        let Some(job) = self.jobs.get(&job_id).cloned() else {
+            return;
+        };
+        if job.state != JobState::Assigned
+            || !p.reachable()
+            || p.phase() != Some(PrinterPhase::Ready)
+        {
+            return;
+        }
+        if let Some(pending) = &p.pending {
+            if pending.job == job_id && now.mono_ms < pending.sent_mono + self.cfg.command_retry_ms
+            {
+                return; // on its way
+            }
+            self.counters.command_retries += 1;
+        }
+        if !self.connected {
+            return;
+        }
+        let action = CommandAction::StartJob(StartJob {
+            job_id: job.job_id.clone(),
+            file_sha256: job.sha256.clone(),
+            size_bytes: job.size_bytes,
+            name: job.name.clone(),
+        });
+        let cmd = self.send(now, id, action, Some(self.cfg.command_ttl_ms), out);
+        self.counters.starts_sent += 1;
+        if let Some(q) = self.queued_since_mono.remove(&job_id) {
+            self.counters
+                .dispatch_latency_ms
+                .push(now.mono_ms.saturating_sub(q));
+        }
+        tracing::info!(printer = %id, job = %job_id, command = %cmd, "start sent");
+        let p = self.printers.get_mut(id).expect("known");
+        p.pending = Some(PendingStart {
+            job: job_id,
+            command: cmd,
+            sent_mono: now.mono_ms,
+            expires_unix: now.unix_ms + self.cfg.command_ttl_ms,
+        });
+    }
+
+    /// Gives queued jobs to printers. Ready printers first; otherwise a job waits, assigned,
+    /// on an online printer whose bed is not yet cleared (deferred start).
+    fn dispatch(&mut self, now: Now, out: &mut Vec<Output>) {
+        let mut queued: Vec<(i32, u64, JobId)> = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Queued)
+            .map(|j| (-j.priority, j.seq, j.job_id.clone()))
+            .collect();
+        queued.sort();
+        // A deferred job (assigned, not started, printer not ready) moves to a ready printer.
+        let deferred: Vec<(PrinterId, JobId)> = self
+            .printers
+            .values()
+            .filter(|p| p.pending.is_none() && p.phase() != Some(PrinterPhase::Ready))
+            .filter_map(|p| {
+                let j = p.rec.assigned.as_ref()?;
+                (self.jobs.get(j)?.state == JobState::Assigned)
+                    .then(|| (p.rec.printer_id.clone(), j.clone()))
+            })
+            .collect();
+        for (printer, job) in deferred {
+            if self.free_printer(&job, true).is_some() {
+                let p = self.printers.get_mut(&printer).expect("known");
+                p.rec.assigned = None;
+                let rec = p.rec.clone();
+                let j = self.jobs.get_mut(&job).expect("known");
+                j.state = JobState::Queued;
+                j.printer = None;
+                out.push(Output::Persist(vec![
+                    Mutation::PutPrinter(rec),
+                    Mutation::PutJob(j.clone()),
+                ]));
+                queued.push((-j.priority, j.seq, job));
+            }
+        }
+        queued.sort();
+        for (_, _, job_id) in queued {
+            let ready = self.free_printer(&job_id, true);
+            let deferred = ready.is_none();
+            let target = ready.or_else(|| self.free_printer(&job_id, false));
+            let Some(printer) = target else { continue };
+            let j = self.jobs.get_mut(&job_id).expect("queued job exists");
+            j.state = JobState::Assigned;
+            j.printer = Some(printer.clone());
+            j.assigned_at_ms = Some(now.unix_ms);
+            let jrec = j.clone();
+            let p = self.printers.get_mut(&printer).expect("known");
+            p.rec.assigned = Some(job_id.clone());
+            let prec = p.rec.clone();
+            // Persist the assignment before the start command can leave.
+            out.push(Output::Persist(vec![
+                Mutation::PutJob(jrec),
+                Mutation::PutPrinter(prec),
+            ]));
+            tracing::info!(printer = %printer, job = %job_id, deferred, "job assigned");
+            self.queue_dirty = true;
+            self.push_start(now, &printer, out);
+        }
+    }
+
+    /// A printer that can take `job` now (`ready`), or that will once its bed is cleared.
+    fn free_printer(&self, job: &JobId, ready: bool) -> Option<PrinterId> {
+        let j = self.jobs.get(job)?;
+        self.printers
+            .values()
+            .filter(|p| {
+                p.reachable() && !p.rec.held && p.rec.assigned.is_none() && p.pending.is_none()
+            })
+            .filter(|p| j.tags.iter().all(|t| p.rec.tags.contains(t)))
+            .filter(|p| {
+                let s = p.state.as_ref().expect("reachable has state");
+                if s.maintenance {
+                    return false;
+                }
+                if ready {
+                    s.phase == PrinterPhase::Ready
+                } else {
+                    matches!(s.phase, PrinterPhase::Idle | PrinterPhase::Finished)
+                        && s.job.as_ref().is_none_or(|pj| pj.stage.is_terminal())
+                }
+            })
+            .map(|p| p.rec.printer_id.clone())
+            .next()
+    }
+
+    fn on_time(&mut self, now: Now, out: &mut Vec<Output>) {
+        let ids: Vec<PrinterId> = self.printers.keys().cloned().collect();
+        for id in ids {
+            let stale_after = {
+                let p = &self.printers[&id];
+                p.heartbeat_ms() * u64::from(self.cfg.stale_heartbeats)
+            };
+            let p = self.printers.get_mut(&id).expect("listed");
+            if p.presence == Presence::Online && !p.stale {
+                if let Some(last) = p.last_state_mono {
+                    if now.mono_ms > last + stale_after {
+                        p.stale = true;
+                        p.silent_since_mono.get_or_insert(now.mono_ms);
+                        self.queue_dirty = true;
+                        tracing::warn!(printer = %id, "printer stale: no state for {} ms", now.mono_ms - last);
+                    }
+                }
+            }
+            // Online without a state of this epoch: ask it to re-publish everything.
+            let p = self.printers.get_mut(&id).expect("listed");
+            let needs_rebirth = p.presence == Presence::Online
+                && p.state.as_ref().is_none_or(|s| s.epoch < p.status_epoch)
+                && now.mono_ms >= p.online_since_mono + self.cfg.rebirth_after_ms
+                && p.last_rebirth_mono
+                    .is_none_or(|l| now.mono_ms >= l + self.cfg.rebirth_after_ms * 4);
+            if needs_rebirth && self.connected {
+                p.last_rebirth_mono = Some(now.mono_ms);
+                self.counters.rebirths += 1;
+                tracing::info!(printer = %id, "views disagree: asking for a rebirth");
+                self.send(
+                    now,
+                    &id,
+                    CommandAction::Rebirth(Empty {}),
+                    Some(60_000),
+                    out,
+                );
+            }
+            // Step timeout: flag the job of a printer silent too long (never move it).
+            let p = &self.printers[&id];
+            if let (Some(since), Some(job)) = (p.silent_since_mono, p.rec.assigned.clone()) {
+                if now.mono_ms >= since + self.cfg.step_timeout_ms {
+                    if let Some(j) = self.jobs.get_mut(&job) {
+                        if active(j.state) && j.state != JobState::TimedOut {
+                            j.state = JobState::TimedOut;
+                            j.reason = Some(format!(
+                                "no report from {id} for {} s; it may still be printing",
+                                (now.mono_ms - since) / 1000
+                            ));
+                            tracing::error!(printer = %id, job = %job, "job timed out: flagged for an operator, not moved");
+                            out.push(Output::Persist(vec![Mutation::PutJob(j.clone())]));
+                            self.queue_dirty = true;
+                        }
+                    }
+                }
+            }
+            // A start whose command expired without any answer: the job goes back to the queue
+            // only if the printer never reported it (it cannot start any more: it expired).
+            let p = &self.printers[&id];
+            if let Some(pending) = p.pending.clone() {
+                let shows = p.state.as_ref().is_some_and(|s| {
+                    s.job.as_ref().is_some_and(|j| j.job_id == pending.job)
+                        || s.recent_jobs.iter().any(|e| e.job_id == pending.job)
+                });
+                if !shows && now.unix_ms > pending.expires_unix && p.reachable() {
+                    let p = self.printers.get_mut(&id).expect("listed");
+                    p.pending = None;
+                } else if now.mono_ms >= pending.sent_mono + self.cfg.command_retry_ms {
+                    self.push_start(now, &id, out);
+                }
+            }
+        }
+    }
+
+    fn publish_queue(&mut self, now: Now, out: &mut Vec<Output>, force: bool) {
+        if !self.connected || !(self.queue_dirty || force) {
+            return;
+        }
+        if !force
+            && self
+                .last_queue_mono
+                .is_some_and(|l| now.mono_ms < l + self.cfg.queue_min_interval_ms)
+        {
+            return;
+        }
+        self.queue_seq += 1;
+        let snap = self.queue_snapshot(now);
+        self.publish(out, self.topic(Topic::Queue), snap.encode(), true);
+        self.queue_dirty = false;
+        self.last_queue_mono = Some(now.mono_ms);
+    }
+
+    /// The queue snapshot as it is now.
+    pub fn queue_snapshot(&self, now: Now) -> QueueSnapshot {
+        let mut counts = QueueCounts::default();
+        let mut open: Vec<&JobRecord> = self.jobs.values().filter(|j| j.is_open()).collect();
+        for j in &open {
+            match j.state {
+                JobState::Queued => counts.queued += 1,
+                JobState::Assigned | JobState::Transferring | JobState::Starting => {
+                    counts.starting += 1
+                }
+                JobState::Printing | JobState::Paused => counts.printing += 1,
+                JobState::Finished => counts.awaiting_harvest += 1,
+                JobState::Failed | JobState::Interrupted | JobState::TimedOut => {
+                    counts.attention += 1
+                }
+                JobState::Done | JobState::Cancelled => {}
+            }
+        }
+        open.sort_by_key(|j| (j.state != JobState::Queued, -j.priority, j.seq));
+        let truncated = open.len() > 100;
+        QueueSnapshot {
+            v: Version,
+            epoch: self.epoch,
+            seq: self.queue_seq,
+            at_ms: now.unix_ms,
+            counts,
+            jobs: open.into_iter().take(100).map(summary).collect(),
+            truncated,
+        }
+    }
+
+    // ----- operator API -----
+
+    fn answer(
+        &mut self,
+        now: Now,
+        client: &ClientId,
+        id: &CommandId,
+        result: Result<ApiResult, String>,
+        remember: bool,
+        out: &mut Vec<Output>,
+    ) {
+        let resp = match result {
+            Ok(r) => ApiResponse {
+                v: Version,
+                id: id.clone(),
+                ok: true,
+                result: Some(r),
+                error: None,
+            },
+            Err(e) => ApiResponse {
+                v: Version,
+                id: id.clone(),
+                ok: false,
+                result: None,
+                error: Some(e),
+            },
+        };
+        let payload = resp.encode();
+        if remember {
+            let key = format!("{client}/{id}");
+            self.answers.insert(key.clone(), payload.clone());
+            out.push(Output::Persist(vec![Mutation::PutRequest {
+                key,
+                response: payload.clone(),
+                at_ms: now.unix_ms,
+            }]));
+        }
+        self.publish(
+            out,
+            self.topic(Topic::ApiResponse(client.clone())),
+            payload,
+            false,
+        );
+    }
+
+    fn on_api(&mut self, now: Now, payload: &[u8], out: &mut Vec<Output>) {
+        let req = match ApiRequest::decode(payload) {
+            Ok(r) => r,
+            Err(reject) => {
+                self.counters.rejected_messages += 1;
+                match (reject.client, reject.id) {
+                    (Some(client), Some(id)) => {
+                        self.answer(now, &client, &id, Err(reject.error.to_string()), false, out)
+                    }
+                    _ => {
+                        tracing::warn!(error = %reject.error, "API request without a readable id and client dropped")
+                    }
+                }
+                return;
+            }
+        };
+        let key = format!("{}/{}", req.client, req.id);
+        if let Some(prev) = self.answers.get(&key) {
+            // A retried request gets the same answer, and nothing happens twice.
+            self.publish(
+                out,
+                self.topic(Topic::ApiResponse(req.client.clone())),
+                prev.clone(),
+                false,
+            );
+            return;
+        }
+        let span = tracing::info_span!("api", client = %req.client, id = %req.id);
+        let _e = span.enter();
+        let (client, id) = (req.client.clone(), req.id.clone());
+        let (result, remember) = match req.op {
+            ApiOp::UploadChunk(chunk) => {
+                out.push(Output::StoreUpload { client, id, chunk });
+                return;
+            }
+            ApiOp::SubmitJob(s) => (self.api_submit(now, s, out), true),
+            ApiOp::CancelJob(a) => (self.api_cancel(now, &a.job_id, out), true),
+            ApiOp::RequeueJob(a) => (
+                self.api_requeue(now, &a.job_id, out)
+                    .map(|j| ApiResult::Submitted { job_ids: vec![j] }),
+                true,
+            ),
+            ApiOp::SetPriority(a) => (self.api_priority(&a.job_id, a.priority, out), true),
+            ApiOp::ListJobs(l) => (Ok(self.api_list(&l)), false),
+            ApiOp::ListPrinters(_) => (
+                Ok(ApiResult::Printers {
+                    printers: self.printer_summaries(),
+                }),
+                false,
+            ),
+            ApiOp::BedClear(b) => (self.api_bed_clear(now, b, out), true),
+            ApiOp::ReleasePrinter(a) => (self.api_release(&a.printer_id, out), true),
+        };
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "request refused");
+        }
+        self.answer(now, &client, &id, result, remember, out);
+        self.queue_dirty = true;
+    }
+
+    fn on_uploaded(
+        &mut self,
+        now: Now,
+        client: ClientId,
+        id: CommandId,
+        outcome: UploadOutcome,
+        out: &mut Vec<Output>,
+    ) {
+        let result = match outcome {
+            UploadOutcome::Progress {
+                received,
+                total_size,
+                complete,
+            } => {
+                if let Some(f) = complete {
+                    if !self.files.contains_key(&f.sha256) {
+                        tracing::info!(sha256 = %f.sha256, size = f.size_bytes, "file stored");
+                        out.push(Output::Persist(vec![Mutation::PutFile(f.clone())]));
+                        self.files.insert(f.sha256.clone(), f);
+                    }
+                }
+                Ok(ApiResult::Uploaded {
+                    received,
+                    total_size,
+                })
+            }
+            UploadOutcome::Failed(e) => Err(e),
+        };
+        self.answer(now, &client, &id, result, false, out);
+    }
+
+    fn api_submit(
+        &mut self,
+        now: Now,
+        s: SubmitJob,
+        out: &mut Vec<Output>,
+    ) -> Result<ApiResult, String> {
+        let Some(file) = self.files.get(&s.sha256).cloned() else {
+            return Err(format!(
+                "file {} is not stored: upload it first (printloop jobs add does)",
+                s.sha256
+            ));
+        };
+        if s.copies == 0 || s.copies > 1000 {
+            return Err(format!("copies must be 1 to 1000, not {}", s.copies));
+        }
+        if s.name.trim().is_empty() || s.name.len() > 200 {
+            return Err("name must be 1 to 200 characters".into());
+        }
+        let mut ids = Vec::new();
+        let mut muts = Vec::new();
+        for _ in 0..s.copies {
+            let n = self.next_job;
+            self.next_job += 1;
+            let job_id = JobId::new(format!("j-{n:06}")).expect("digits form a valid id");
+            let rec = JobRecord {
+                job_id: job_id.clone(),
+                name: s.name.clone(),
+                sha256: s.sha256.clone(),
+                size_bytes: file.size_bytes,
+                priority: s.priority,
+                seq: n,
+                tags: s.tags.clone(),
+                state: JobState::Queued,
+                printer: None,
+                retry_of: None,
+                attempt: 0,
+                progress_pct: None,
+                submitted_at_ms: now.unix_ms,
+                assigned_at_ms: None,
+                started_at_ms: None,
+                ended_at_ms: None,
+                reason: None,
+            };
+            self.queued_since_mono.insert(job_id.clone(), now.mono_ms);
+            self.jobs.insert(job_id.clone(), rec.clone());
+            muts.push(Mutation::PutJob(rec));
+            ids.push(job_id);
+        }
+        muts.push(Mutation::SetNextJob(self.next_job));
+        out.push(Output::Persist(muts));
+        tracing::info!(jobs = ?ids.iter().map(JobId::as_str).collect::<Vec<_>>(), name = %s.name, "jobs queued");
+        Ok(ApiResult::Submitted { job_ids: ids })
+    }
+
+    fn api_cancel(
+        &mut self,
+        now: Now,
+        job: &JobId,
+        out: &mut Vec<Output>,
+    ) -> Result<ApiResult, String> {
+        let j = self
+            .jobs
+            .get(job)
+            .cloned()
+            .ok_or_else(|| format!("unknown job {job:?}"))?;
+        match j.state {
+            JobState::Queued => {}
+            s if active(s) => {
+                let printer = j.printer.clone().ok_or("active job without a printer")?;
+                // Tell the printer (queued in its session if it is away).
+                self.send(
+                    now,
+                    &printer,
+                    CommandAction::Cancel(JobRef {
+                        job_id: Some(job.clone()),
+                    }),
+                    None,
+                    out,
+                );
+                if let Some(p) = self.printers.get_mut(&printer) {
+                    if p.rec.assigned.as_ref() == Some(job) && s == JobState::Assigned {
+                        p.rec.assigned = None;
+                        p.pending = None;
+                        out.push(Output::Persist(vec![Mutation::PutPrinter(p.rec.clone())]));
+                    }
+                }
+            }
+            other => return Err(format!("job {job} already ended ({other:?})").to_lowercase()),
+        }
+        let j = self.jobs.get_mut(job).expect("checked");
+        j.state = JobState::Cancelled;
+        j.ended_at_ms.get_or_insert(now.unix_ms);
+        j.reason = Some("cancelled by an operator".into());
+        out.push(Output::Persist(vec![Mutation::PutJob(j.clone())]));
+        self.queued_since_mono.remove(job);
+        Ok(ApiResult::Done {})
+    }
+
+    fn api_requeue(
+        &mut self,
+        now: Now,
+        job: &JobId,
+        out: &mut Vec<Output>,
+    ) -> Result<JobId, String> {
+        let j = self
+            .jobs
+            .get(job)
+            .cloned()
+            .ok_or_else(|| format!("unknown job {job:?}"))?;
+        if !matches!(
+            j.state,
+            JobState::Failed
+                | JobState::Interrupted
+                | JobState::TimedOut
+                | JobState::Cancelled
+                | JobState::Finished
+        ) {
+            return Err(format!(
+                "job {job} is {:?}: only an ended or timed-out job can be requeued",
+                j.state
+            )
+            .to_lowercase());
+        }
+        let base = j.retry_of.clone().unwrap_or_else(|| j.job_id.clone());
+        let attempt = j.attempt + 1;
+        let new_id = JobId::new(format!("{base}.r{attempt}")).map_err(|e| e.to_string())?;
+        if self.jobs.contains_key(&new_id) {
+            return Err(format!("job {job} was already requeued as {new_id}"));
+        }
+        let n = self.next_job;
+        self.next_job += 1;
+        let rec = JobRecord {
+            job_id: new_id.clone(),
+            state: JobState::Queued,
+            printer: None,
+            retry_of: Some(base),
+            attempt,
+            progress_pct: None,
+            seq: n,
+            submitted_at_ms: now.unix_ms,
+            assigned_at_ms: None,
+            started_at_ms: None,
+            ended_at_ms: None,
+            reason: None,
+            ..j.clone()
+        };
+        let mut old = j;
+        let mut muts = vec![
+            Mutation::PutJob(rec.clone()),
+            Mutation::SetNextJob(self.next_job),
+        ];
+        if old.state == JobState::Finished {
+            old.state = JobState::Failed;
+            old.reason = Some("marked failed by an operator".into());
+            muts.push(Mutation::PutJob(old.clone()));
+            self.jobs.insert(old.job_id.clone(), old);
+        }
+        self.queued_since_mono.insert(new_id.clone(), now.mono_ms);
+        self.jobs.insert(new_id.clone(), rec);
+        out.push(Output::Persist(muts));
+        tracing::info!(job = %job, new = %new_id, "requeued");
+        Ok(new_id)
+    }
+
+    fn api_priority(
+        &mut self,
+        job: &JobId,
+        priority: i32,
+        out: &mut Vec<Output>,
+    ) -> Result<ApiResult, String> {
+        let j = self
+            .jobs
+            .get_mut(job)
+            .ok_or_else(|| format!("unknown job {job:?}"))?;
+        if j.state != JobState::Queued {
+            return Err(format!("job {job} is not queued").to_lowercase());
+        }
+        j.priority = priority;
+        out.push(Output::Persist(vec![Mutation::PutJob(j.clone())]));
+        Ok(ApiResult::Done {})
+    }
+
+    fn api_list(&self, l: &ListJobs) -> ApiResult {
+        let limit = l.limit.unwrap_or(100).clamp(1, 1000) as usize;
+        let mut open: Vec<&JobRecord> = self.jobs.values().filter(|j| j.is_open()).collect();
+        open.sort_by_key(|j| (j.state != JobState::Queued, -j.priority, j.seq));
+        let mut jobs: Vec<JobSummary> = open.into_iter().map(summary).collect();
+        if l.include_ended {
+            let mut rest: Vec<&JobRecord> = self
+                .jobs
+                .values()
+                .filter(|j| !jobs.iter().any(|s| s.job_id == j.job_id))
+                .collect();
+            rest.sort_by_key(|j| {
+                std::cmp::Reverse((j.ended_at_ms.unwrap_or(j.submitted_at_ms), j.seq))
+            });
+            jobs.extend(rest.into_iter().map(summary));
+        }
+        jobs.truncate(limit);
+        ApiResult::Jobs { jobs }
+    }
+
+    fn api_bed_clear(
+        &mut self,
+        now: Now,
+        b: BedClear,
+        out: &mut Vec<Output>,
+    ) -> Result<ApiResult, String> {
+        let p = self
+            .printers
+            .get(&b.printer_id)
+            .ok_or_else(|| format!("unknown printer {:?}", b.printer_id.as_str()))?;
+        if let Some(phase) = p.phase() {
+            if matches!(
+                phase,
+                PrinterPhase::Preparing | PrinterPhase::Printing | PrinterPhase::Paused
+            ) {
+                return Err(
+                    format!("printer {} is {phase:?}: it is not done", b.printer_id).to_lowercase(),
+                );
+            }
+        }
+        // Judge the print that is on the bed.
+        let on_bed = p
+            .state
+            .as_ref()
+            .and_then(|s| s.job.as_ref())
+            .filter(|j| j.stage.is_terminal())
+            .map(|j| j.job_id.clone());
+        if let Some(job) = on_bed {
+            if let Some(j) = self.jobs.get(&job).cloned() {
+                match (j.state, b.failed) {
+                    (JobState::Finished, false) => {
+                        let j = self.jobs.get_mut(&job).expect("known");
+                        j.state = JobState::Done;
+                        out.push(Output::Persist(vec![Mutation::PutJob(j.clone())]));
+                    }
+                    (JobState::Finished | JobState::Failed | JobState::Interrupted, _) => {
+                        let _ = self.api_requeue(now, &job, out)?;
+                        if let Some(p) = self.printers.get_mut(&b.printer_id) {
+                            if b.failed && j.state == JobState::Finished {
+                                p.rec.consecutive_failures += 1;
+                                if p.rec.consecutive_failures >= self.cfg.breaker_threshold {
+                                    p.rec.held = true;
+                                }
+                                out.push(Output::Persist(vec![Mutation::PutPrinter(
+                                    p.rec.clone(),
+                                )]));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        tracing::info!(printer = %b.printer_id, failed = b.failed, "operator cleared the bed");
+        self.send(
+            now,
+            &b.printer_id,
+            CommandAction::BedCleared(Empty {}),
+            Some(self.cfg.command_ttl_ms),
+            out,
+        );
+        Ok(ApiResult::Done {})
+    }
+
+    fn api_release(
+        &mut self,
+        printer: &PrinterId,
+        out: &mut Vec<Output>,
+    ) -> Result<ApiResult, String> {
+        let p = self
+            .printers
+            .get_mut(printer)
+            .ok_or_else(|| format!("unknown printer {:?}", printer.as_str()))?;
+        p.rec.held = false;
+        p.rec.consecutive_failures = 0;
+        out.push(Output::Persist(vec![Mutation::PutPrinter(p.rec.clone())]));
+        tracing::info!(printer = %printer, "released by an operator");
+        Ok(ApiResult::Done {})
+    }
+}
+
+fn summary(j: &JobRecord) -> JobSummary {
+    JobSummary {
+        job_id: j.job_id.clone(),
+        name: j.name.clone(),
+        sha256: j.sha256.clone(),
+        state: j.state,
+        priority: j.priority,
+        printer_id: j.printer.clone(),
+        progress_pct: j.progress_pct,
+        submitted_at_ms: j.submitted_at_ms,
+        started_at_ms: j.started_at_ms,
+        ended_at_ms: j.ended_at_ms,
+        reason: j.reason.clone(),
+    }
+}
+
+#[cfg(test)]
+#[path = "machine_tests.rs"]
+mod tests;

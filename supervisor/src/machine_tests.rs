@@ -1,0 +1,573 @@
+//! Script-driven tests of the reactive loop: messages in, decisions out. No IO.
+
+use super::*;
+use protocol::state::{JobProgress, LedgerEntry};
+
+const FILE: &[u8] = b"G28\nG1 X10\n";
+
+struct H {
+    s: Supervisor,
+    now: Now,
+    seq: HashMap<String, u64>,
+    n: u64,
+}
+
+fn pid(s: &str) -> PrinterId {
+    PrinterId::new(s).expect("valid")
+}
+
+fn sha() -> Sha256Hex {
+    Sha256Hex::digest(FILE)
+}
+
+fn state(phase: PrinterPhase, job: Option<(&str, JobStage)>) -> StateSnapshot {
+    StateSnapshot {
+        v: Version,
+        epoch: 1,
+        seq: 0,
+        at_ms: 0,
+        heartbeat_s: 10,
+        phase,
+        bed_clear: phase == PrinterPhase::Ready,
+        maintenance: false,
+        job: job.map(|(id, stage)| JobProgress {
+            job_id: JobId::new(id).expect("valid"),
+            file_sha256: sha(),
+            name: "f".into(),
+            stage,
+            line: 1,
+            total_lines: 2,
+            progress_pct: 50.0,
+            remaining_s: None,
+            transferred_bytes: None,
+            size_bytes: FILE.len() as u64,
+            started_at_ms: Some(1),
+            ended_at_ms: stage.is_terminal().then_some(2),
+            reason: None,
+        }),
+        temps: None,
+        last_command: None,
+        recent_jobs: vec![],
+        error: None,
+    }
+}
+
+impl H {
+    fn new() -> Self {
+        Self::from(Snapshot::default())
+    }
+
+    fn from(snap: Snapshot) -> Self {
+        let now = Now {
+            mono_ms: 1_000,
+            unix_ms: 1_795_000_000_000,
+        };
+        let mut s = Supervisor::new(SupervisorConfig::default(), snap, now);
+        let _ = s.prepare_connect(now);
+        let mut h = Self {
+            s,
+            now,
+            seq: HashMap::new(),
+            n: 0,
+        };
+        h.input(Input::Connected);
+        h
+    }
+
+    fn input(&mut self, i: Input) -> Vec<Output> {
+        self.s.handle(self.now, i)
+    }
+
+    fn advance(&mut self, ms: u64) -> Vec<Output> {
+        self.now.mono_ms += ms;
+        self.now.unix_ms += ms;
+        self.input(Input::Tick)
+    }
+
+    fn msg(&mut self, topic: &str, payload: Vec<u8>) -> Vec<Output> {
+        self.input(Input::Message {
+            topic: format!("printloop/v1/{topic}"),
+            payload,
+        })
+    }
+
+    fn online(&mut self, p: &str, epoch: u64) -> Vec<Output> {
+        self.msg(
+            &format!("printers/{p}/status"),
+            Status::online(epoch, 0).encode(),
+        )
+    }
+
+    fn report(&mut self, p: &str, mut st: StateSnapshot) -> Vec<Output> {
+        let seq = self.seq.entry(p.to_owned()).or_insert(0);
+        *seq += 1;
+        st.seq = *seq;
+        self.msg(&format!("printers/{p}/state"), st.encode())
+    }
+
+    fn api(&mut self, op: ApiOp) -> (ApiResponse, Vec<Output>) {
+        self.n += 1;
+        let id = format!("r{}", self.n);
+        self.api_with_id(&id, op)
+    }
+
+    fn api_with_id(&mut self, id: &str, op: ApiOp) -> (ApiResponse, Vec<Output>) {
+        let req = ApiRequest {
+            v: Version,
+            id: CommandId::new(id).expect("id"),
+            client: ClientId::new("cli").expect("id"),
+            op,
+        };
+        let out = self.msg("api/request", req.encode());
+        let resp = published::<ApiResponse>(&out, "/api/response/cli")
+            .pop()
+            .expect("an answer");
+        (resp, out)
+    }
+
+    fn store_file(&mut self) {
+        self.input(Input::Uploaded {
+            client: ClientId::new("cli").expect("id"),
+            id: CommandId::new("u").expect("id"),
+            outcome: UploadOutcome::Progress {
+                received: FILE.len() as u64,
+                total_size: FILE.len() as u64,
+                complete: Some(FileRecord {
+                    sha256: sha(),
+                    size_bytes: FILE.len() as u64,
+                    stored_at_ms: 0,
+                }),
+            },
+        });
+    }
+
+    fn submit(&mut self, copies: u32) -> (Vec<JobId>, Vec<Output>) {
+        let (resp, out) = self.api(ApiOp::SubmitJob(SubmitJob {
+            name: "f.gcode".into(),
+            sha256: sha(),
+            copies,
+            priority: 0,
+            tags: vec![],
+        }));
+        match resp.result {
+            Some(ApiResult::Submitted { job_ids }) => (job_ids, out),
+            other => panic!("submit failed: {other:?} {:?}", resp.error),
+        }
+    }
+
+    fn job(&self, id: &JobId) -> JobRecord {
+        self.s.jobs.get(id).cloned().expect("job exists")
+    }
+}
+
+fn published<T: Payload>(out: &[Output], suffix: &str) -> Vec<T> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Publish(p) if p.topic.ends_with(suffix) => {
+                Some(T::decode(&p.payload).expect("own payloads decode"))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn commands(out: &[Output], printer: &str) -> Vec<Command> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Publish(p) if p.topic == format!("printloop/v1/printers/{printer}/cmd") => {
+                Some(Command::decode(&p.payload).expect("own commands decode"))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn starts(out: &[Output], printer: &str) -> Vec<StartJob> {
+    commands(out, printer)
+        .into_iter()
+        .filter_map(|c| match c.action {
+            CommandAction::StartJob(s) => Some(s),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn connect_subscribes_snapshots_at_qos0_then_births() {
+    let mut s = Supervisor::new(
+        SupervisorConfig::default(),
+        Snapshot::default(),
+        Now {
+            mono_ms: 0,
+            unix_ms: 5,
+        },
+    );
+    let (muts, will_topic, _) = s.prepare_connect(Now {
+        mono_ms: 0,
+        unix_ms: 5,
+    });
+    assert_eq!(muts, vec![Mutation::SetEpoch(1)]);
+    assert_eq!(will_topic, "printloop/v1/supervisor/status");
+    let out = s.handle(
+        Now {
+            mono_ms: 0,
+            unix_ms: 5,
+        },
+        Input::Connected,
+    );
+    let first_publish = out
+        .iter()
+        .position(|o| matches!(o, Output::Publish(_)))
+        .expect("birth");
+    let last_subscribe = out
+        .iter()
+        .rposition(|o| matches!(o, Output::Subscribe { .. }))
+        .expect("subs");
+    assert!(
+        last_subscribe < first_publish,
+        "subscribe first, then the birth"
+    );
+    assert!(out.contains(&Output::Subscribe {
+        filter: "printloop/v1/printers/+/state".into(),
+        qos0: true
+    }));
+    assert!(out.contains(&Output::Subscribe {
+        filter: "printloop/v1/api/request".into(),
+        qos0: false
+    }));
+    let birth = published::<Status>(&out, "supervisor/status")
+        .pop()
+        .expect("birth");
+    assert_eq!((birth.presence, birth.epoch), (Presence::Online, 1));
+}
+
+#[test]
+fn nominal_dispatch_print_harvest() {
+    let mut h = H::new();
+    h.online("p0", 1);
+    h.report("p0", state(PrinterPhase::Ready, None));
+    h.store_file();
+    let (jobs, out) = h.submit(1);
+    let j = &jobs[0];
+    // Assigned, persisted, then the start leaves.
+    let persist = out
+        .iter()
+        .position(|o| matches!(o, Output::Persist(m) if m.iter().any(|m| matches!(m, Mutation::PutJob(r) if r.state == JobState::Assigned))))
+        .expect("assignment persisted");
+    let start = out
+        .iter()
+        .position(|o| matches!(o, Output::Publish(p) if p.topic.ends_with("/p0/cmd")))
+        .expect("start published");
+    assert!(persist < start);
+    let s = starts(&out, "p0");
+    assert_eq!(s.len(), 1);
+    assert_eq!(&s[0].job_id, j);
+    assert!(
+        commands(&out, "p0")[0].expires_at.is_some(),
+        "starts expire"
+    );
+
+    h.report(
+        "p0",
+        state(
+            PrinterPhase::Printing,
+            Some((j.as_str(), JobStage::Printing)),
+        ),
+    );
+    assert_eq!(h.job(j).state, JobState::Printing);
+    h.report(
+        "p0",
+        state(
+            PrinterPhase::Finished,
+            Some((j.as_str(), JobStage::Finished)),
+        ),
+    );
+    assert_eq!(h.job(j).state, JobState::Finished);
+
+    let (r, out) = h.api(ApiOp::BedClear(BedClear {
+        printer_id: pid("p0"),
+        failed: false,
+    }));
+    assert!(r.ok, "{r:?}");
+    assert_eq!(h.job(j).state, JobState::Done);
+    assert!(commands(&out, "p0")
+        .iter()
+        .any(|c| matches!(c.action, CommandAction::BedCleared(_))));
+}
+
+#[test]
+fn deferred_start_waits_for_the_bed_then_starts() {
+    let mut h = H::new();
+    h.online("p0", 1);
+    h.report("p0", state(PrinterPhase::Idle, None));
+    h.store_file();
+    let (jobs, out) = h.submit(1);
+    assert!(
+        starts(&out, "p0").is_empty(),
+        "no start while the bed is not clear"
+    );
+    assert_eq!(h.job(&jobs[0]).state, JobState::Assigned, "deferred on p0");
+    let out = h.report("p0", state(PrinterPhase::Ready, None));
+    assert_eq!(
+        starts(&out, "p0").len(),
+        1,
+        "starts once the bed is confirmed clear"
+    );
+}
+
+#[test]
+fn a_deferred_job_moves_to_a_printer_that_is_ready_first() {
+    let mut h = H::new();
+    h.online("p0", 1);
+    h.report("p0", state(PrinterPhase::Idle, None));
+    h.store_file();
+    let (jobs, _) = h.submit(1);
+    assert_eq!(h.job(&jobs[0]).printer, Some(pid("p0")));
+    h.online("p1", 1);
+    let out = h.report("p1", state(PrinterPhase::Ready, None));
+    assert_eq!(starts(&out, "p1").len(), 1);
+    assert_eq!(h.job(&jobs[0]).printer, Some(pid("p1")));
+}
+
+#[test]
+fn restart_reconciles_a_job_that_finished_while_apart_without_starting_it_again() {
+    let mut h = H::new();
+    h.online("p0", 1);
+    h.report("p0", state(PrinterPhase::Ready, None));
+    h.store_file();
+    let (jobs, _) = h.submit(1);
+    let j = jobs[0].clone();
+    h.report(
+        "p0",
+        state(
+            PrinterPhase::Printing,
+            Some((j.as_str(), JobStage::Printing)),
+        ),
+    );
+    // The supervisor restarts from its store (what it had persisted).
+    let snap = Snapshot {
+        epoch: h.s.epoch,
+        next_job: h.s.next_job,
+        jobs: h.s.jobs.values().cloned().collect(),
+        printers: h.s.printers.values().map(|p| p.rec.clone()).collect(),
+        files: h.s.files.values().cloned().collect(),
+        requests: vec![],
+    };
+    let mut h2 = H::from(snap);
+    // The retained state: the job ended while the supervisor was down and the bed was cleared.
+    let mut st = state(PrinterPhase::Ready, None);
+    st.epoch = 2;
+    st.recent_jobs = vec![LedgerEntry {
+        job_id: j.clone(),
+        outcome: JobStage::Finished,
+        line: 2,
+        ended_at_ms: 9,
+    }];
+    h2.online("p0", 2);
+    let out = h2.report("p0", st);
+    assert_eq!(
+        h2.job(&j).state,
+        JobState::Finished,
+        "recorded finished, not lost or interrupted"
+    );
+    assert!(
+        starts(&out, "p0").iter().all(|s| s.job_id != j),
+        "never started twice"
+    );
+    assert!(h2.s.counters().reconciliations >= 1);
+}
+
+#[test]
+fn a_silent_printer_keeps_its_job_which_times_out_and_is_never_moved() {
+    let mut h = H::new();
+    for p in ["p0", "p1"] {
+        h.online(p, 1);
+    }
+    h.report("p0", state(PrinterPhase::Ready, None));
+    h.store_file();
+    let (jobs, _) = h.submit(1);
+    let j = jobs[0].clone();
+    h.report(
+        "p0",
+        state(
+            PrinterPhase::Printing,
+            Some((j.as_str(), JobStage::Printing)),
+        ),
+    );
+    h.msg("printers/p0/status", Status::offline(1, 0, None).encode());
+    h.report("p1", state(PrinterPhase::Ready, None));
+    let mut all = Vec::new();
+    for _ in 0..40 {
+        all.extend(h.advance(10_000));
+        h.report("p1", state(PrinterPhase::Ready, None));
+    }
+    assert_eq!(h.job(&j).state, JobState::TimedOut);
+    assert_eq!(h.job(&j).printer, Some(pid("p0")));
+    assert!(
+        starts(&all, "p1").is_empty(),
+        "the job is never moved to another printer"
+    );
+    // The printer comes back and reports: the view converges.
+    h.online("p0", 2);
+    let mut st = state(
+        PrinterPhase::Printing,
+        Some((j.as_str(), JobStage::Printing)),
+    );
+    st.epoch = 2;
+    h.seq.insert("p0".into(), 0);
+    h.report("p0", st);
+    assert_eq!(h.job(&j).state, JobState::Printing);
+}
+
+#[test]
+fn late_will_of_an_older_epoch_is_ignored() {
+    let mut h = H::new();
+    h.online("p0", 2);
+    h.msg("printers/p0/status", Status::offline(1, 0, None).encode());
+    assert_eq!(h.s.printer_summaries()[0].presence, Presence::Online);
+    h.msg("printers/p0/status", Status::offline(2, 0, None).encode());
+    assert_eq!(h.s.printer_summaries()[0].presence, Presence::Offline);
+}
+
+#[test]
+fn circuit_breaker_holds_a_failing_printer_until_released() {
+    let mut h = H::new();
+    h.online("p0", 1);
+    h.store_file();
+    h.submit(1);
+    for i in 0..3 {
+        h.report("p0", state(PrinterPhase::Ready, None));
+        // Each failed attempt is requeued when the bed is cleared and comes back to p0.
+        let j = h.s.printers[&pid("p0")]
+            .rec
+            .assigned
+            .clone()
+            .unwrap_or_else(|| panic!("round {i}: nothing assigned"));
+        assert_eq!(h.job(&j).attempt, i);
+        h.report(
+            "p0",
+            state(PrinterPhase::Finished, Some((j.as_str(), JobStage::Failed))),
+        );
+        assert_eq!(h.job(&j).state, JobState::Failed);
+        h.api(ApiOp::BedClear(BedClear {
+            printer_id: pid("p0"),
+            failed: false,
+        }));
+    }
+    assert!(h.s.printer_summaries()[0].held);
+    let out = h.report("p0", state(PrinterPhase::Ready, None));
+    assert!(starts(&out, "p0").is_empty(), "held: no dispatch");
+    let (r, out) = h.api(ApiOp::ReleasePrinter(protocol::api::PrinterArgs {
+        printer_id: pid("p0"),
+    }));
+    assert!(r.ok);
+    assert_eq!(starts(&out, "p0").len(), 1, "released: work again at once");
+}
+
+#[test]
+fn a_retried_request_gets_the_same_answer_and_queues_nothing_twice() {
+    let mut h = H::new();
+    h.store_file();
+    let op = ApiOp::SubmitJob(SubmitJob {
+        name: "f".into(),
+        sha256: sha(),
+        copies: 2,
+        priority: 0,
+        tags: vec![],
+    });
+    let (a, _) = h.api_with_id("same", op.clone());
+    let (b, _) = h.api_with_id("same", op);
+    assert_eq!(a, b);
+    assert_eq!(h.s.jobs.len(), 2);
+}
+
+#[test]
+fn bad_requests_get_clear_errors() {
+    let mut h = H::new();
+    let (r, _) = h.api(ApiOp::SubmitJob(SubmitJob {
+        name: "f".into(),
+        sha256: sha(),
+        copies: 1,
+        priority: 0,
+        tags: vec![],
+    }));
+    assert!(
+        !r.ok && r.error.as_deref().unwrap_or("").contains("upload it first"),
+        "{r:?}"
+    );
+    let (r, _) = h.api(ApiOp::BedClear(BedClear {
+        printer_id: pid("nope"),
+        failed: false,
+    }));
+    assert!(
+        !r.ok && r.error.as_deref().unwrap_or("").contains("unknown printer"),
+        "{r:?}"
+    );
+    let out = h.msg(
+        "api/request",
+        br#"{"v":1,"id":"x","client":"cli","op":"format_disk","args":{}}"#.to_vec(),
+    );
+    let r = published::<ApiResponse>(&out, "/api/response/cli")
+        .pop()
+        .expect("answer");
+    assert!(
+        !r.ok && r.error.as_deref().unwrap_or("").contains("unknown op"),
+        "{r:?}"
+    );
+    // Garbage on printer topics is counted and ignored.
+    h.msg("printers/p0/state", b"{garbage".to_vec());
+    assert_eq!(h.s.counters().rejected_messages, 2);
+}
+
+#[test]
+fn a_start_with_no_sign_of_life_is_sent_again_with_a_new_command_id() {
+    let mut h = H::new();
+    h.online("p0", 1);
+    h.report("p0", state(PrinterPhase::Ready, None));
+    h.store_file();
+    let (_, out) = h.submit(1);
+    let first = commands(&out, "p0");
+    let mut later = Vec::new();
+    for _ in 0..4 {
+        later.extend(h.advance(5_000));
+        h.report("p0", state(PrinterPhase::Ready, None));
+    }
+    let again = commands(&later, "p0");
+    assert!(!again.is_empty(), "re-sent");
+    assert_ne!(again[0].id, first[0].id);
+    assert_eq!(
+        starts(&later, "p0")[0].job_id,
+        starts(&out, "p0")[0].job_id,
+        "same job id: the gateway's ledger makes it idempotent"
+    );
+    assert!(h.s.counters().command_retries >= 1);
+}
+
+#[test]
+fn bed_clear_with_failed_requeues_a_new_attempt() {
+    let mut h = H::new();
+    h.online("p0", 1);
+    h.report("p0", state(PrinterPhase::Ready, None));
+    h.store_file();
+    let (jobs, _) = h.submit(1);
+    let j = jobs[0].clone();
+    h.report(
+        "p0",
+        state(
+            PrinterPhase::Finished,
+            Some((j.as_str(), JobStage::Finished)),
+        ),
+    );
+    let (r, _) = h.api(ApiOp::BedClear(BedClear {
+        printer_id: pid("p0"),
+        failed: true,
+    }));
+    assert!(r.ok);
+    assert_eq!(h.job(&j).state, JobState::Failed);
+    let retry = JobId::new(format!("{j}.r1")).expect("id");
+    assert_eq!(
+        h.job(&retry).state,
+        JobState::Assigned,
+        "a new attempt, straight back to work"
+    );
+}
