@@ -143,57 +143,12 @@ impl FileConfig {
     }
 }
 
-/// Where the broker is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerUrl {
-    /// Host name or address.
-    pub host: String,
-    /// Port.
-    pub port: u16,
-    /// TLS?
-    pub tls: bool,
-}
-
-impl BrokerUrl {
-    /// Parses `mqtt://host[:port]` or `mqtts://host[:port]` (default ports 1883 / 8883).
-    pub fn parse(url: &str) -> Result<Self, ConfigError> {
-        let bad = |message: String| ConfigError::Invalid {
-            key: "broker.url",
-            message,
-        };
-        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
-            (false, r)
-        } else if let Some(r) = url.strip_prefix("mqtts://") {
-            (true, r)
-        } else {
-            return Err(bad(format!("{url:?} must start with mqtt:// or mqtts://")));
-        };
-        let rest = rest.trim_end_matches('/');
-        if rest.contains('/') || rest.contains('@') {
-            return Err(bad(format!(
-                "{url:?}: give only host and port (credentials go in broker.username and PRINTLOOP_MQTT_PASSWORD)"
-            )));
-        }
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-                h.trim_start_matches('[').trim_end_matches(']'),
-                p.parse::<u16>().map_err(|_| {
-                    bad(format!(
-                        "{url:?}: port {p:?} is not a number from 1 to 65535"
-                    ))
-                })?,
-            ),
-            _ => (rest, if tls { 8883 } else { 1883 }),
-        };
-        if host.is_empty() {
-            return Err(bad(format!("{url:?} has no host")));
-        }
-        Ok(Self {
-            host: host.to_owned(),
-            port,
-            tls,
-        })
-    }
+/// Parses the broker URL, naming the key in the error.
+pub fn broker_url(url: &str) -> Result<transport::BrokerAddr, ConfigError> {
+    transport::BrokerAddr::parse(url).map_err(|e| ConfigError::Invalid {
+        key: "broker.url",
+        message: e.0,
+    })
 }
 
 #[cfg(test)]
@@ -201,13 +156,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls() {
-        let u = BrokerUrl::parse("mqtt://127.0.0.1:1884").expect("valid");
-        assert_eq!((u.host.as_str(), u.port, u.tls), ("127.0.0.1", 1884, false));
-        let u = BrokerUrl::parse("mqtts://broker.farm").expect("valid");
-        assert_eq!((u.port, u.tls), (8883, true));
-        let u = BrokerUrl::parse("mqtt://[::1]:1883").expect("valid");
-        assert_eq!(u.host, "::1");
+    fn bad_urls_name_the_key() {
         for bad in [
             "tcp://x",
             "mqtt://",
@@ -215,9 +164,13 @@ mod tests {
             "mqtt://u:p@h:1",
             "mqtt://h:1/x",
         ] {
-            let e = BrokerUrl::parse(bad).expect_err(bad);
+            let e = broker_url(bad).expect_err(bad);
             assert!(e.to_string().contains("broker.url"), "{e}");
         }
+        assert_eq!(
+            broker_url("mqtt://127.0.0.1:1884").expect("valid").port,
+            1884
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use gateway::config::{BrokerUrl, ConfigError, FileConfig};
+use gateway::config::{broker_url, ConfigError, FileConfig};
 use gateway::link::{LinkConfig, StreamMode};
 use gateway::machine::CoreConfig;
 use gateway::run::{run, Settings};
@@ -97,7 +97,7 @@ fn settings(args: &Args) -> Result<Settings, ConfigError> {
         key: "topic_root",
         message: e.to_string(),
     })?;
-    let broker = BrokerUrl::parse(
+    let mut broker = broker_url(
         &args
             .broker
             .clone()
@@ -159,14 +159,14 @@ fn settings(args: &Args) -> Result<Settings, ConfigError> {
         ..LinkConfig::default()
     }
     .scaled(1.0 / args.time_scale);
+    broker.username = args.username.clone().or(file.broker.username);
+    broker.password = std::env::var("PRINTLOOP_MQTT_PASSWORD")
+        .ok()
+        .or(file.broker.password);
+    broker.ca_file = args.ca_file.clone().or(file.broker.ca_file);
     Ok(Settings {
         core,
         broker,
-        username: args.username.clone().or(file.broker.username),
-        password: std::env::var("PRINTLOOP_MQTT_PASSWORD")
-            .ok()
-            .or(file.broker.password),
-        ca_file: args.ca_file.clone().or(file.broker.ca_file),
         keepalive: Duration::from_secs(
             args.keepalive
                 .or(file.broker.keepalive_s)

@@ -16,10 +16,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use protocol::presence::Firmware;
 use protocol::state::{Heater, Temperatures};
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS, Transport};
-use tokio::sync::{mpsc, oneshot};
+use rumqttc::{AsyncClient, LastWill, QoS};
+use tokio::sync::mpsc;
+use transport::{BrokerAddr, MqttEvent, Session};
 
-use crate::config::BrokerUrl;
 use crate::files::FileCache;
 use crate::link::{LinkConfig, LinkEvent};
 use crate::machine::{CoreConfig, Gateway, Input, Now, Output, PrinterEvent};
@@ -31,14 +31,8 @@ use crate::store::Store;
 pub struct Settings {
     /// The state machine's configuration.
     pub core: CoreConfig,
-    /// The broker.
-    pub broker: BrokerUrl,
-    /// MQTT user name.
-    pub username: Option<String>,
-    /// MQTT password.
-    pub password: Option<String>,
-    /// CA certificate (PEM) for mqtts.
-    pub ca_file: Option<PathBuf>,
+    /// The broker, with credentials.
+    pub broker: BrokerAddr,
     /// MQTT keep-alive.
     pub keepalive: Duration,
     /// Where the state file and the file cache live.
@@ -67,31 +61,9 @@ pub enum RunError {
         /// Why.
         source: std::io::Error,
     },
-    /// The CA file could not be read.
-    #[error("reading CA file {path}: {source}")]
-    CaFile {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-}
-
-/// What the MQTT task tells the main loop.
-enum MqttEvent {
-    Connected {
-        session_present: bool,
-    },
-    Message {
-        topic: String,
-        payload: Vec<u8>,
-    },
-    /// The connection failed or dropped; the task waits for the next will (with the next
-    /// epoch) before it tries again.
-    Down {
-        error: String,
-        next_will: oneshot::Sender<LastWill>,
-    },
+    /// The MQTT connection cannot be set up.
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
 }
 
 fn now(start: Instant) -> Now {
@@ -100,113 +72,6 @@ fn now(start: Instant) -> Now {
         unix_ms: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
-    }
-}
-
-fn mqtt_options(s: &Settings, will: LastWill) -> Result<MqttOptions, RunError> {
-    let client_id = format!("printloop-gw-{}", s.core.printer_id);
-    let mut o = MqttOptions::new(client_id, s.broker.host.clone(), s.broker.port);
-    o.set_clean_session(false)
-        .set_keep_alive(s.keepalive)
-        .set_last_will(will)
-        // File chunks are up to 128 KiB; leave room for the envelope.
-        .set_max_packet_size(256 * 1024, 256 * 1024)
-        .set_inflight(32);
-    if let Some(user) = &s.username {
-        o.set_credentials(user.clone(), s.password.clone().unwrap_or_default());
-    }
-    if s.broker.tls {
-        let transport = match &s.ca_file {
-            Some(path) => {
-                let ca = std::fs::read(path).map_err(|source| RunError::CaFile {
-                    path: path.clone(),
-                    source,
-                })?;
-                Transport::tls(ca, None, None)
-            }
-            None => Transport::tls_with_default_config(),
-        };
-        o.set_transport(transport);
-    }
-    Ok(o)
-}
-
-fn backoff(attempt: u32, max: Duration, seed: u64) -> Duration {
-    let base = Duration::from_millis(250).saturating_mul(1u32 << attempt.min(8));
-    let capped = base.min(max);
-    // Jitter in [50 %, 100 %] so a fleet does not reconnect in lockstep after a broker restart.
-    let jitter = (seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(attempt as u64)
-        >> 33)
-        % 500;
-    capped.mul_f64(0.5 + jitter as f64 / 1000.0)
-}
-
-/// Whether a connection error means our credentials or identity were refused.
-fn refused(e: &rumqttc::ConnectionError) -> Option<String> {
-    match e {
-        rumqttc::ConnectionError::ConnectionRefused(code) => Some(format!(
-            "the broker refused the connection ({code:?}): check broker.username, PRINTLOOP_MQTT_PASSWORD and the broker's ACL"
-        )),
-        _ => None,
-    }
-}
-
-async fn mqtt_task(
-    mut eventloop: rumqttc::EventLoop,
-    tx: mpsc::Sender<MqttEvent>,
-    max_backoff: Duration,
-    seed: u64,
-) {
-    let mut failures = 0u32;
-    loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                failures = 0;
-                if tx
-                    .send(MqttEvent::Connected {
-                        session_present: ack.session_present,
-                    })
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let msg = MqttEvent::Message {
-                    topic: p.topic,
-                    payload: p.payload.to_vec(),
-                };
-                if tx.send(msg).await.is_err() {
-                    return;
-                }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                let error = refused(&e).unwrap_or_else(|| e.to_string());
-                let (will_tx, will_rx) = oneshot::channel();
-                if tx
-                    .send(MqttEvent::Down {
-                        error,
-                        next_will: will_tx,
-                    })
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                match will_rx.await {
-                    Ok(will) => {
-                        eventloop.mqtt_options.set_last_will(will);
-                    }
-                    Err(_) => return,
-                }
-                failures += 1;
-                tokio::time::sleep(backoff(failures, max_backoff, seed)).await;
-            }
-        }
     }
 }
 
@@ -255,15 +120,19 @@ pub async fn run(
     // First connection: persist the new epoch before the will that carries it exists.
     let (muts, will_topic, will) = machine.prepare_connect(now(start));
     shell.store.apply(&muts)?;
-    let options = mqtt_options(
-        &settings,
+    let session = Session {
+        client_id: format!("printloop-gw-{printer_id}"),
+        clean_session: false,
+        keepalive: settings.keepalive,
+        max_backoff: settings.max_backoff,
+        ..Session::default()
+    };
+    let (client, mut mqtt_rx, mqtt) = transport::connect(
+        &settings.broker,
+        &session,
         LastWill::new(will_topic, will, QoS::AtLeastOnce, true),
     )?;
-    let (client, eventloop) = AsyncClient::new(options, 256);
     shell.client = Some(client);
-    let (mqtt_tx, mut mqtt_rx) = mpsc::channel(64);
-    let seed = start.elapsed().as_nanos() as u64 ^ u64::from(std::process::id());
-    let mqtt = tokio::spawn(mqtt_task(eventloop, mqtt_tx, settings.max_backoff, seed));
 
     tokio::pin!(shutdown);
     loop {

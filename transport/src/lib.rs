@@ -1,0 +1,311 @@
+//! The MQTT connection shared by printloop's processes.
+//!
+//! [`connect`] builds the client and starts one task that polls rumqttc's event loop and only
+//! **forwards** what it sees through a bounded channel: nothing is ever published from that
+//! task (bytebeamio/rumqtt#263, #1025). When the connection drops, the task asks the owner for
+//! the next will (each connection has its own epoch, so its own will) through
+//! [`MqttEvent::Down`], waits a jittered, capped backoff, and reconnects. Publishing is the
+//! owner's business, with `try_publish`, so a full queue never blocks it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, Transport};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// Where the broker is and how to log in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddr {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// TLS?
+    pub tls: bool,
+    /// CA certificate (PEM) for TLS; the system roots when absent.
+    pub ca_file: Option<PathBuf>,
+    /// User name.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+}
+
+impl BrokerAddr {
+    /// A plain loopback broker on `port`.
+    pub fn loopback(port: u16) -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port,
+            tls: false,
+            ca_file: None,
+            username: None,
+            password: None,
+        }
+    }
+
+    /// Parses `mqtt://host[:port]` or `mqtts://host[:port]` (default ports 1883 / 8883).
+    pub fn parse(url: &str) -> Result<Self, UrlError> {
+        let bad = |why: String| UrlError(why);
+        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("mqtts://") {
+            (true, r)
+        } else {
+            return Err(bad(format!("{url:?} must start with mqtt:// or mqtts://")));
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('/') || rest.contains('@') {
+            return Err(bad(format!(
+                "{url:?}: give only host and port (credentials are separate settings)"
+            )));
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+                h.trim_start_matches('[').trim_end_matches(']'),
+                p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+                    bad(format!(
+                        "{url:?}: port {p:?} is not a number from 1 to 65535"
+                    ))
+                })?,
+            ),
+            _ => (rest, if tls { 8883 } else { 1883 }),
+        };
+        if host.is_empty() {
+            return Err(bad(format!("{url:?} has no host")));
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+            tls,
+            ca_file: None,
+            username: None,
+            password: None,
+        })
+    }
+}
+
+/// A broker URL that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid broker URL: {0}")]
+pub struct UrlError(pub String);
+
+/// What cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The CA file could not be read.
+    #[error("reading CA file {path}: {source}")]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// What the connection task reports.
+#[derive(Debug)]
+pub enum MqttEvent {
+    /// Connected (CONNACK accepted).
+    Connected {
+        /// Whether the broker kept our session.
+        session_present: bool,
+    },
+    /// A message on a subscribed topic.
+    Message {
+        /// Topic.
+        topic: String,
+        /// Payload.
+        payload: Vec<u8>,
+    },
+    /// The connection failed or dropped. Send the will for the next connection on
+    /// `next_will` (dropping it stops the task).
+    Down {
+        /// What happened, for the log.
+        error: String,
+        /// Where to send the next will.
+        next_will: oneshot::Sender<LastWill>,
+    },
+}
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// Stable client id.
+    pub client_id: String,
+    /// Persistent session?
+    pub clean_session: bool,
+    /// Keep-alive.
+    pub keepalive: Duration,
+    /// Largest packet in and out.
+    pub max_packet: usize,
+    /// Longest pause between reconnect attempts.
+    pub max_backoff: Duration,
+    /// Request queue capacity (publishes beyond it are refused by `try_publish`).
+    pub queue: usize,
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Self {
+            client_id: "printloop".into(),
+            clean_session: false,
+            keepalive: Duration::from_secs(15),
+            max_packet: 256 * 1024,
+            max_backoff: Duration::from_secs(30),
+            queue: 256,
+        }
+    }
+}
+
+/// Connects (lazily: the task connects) and starts the connection task.
+pub fn connect(
+    broker: &BrokerAddr,
+    session: &Session,
+    will: LastWill,
+) -> Result<(AsyncClient, mpsc::Receiver<MqttEvent>, JoinHandle<()>), TransportError> {
+    let mut o = MqttOptions::new(session.client_id.clone(), broker.host.clone(), broker.port);
+    o.set_clean_session(session.clean_session)
+        .set_keep_alive(session.keepalive)
+        .set_last_will(will)
+        .set_max_packet_size(session.max_packet, session.max_packet)
+        .set_inflight(32);
+    if let Some(user) = &broker.username {
+        o.set_credentials(user.clone(), broker.password.clone().unwrap_or_default());
+    }
+    if broker.tls {
+        let transport = match &broker.ca_file {
+            Some(path) => {
+                let ca = std::fs::read(path).map_err(|source| TransportError::CaFile {
+                    path: path.clone(),
+                    source,
+                })?;
+                Transport::tls(ca, None, None)
+            }
+            None => Transport::tls_with_default_config(),
+        };
+        o.set_transport(transport);
+    }
+    let (client, eventloop) = AsyncClient::new(o, session.queue);
+    let (tx, rx) = mpsc::channel(64);
+    let seed = std::process::id() as u64 ^ (broker.port as u64) << 32;
+    let task = tokio::spawn(run(eventloop, tx, session.max_backoff, seed));
+    Ok((client, rx, task))
+}
+
+/// The reconnect delay after `attempt` failures: exponential from 250 ms, capped, with jitter
+/// in [50 %, 100 %] so a fleet does not reconnect in lockstep after a broker restart.
+pub fn backoff(attempt: u32, max: Duration, seed: u64) -> Duration {
+    let base = Duration::from_millis(250).saturating_mul(1u32 << attempt.min(8));
+    let capped = base.min(max);
+    let mixed = seed
+        .wrapping_add(u64::from(attempt))
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let jitter = (mixed >> 33) % 500;
+    capped.mul_f64(0.5 + jitter as f64 / 1000.0)
+}
+
+/// Says what to check when the broker refuses us.
+pub fn describe(e: &rumqttc::ConnectionError) -> String {
+    match e {
+        rumqttc::ConnectionError::ConnectionRefused(code) => format!(
+            "the broker refused the connection ({code:?}): check the user name, the password (PRINTLOOP_MQTT_PASSWORD) and the broker's ACL"
+        ),
+        other => other.to_string(),
+    }
+}
+
+async fn run(
+    mut eventloop: rumqttc::EventLoop,
+    tx: mpsc::Sender<MqttEvent>,
+    max_backoff: Duration,
+    seed: u64,
+) {
+    let mut failures = 0u32;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                failures = 0;
+                let ev = MqttEvent::Connected {
+                    session_present: ack.session_present,
+                };
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let ev = MqttEvent::Message {
+                    topic: p.topic,
+                    payload: p.payload.to_vec(),
+                };
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(rumqttc::ConnectionError::RequestsDone) => return,
+            Err(e) => {
+                let (will_tx, will_rx) = oneshot::channel();
+                let ev = MqttEvent::Down {
+                    error: describe(&e),
+                    next_will: will_tx,
+                };
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+                match will_rx.await {
+                    Ok(will) => {
+                        eventloop.mqtt_options.set_last_will(will);
+                    }
+                    Err(_) => return,
+                }
+                failures += 1;
+                tokio::time::sleep(backoff(failures, max_backoff, seed)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let u = BrokerAddr::parse("mqtt://127.0.0.1:1884").expect("valid");
+        assert_eq!((u.host.as_str(), u.port, u.tls), ("127.0.0.1", 1884, false));
+        let u = BrokerAddr::parse("mqtts://broker.farm").expect("valid");
+        assert_eq!((u.port, u.tls), (8883, true));
+        assert_eq!(
+            BrokerAddr::parse("mqtt://[::1]:1883").expect("valid").host,
+            "::1"
+        );
+        for bad in [
+            "tcp://x",
+            "mqtt://",
+            "mqtt://h:99999",
+            "mqtt://h:0",
+            "mqtt://u:p@h:1",
+            "mqtt://h:1/x",
+        ] {
+            assert!(BrokerAddr::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let max = Duration::from_secs(30);
+        let a = backoff(1, max, 1);
+        assert!(
+            a >= Duration::from_millis(250) && a <= Duration::from_millis(500),
+            "{a:?}"
+        );
+        for attempt in 0..40 {
+            assert!(backoff(attempt, max, 7) <= max);
+        }
+        assert!(backoff(20, max, 3) >= max / 2);
+        let spread: std::collections::HashSet<_> = (0..20).map(|s| backoff(5, max, s)).collect();
+        assert!(spread.len() > 5, "jitter differs between gateways");
+    }
+}
