@@ -270,6 +270,9 @@ impl Store {
                     meta.insert(KEY_FORMAT, encode(&FORMAT_VERSION).as_slice())
                         .map_err(self.db("write format"))?;
                 }
+                (Some(k), Ok(None)) if k == KIND => {
+                    return Err(self.corrupt(META.name(), KEY_FORMAT, "missing".into()));
+                }
                 (Some(k), _) if k != KIND => {
                     return Err(StoreError::Foreign {
                         path: self.path.clone(),
@@ -378,7 +381,8 @@ impl Store {
     }
 
     /// Up to `limit` jobs: open jobs in dispatch order (priority desc, then seq asc), then — when
-    /// `include_ended` — ended jobs (done, cancelled) newest first (by `ended_at_ms`).
+    /// `include_ended` — ended jobs (done, cancelled) newest first (by `ended_at_ms`, or
+    /// `submitted_at_ms` when that is unset; then seq desc). Reads only the jobs it returns.
     pub fn jobs_page(
         &self,
         include_ended: bool,

@@ -244,21 +244,28 @@ fn damaged_redb_file_is_an_error_not_a_panic() {
             .collect();
         s.apply(&muts).expect("apply");
     }
-    // Scribble over the middle of the file (past the header).
-    let mut bytes = std::fs::read(&path).expect("read");
-    let len = bytes.len();
-    for b in &mut bytes[len / 3..len / 3 + 4096] {
-        *b ^= 0x5a;
-    }
-    std::fs::write(&path, &bytes).expect("write");
-    match Store::open(&path) {
-        Err(e) => assert!(e.to_string().contains(&path.display().to_string()), "{e}"),
-        // The scribble may have hit free pages only; then everything must still read.
-        Ok(s) => {
-            let snap = s.load().expect("an intact file loads");
-            assert_eq!(snap.jobs.len(), 199);
+    let pristine = std::fs::read(&path).expect("read");
+    // Scribble over 512 bytes at a time, all through the file, each in its own copy.
+    let mut refused = 0;
+    for (i, at) in (0..pristine.len()).step_by(8192).enumerate() {
+        let mut bytes = pristine.clone();
+        let end = (at + 512).min(bytes.len());
+        for b in &mut bytes[at..end] {
+            *b ^= 0x5a;
         }
+        let copy = dir.path().join(format!("damaged-{i}.redb"));
+        std::fs::write(&copy, &bytes).expect("write");
+        match Store::open(&copy).and_then(|s| s.load()) {
+            Err(e) => {
+                refused += 1;
+                assert!(e.to_string().contains(&copy.display().to_string()), "{e}");
+            }
+            // The scribble hit free space only: then everything must still be there.
+            Ok(snap) => assert_eq!(snap.jobs.len(), 199, "at {at}"),
+        }
+        std::fs::remove_file(&copy).expect("remove");
     }
+    assert!(refused > 0, "some damage was detected");
 }
 
 #[test]
@@ -356,4 +363,17 @@ fn a_second_open_of_the_same_file_is_an_error() {
         err.to_string().contains(&path.display().to_string()),
         "{err}"
     );
+}
+
+#[test]
+fn progress_reads_back_bit_for_bit() {
+    // serde_json's default float parser is not exact; the store enables `float_roundtrip`.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(&dir.path().join("sv.redb"));
+    let mut j = job(1, 0, JobState::Printing);
+    for p in [93.33494154907319, 0.1 + 0.2, 1e-300, 99.99999999999999] {
+        j.progress_pct = Some(p);
+        s.apply(&[Mutation::PutJob(j.clone())]).expect("apply");
+        assert_eq!(s.load().expect("load").jobs, vec![j.clone()]);
+    }
 }
