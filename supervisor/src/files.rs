@@ -10,13 +10,14 @@
 //!
 //! Everything streams through bounded buffers: no call reads a whole file into memory.
 //! Plain blocking IO and no clock reads: the shell passes the time in and runs these calls
-//! where blocking is fine. Calls for *different* files may run concurrently; uploads of the
-//! *same* file must not (the shell serialises API requests).
+//! where blocking is fine, from any number of threads: uploads of the same file take turns
+//! (a duplicate request racing its original cannot interleave writes or verify twice).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use protocol::files::{ChunkErrorCode, MAX_CHUNK_LEN};
 use protocol::Sha256Hex;
@@ -37,6 +38,9 @@ pub const DEFAULT_MIN_FREE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Size of the buffer used when hashing a file.
 const HASH_BUF: usize = 256 * 1024;
+
+/// Upload locks, picked by the digest's first byte.
+const LOCK_STRIPES: usize = 16;
 
 /// Limits of the file store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,12 +213,13 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Fil
     }
 }
 
-/// The store: `files/` and `uploads/` under one directory.
+/// The store: `files/` and `uploads/` under one directory. Clones share the upload locks.
 #[derive(Debug, Clone)]
 pub struct FileStore {
     files: PathBuf,
     uploads: PathBuf,
     config: FileStoreConfig,
+    upload_locks: Arc<[Mutex<()>; LOCK_STRIPES]>,
 }
 
 impl FileStore {
@@ -233,6 +238,7 @@ impl FileStore {
             files,
             uploads,
             config,
+            upload_locks: Arc::new(std::array::from_fn(|_| Mutex::new(()))),
         })
     }
 
@@ -327,6 +333,12 @@ impl FileStore {
                 max: self.config.max_file_size,
             });
         }
+        let first = sha.as_str().bytes().next().unwrap_or(0);
+        let stripe = usize::from(first) % LOCK_STRIPES;
+        // A panic while holding it left no state behind that the next call does not re-read.
+        let _turn = self.upload_locks[stripe]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(stored) = self.complete_size(sha)? {
             if stored != total_size {
                 return Err(FileError::SizeMismatch {

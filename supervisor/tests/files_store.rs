@@ -473,3 +473,28 @@ fn twenty_megabytes_round_trip_chunk_by_chunk() {
     }
     assert_eq!(Sha256Hex::from_digest(&h.finalize().into()), digest);
 }
+
+#[test]
+fn duplicate_uploads_racing_from_many_threads_all_succeed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = FileStore::open(dir.path()).expect("open");
+    let data = gcode(40_000);
+    let digest = sha(&data);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let fs = fs.clone();
+                let data = &data;
+                // Each thread sends every chunk in order, as a client whose answers were lost
+                // would: behind the others its chunks are resends, never gaps.
+                scope.spawn(move || upload_from(&fs, data, 0, 16 * 1024, 1))
+            })
+            .collect();
+        for h in handles {
+            let last = h.join().expect("thread").expect("every chunk accepted");
+            assert!(last.complete.is_some());
+        }
+    });
+    assert_eq!(std::fs::read(fs.path(&digest)).expect("read"), data);
+    assert!(parts(dir.path()).is_empty());
+}
