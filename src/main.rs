@@ -2,8 +2,15 @@
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod demo;
+mod ops;
+
 #[derive(Debug, Parser)]
-#[command(name = "printloop", version, about = "Run a farm of 3D printers over MQTT")]
+#[command(
+    name = "printloop",
+    version,
+    about = "Run a farm of 3D printers over MQTT"
+)]
 struct Cli {
     /// Log format on stderr (filter with RUST_LOG, default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -24,6 +31,20 @@ enum Command {
     Broker(broker::cli::BrokerArgs),
     /// Run a simulated Marlin printer on a pseudo-terminal.
     Sim(printer_sim::cli::SimArgs),
+    /// Run the supervisor: the job queue and every fleet decision (embeds the broker by default).
+    Supervisor(supervisor::cli::SupervisorArgs),
+    /// A whole farm in one process: broker, supervisor, simulated printers with real gateways.
+    Demo(demo::DemoArgs),
+    /// Submit, list, cancel and requeue print jobs (asks the supervisor).
+    Jobs(ops::cli::JobsArgs),
+    /// List the printers as the supervisor sees them.
+    Printers(ops::cli::PrintersArgs),
+    /// Confirm that a person cleared a printer's bed (`--failed`: the print was bad).
+    BedClear(ops::cli::BedClearArgs),
+    /// Let a printer held by the circuit breaker take work again.
+    Release(ops::cli::ReleaseArgs),
+    /// Watch the printers' progress live (from the retained MQTT topics).
+    Watch(ops::cli::WatchArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -50,5 +71,35 @@ fn main() -> anyhow::Result<()> {
             .context("starting the async runtime")?
             .block_on(printer_sim::cli::run(args))
             .context("simulator failed"),
+        Command::Supervisor(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(supervisor::cli::run(args))
+            .context("supervisor failed"),
+        Command::Demo(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(demo::run(args))
+            .context("demo failed"),
+        Command::Jobs(args) => operator(ops::cli::jobs(args)),
+        Command::Printers(args) => operator(ops::cli::printers(args)),
+        Command::BedClear(args) => operator(ops::cli::bed_clear(args)),
+        Command::Release(args) => operator(ops::cli::release(args)),
+        Command::Watch(args) => operator(ops::cli::watch(args)),
     }
+}
+
+/// Runs an operator command on a small runtime; its error is the whole message (no context
+/// added: it already names the broker, the file or the supervisor's reason).
+fn operator(
+    command: impl std::future::Future<Output = Result<(), ops::OpsError>>,
+) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(command)
+        .map_err(anyhow::Error::from)
 }

@@ -5,7 +5,10 @@
 //! - [`store`]: the redb database that holds them.
 //! - [`files`]: content-addressed G-code storage: uploads in, chunks out.
 
+pub mod cli;
 pub mod files;
 pub mod machine;
+pub mod metrics;
 pub mod model;
+pub mod run;
 pub mod store;

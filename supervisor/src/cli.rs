@@ -1,0 +1,285 @@
+//! `printloop supervisor`: configuration file, flags, and the process.
+//!
+//! ```toml
+//! data_dir = "/var/lib/printloop"     # supervisor.redb, files/, uploads/
+//! topic_root = "printloop/v1"
+//!
+//! [broker]
+//! embedded = "broker.toml"            # run rumqttd inside the supervisor, or:
+//! # url = "mqtts://broker.farm:8883"  # use a broker that runs elsewhere
+//! # username = "supervisor"           # password: PRINTLOOP_MQTT_PASSWORD
+//! # ca_file = "/etc/printloop/ca.pem"
+//!
+//! [metrics]
+//! listen = "127.0.0.1:9464"           # Prometheus: GET /metrics
+//!
+//! [timing]
+//! step_timeout_s = 300                # a silent printer's job is flagged timed_out (never moved)
+//! command_retry_s = 15                # a start with no sign of life is sent again
+//! command_ttl_s = 120                 # starts expire
+//! stale_heartbeats = 3                # no state for 3 heartbeats: stale
+//! breaker_threshold = 3               # failed jobs in a row before a printer is held
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::machine::SupervisorConfig;
+use crate::run::{BrokerTarget, Settings};
+
+/// Arguments of `printloop supervisor`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SupervisorArgs {
+    /// TOML configuration file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Where the job database and the G-code files live.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Use an external broker (mqtt://HOST:PORT or mqtts://…) instead of the embedded one.
+    #[arg(long, conflicts_with = "embedded")]
+    pub broker: Option<String>,
+    /// Run the embedded broker from this broker.toml (the default, with ./broker.toml).
+    #[arg(long)]
+    pub embedded: Option<PathBuf>,
+    /// MQTT user name (password: PRINTLOOP_MQTT_PASSWORD).
+    #[arg(long)]
+    pub username: Option<String>,
+    /// CA certificate for mqtts://.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Serve Prometheus metrics at this address ("off" to disable).
+    #[arg(long)]
+    pub metrics: Option<String>,
+    /// Topic root.
+    #[arg(long)]
+    pub topic_root: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    topic_root: Option<String>,
+    #[serde(default)]
+    broker: BrokerSection,
+    #[serde(default)]
+    metrics: MetricsSection,
+    #[serde(default)]
+    timing: TimingSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BrokerSection {
+    embedded: Option<PathBuf>,
+    url: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TimingSection {
+    step_timeout_s: Option<u64>,
+    command_retry_s: Option<u64>,
+    command_ttl_s: Option<u64>,
+    stale_heartbeats: Option<u32>,
+    breaker_threshold: Option<u32>,
+}
+
+/// What is wrong with the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Cannot read the file.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Bad TOML, unknown or mistyped key.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Names the key and line.
+        message: String,
+    },
+    /// A bad value.
+    #[error("invalid `{key}`: {message}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// The embedded broker's configuration.
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerError),
+}
+
+/// Resolves the settings from the file and the flags (a flag wins).
+pub fn settings(args: &SupervisorArgs) -> Result<Settings, ConfigError> {
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+                path: path.clone(),
+                message: e.to_string(),
+            })?
+        }
+        None => FileConfig::default(),
+    };
+    let invalid = |key, message: String| ConfigError::Invalid { key, message };
+    let topics = protocol::Topics::new(
+        args.topic_root
+            .clone()
+            .or(file.topic_root)
+            .unwrap_or_else(|| protocol::DEFAULT_ROOT.into()),
+    )
+    .map_err(|e| invalid("topic_root", e.to_string()))?;
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from("printloop-data"));
+    let url = args.broker.clone().or(if args.embedded.is_some() {
+        None
+    } else {
+        file.broker.url
+    });
+    let broker = match url {
+        Some(url) => {
+            let mut addr =
+                transport::BrokerAddr::parse(&url).map_err(|e| invalid("broker.url", e.0))?;
+            addr.username = args.username.clone().or(file.broker.username);
+            addr.password = std::env::var("PRINTLOOP_MQTT_PASSWORD")
+                .ok()
+                .or(file.broker.password);
+            addr.ca_file = args.ca_file.clone().or(file.broker.ca_file);
+            BrokerTarget::External(addr)
+        }
+        None => {
+            let path = args
+                .embedded
+                .clone()
+                .or(file.broker.embedded)
+                .unwrap_or_else(|| PathBuf::from("broker.toml"));
+            BrokerTarget::Embedded(Box::new(broker::BrokerConfig::load(&path)?))
+        }
+    };
+    let metrics = match args.metrics.clone().or(file.metrics.listen).as_deref() {
+        Some("off") => None,
+        Some(a) => Some(
+            a.parse::<SocketAddr>()
+                .map_err(|e| invalid("metrics.listen", format!("{a:?}: {e}")))?,
+        ),
+        None => Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+    };
+    let mut machine = SupervisorConfig {
+        topics,
+        ..SupervisorConfig::default()
+    };
+    let t = file.timing;
+    if let Some(s) = t.step_timeout_s {
+        machine.step_timeout_ms = s.max(1) * 1000;
+    }
+    if let Some(s) = t.command_retry_s {
+        machine.command_retry_ms = s.max(1) * 1000;
+    }
+    if let Some(s) = t.command_ttl_s {
+        machine.command_ttl_ms = s.max(1) * 1000;
+    }
+    if let Some(n) = t.stale_heartbeats {
+        machine.stale_heartbeats = n.max(1);
+    }
+    if let Some(n) = t.breaker_threshold {
+        machine.breaker_threshold = n.max(1);
+    }
+    Ok(Settings {
+        machine,
+        broker,
+        data_dir,
+        metrics,
+        keepalive: Duration::from_secs(15),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, "data_dir = \"x\"\n[timing]\nstep_timeout = 5\n").expect("write");
+        let args = SupervisorArgs {
+            config: Some(path.clone()),
+            data_dir: None,
+            broker: Some("mqtt://127.0.0.1:1".into()),
+            embedded: None,
+            username: None,
+            ca_file: None,
+            metrics: None,
+            topic_root: None,
+        };
+        let e = settings(&args).expect_err("unknown key");
+        assert!(e.to_string().contains("step_timeout"), "{e}");
+        std::fs::write(&path, "[metrics]\nlisten = \"nowhere\"\n").expect("write");
+        let e = settings(&args).expect_err("bad address");
+        assert!(e.to_string().contains("metrics.listen"), "{e}");
+        std::fs::write(&path, "[timing]\nstep_timeout_s = 7\n").expect("write");
+        let s = settings(&args).expect("valid");
+        assert_eq!(s.machine.step_timeout_ms, 7000);
+        assert!(matches!(s.broker, BrokerTarget::External(ref a) if a.port == 1));
+    }
+}
+
+/// Why `printloop supervisor` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad configuration.
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// The supervisor failed.
+    #[error(transparent)]
+    Run(#[from] crate::run::RunError),
+}
+
+/// Runs the supervisor until Ctrl-C or SIGTERM.
+pub async fn run(args: SupervisorArgs) -> Result<(), CliError> {
+    let settings = settings(&args)?;
+    crate::run::run(settings, shutdown_signal(), None).await?;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

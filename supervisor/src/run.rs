@@ -1,0 +1,406 @@
+//! The supervisor process: one loop that feeds the [`Supervisor`] machine and carries out its
+//! outputs, persisting before publishing.
+//!
+//! Bulkheads:
+//! - file chunks for gateways are served by a separate task behind a bounded queue: a burst of
+//!   transfers never delays a decision (a dropped request is asked again by the gateway);
+//! - uploads and their final hash run on the blocking pool;
+//! - publishes use `try_publish`: a full MQTT queue drops with a warning, never blocks;
+//! - `/metrics` reads a rendered snapshot, never the machine.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use protocol::files::{FileChunkRequest, FileChunkResponse};
+use protocol::{Payload, PrinterId, Topic, Topics};
+use rumqttc::{AsyncClient, LastWill, QoS};
+use tokio::sync::{mpsc, watch};
+use transport::{BrokerAddr, MqttEvent, Session};
+
+use crate::files::FileStore;
+use crate::machine::{Input, Now, Output, Supervisor, SupervisorConfig, UploadOutcome};
+use crate::metrics::Metrics;
+use crate::model::Mutation;
+use crate::store::Store;
+
+/// Which broker to use.
+#[derive(Debug, Clone)]
+pub enum BrokerTarget {
+    /// Run rumqttd inside the supervisor from this configuration.
+    Embedded(Box<broker::BrokerConfig>),
+    /// Connect to a broker that runs elsewhere (Mosquitto, EMQX, …).
+    External(BrokerAddr),
+}
+
+/// Everything the supervisor process needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The machine's policies.
+    pub machine: SupervisorConfig,
+    /// The broker.
+    pub broker: BrokerTarget,
+    /// Where `supervisor.redb`, `files/` and `uploads/` live.
+    pub data_dir: PathBuf,
+    /// Serve Prometheus metrics here.
+    pub metrics: Option<SocketAddr>,
+    /// MQTT keep-alive.
+    pub keepalive: Duration,
+}
+
+/// Why the supervisor stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The data directory is unusable.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The embedded broker did not start.
+    #[error("embedded broker: {0}")]
+    Broker(#[from] broker::BrokerError),
+    /// The MQTT connection cannot be set up.
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
+    /// The metrics listener cannot bind.
+    #[error("metrics listener {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+fn now(start: Instant) -> Now {
+    Now {
+        mono_ms: start.elapsed().as_millis() as u64,
+        unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    }
+}
+
+/// A running supervisor's outside view (for the demo and tests).
+#[derive(Debug, Clone)]
+pub struct Handle {
+    /// The broker it talks to (the embedded one's v4 listener when embedded).
+    pub broker: BrokerAddr,
+    /// The metrics listener, if any.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Starts the embedded broker (if configured) and returns where to connect.
+pub fn start_broker(target: &BrokerTarget) -> Result<BrokerAddr, RunError> {
+    match target {
+        BrokerTarget::External(addr) => Ok(addr.clone()),
+        BrokerTarget::Embedded(config) => {
+            let b = broker::EmbeddedBroker::start((**config).clone())?;
+            let addr = b
+                .addr(broker::ListenerKind::V4)
+                .ok_or(broker::BrokerError::Invalid {
+                    origin: config.origin().to_owned(),
+                    key: "v4".into(),
+                    reason: "the supervisor needs an MQTT 3.1.1 listener".into(),
+                })?;
+            // rumqttd has no shutdown API: it lives as long as the process.
+            std::mem::forget(b);
+            Ok(BrokerAddr {
+                host: addr.ip().to_string(),
+                ..BrokerAddr::loopback(addr.port())
+            })
+        }
+    }
+}
+
+/// Runs the supervisor until `shutdown` resolves. `ready` receives where it connected once it
+/// is up.
+pub async fn run(
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()>,
+    ready: Option<tokio::sync::oneshot::Sender<Handle>>,
+) -> Result<(), RunError> {
+    let span = tracing::info_span!("supervisor");
+    let _enter = span.enter();
+    std::fs::create_dir_all(&settings.data_dir).map_err(|source| RunError::DataDir {
+        path: settings.data_dir.clone(),
+        source,
+    })?;
+    let store = Store::open(&settings.data_dir.join("supervisor.redb"))?;
+    let files = FileStore::open(&settings.data_dir).map_err(|source| RunError::DataDir {
+        path: settings.data_dir.clone(),
+        source,
+    })?;
+    let start = Instant::now();
+    let mut snap = store.load()?;
+    // Files on disk that the database does not list (a crash between the two) are adopted.
+    if let Ok(on_disk) = files.list() {
+        let mut adopt = Vec::new();
+        for f in on_disk {
+            if !snap.files.iter().any(|r| r.sha256 == f.sha256) {
+                let rec = crate::model::FileRecord {
+                    sha256: f.sha256,
+                    size_bytes: f.size_bytes,
+                    stored_at_ms: now(start).unix_ms,
+                };
+                adopt.push(Mutation::PutFile(rec.clone()));
+                snap.files.push(rec);
+            }
+        }
+        store.apply(&adopt)?;
+    }
+    tracing::info!(
+        epoch = snap.epoch,
+        jobs = snap.jobs.len(),
+        printers = snap.printers.len(),
+        files = snap.files.len(),
+        "state loaded"
+    );
+    let topics = settings.machine.topics.clone();
+    let mut machine = Supervisor::new(settings.machine.clone(), snap, now(start));
+
+    let broker_addr = {
+        let target = settings.broker.clone();
+        tokio::task::spawn_blocking(move || start_broker(&target))
+            .await
+            .map_err(|e| RunError::DataDir {
+                path: settings.data_dir.clone(),
+                source: std::io::Error::other(e),
+            })??
+    };
+
+    let (muts, will_topic, will) = machine.prepare_connect(now(start));
+    store.apply(&muts)?;
+    let session = Session {
+        client_id: "printloop-supervisor".into(),
+        clean_session: false,
+        keepalive: settings.keepalive,
+        max_packet: 1024 * 1024,
+        queue: 4096,
+        ..Session::default()
+    };
+    let (client, mut mqtt_rx, mqtt) = transport::connect(
+        &broker_addr,
+        &session,
+        LastWill::new(will_topic, will, QoS::AtLeastOnce, true),
+    )?;
+    tracing::info!(broker = %format!("{}:{}", broker_addr.host, broker_addr.port), epoch = machine.epoch(), "connecting");
+
+    // The file-chunk bulkhead.
+    let files = Arc::new(files);
+    let (chunk_tx, chunk_rx) = mpsc::channel::<(PrinterId, FileChunkRequest)>(256);
+    let server = tokio::spawn(serve_chunks(
+        chunk_rx,
+        files.clone(),
+        client.clone(),
+        topics.clone(),
+    ));
+
+    // Metrics.
+    let metrics = Metrics::new();
+    let (metrics_tx, metrics_rx) = watch::channel(String::new());
+    let metrics_addr = match settings.metrics {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Metrics { addr, source })?;
+            let bound = listener.local_addr().unwrap_or(addr);
+            tokio::spawn(crate::metrics::serve(listener, metrics_rx));
+            tracing::info!(%bound, "metrics at http://{bound}/metrics");
+            Some(bound)
+        }
+        None => None,
+    };
+    if let Some(ready) = ready {
+        let _ = ready.send(Handle {
+            broker: broker_addr.clone(),
+            metrics: metrics_addr,
+        });
+    }
+
+    let (upload_tx, mut upload_rx) = mpsc::channel::<Input>(16);
+    let mut shell = Shell {
+        store,
+        files,
+        client,
+        chunk_tx,
+        upload_tx,
+        pending: std::collections::VecDeque::new(),
+    };
+    let mut metrics = metrics;
+    let mut refresh = tokio::time::interval(Duration::from_secs(1));
+    tokio::pin!(shutdown);
+    loop {
+        while let Some(input) = shell.pending.pop_front() {
+            let out = machine.handle(now(start), input);
+            shell.execute(now(start), out)?;
+        }
+        let deadline = machine
+            .next_deadline()
+            .map(|ms| start + Duration::from_millis(ms))
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            _ = &mut shutdown => break,
+            ev = mqtt_rx.recv() => {
+                let Some(ev) = ev else { break };
+                match ev {
+                    MqttEvent::Connected { session_present } => {
+                        tracing::info!(session_present, epoch = machine.epoch(), "connected to the broker");
+                        shell.pending.push_back(Input::Connected);
+                    }
+                    MqttEvent::Message { topic, payload } => shell.pending.push_back(Input::Message { topic, payload }),
+                    MqttEvent::Down { error, next_will } => {
+                        tracing::warn!(%error, "broker connection lost");
+                        let out = machine.handle(now(start), Input::Disconnected);
+                        shell.execute(now(start), out)?;
+                        let (muts, topic, will) = machine.prepare_connect(now(start));
+                        shell.store.apply(&muts)?;
+                        let _ = next_will.send(LastWill::new(topic, will, QoS::AtLeastOnce, true));
+                    }
+                }
+            }
+            Some(input) = upload_rx.recv() => shell.pending.push_back(input),
+            _ = refresh.tick() => {
+                metrics.observe(machine.take_dispatch_latencies());
+                let _ = metrics_tx.send(metrics.render(&machine, now(start)));
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => shell.pending.push_back(Input::Tick),
+        }
+    }
+    let bye = machine.goodbye(now(start));
+    let _ = shell
+        .client
+        .try_publish(bye.topic, QoS::AtLeastOnce, true, bye.payload);
+    let _ = tokio::time::timeout(Duration::from_secs(2), shell.client.disconnect()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), mqtt).await;
+    server.abort();
+    tracing::info!("supervisor stopped");
+    Ok(())
+}
+
+struct Shell {
+    store: Store,
+    files: Arc<FileStore>,
+    client: AsyncClient,
+    chunk_tx: mpsc::Sender<(PrinterId, FileChunkRequest)>,
+    upload_tx: mpsc::Sender<Input>,
+    pending: std::collections::VecDeque<Input>,
+}
+
+impl Shell {
+    fn execute(&mut self, now: Now, outs: Vec<Output>) -> Result<(), RunError> {
+        for o in outs {
+            match o {
+                Output::Persist(m) => self.store.apply(&m)?,
+                Output::Subscribe { filter, qos0 } => {
+                    let qos = if qos0 {
+                        QoS::AtMostOnce
+                    } else {
+                        QoS::AtLeastOnce
+                    };
+                    if let Err(e) = self.client.try_subscribe(filter.clone(), qos) {
+                        tracing::warn!(%filter, error = %e, "subscribe not queued");
+                    }
+                }
+                Output::Publish(p) => {
+                    if let Err(e) = self.client.try_publish(
+                        p.topic.clone(),
+                        QoS::AtLeastOnce,
+                        p.retain,
+                        p.payload,
+                    ) {
+                        tracing::warn!(topic = %p.topic, error = %e, "publish dropped: the MQTT queue is full");
+                    }
+                }
+                Output::ServeChunk { printer, request } => {
+                    if self.chunk_tx.try_send((printer.clone(), request)).is_err() {
+                        tracing::warn!(%printer, "file server busy: chunk request dropped (the gateway asks again)");
+                    }
+                }
+                Output::StoreUpload { client, id, chunk } => {
+                    let files = self.files.clone();
+                    let tx = self.upload_tx.clone();
+                    let at = now.unix_ms;
+                    tokio::task::spawn_blocking(move || {
+                        let outcome = match protocol_data(&chunk.data_b64) {
+                            Err(e) => UploadOutcome::Failed(e),
+                            Ok(data) => match files.upload_chunk(
+                                &chunk.sha256,
+                                chunk.offset,
+                                chunk.total_size,
+                                &data,
+                                at,
+                            ) {
+                                Ok(p) => UploadOutcome::Progress {
+                                    received: p.received,
+                                    total_size: p.total_size,
+                                    complete: p.complete,
+                                },
+                                Err(e) => UploadOutcome::Failed(e.to_string()),
+                            },
+                        };
+                        let _ = tx.blocking_send(Input::Uploaded {
+                            client,
+                            id,
+                            outcome,
+                        });
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn protocol_data(b64: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    if b64.len() > 96 * 1024 {
+        return Err("upload chunk larger than 64 KiB".into());
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| format!("upload chunk is not valid base64: {e}"))
+}
+
+async fn serve_chunks(
+    mut rx: mpsc::Receiver<(PrinterId, FileChunkRequest)>,
+    files: Arc<FileStore>,
+    client: AsyncClient,
+    topics: Topics,
+) {
+    while let Some((printer, req)) = rx.recv().await {
+        let files = files.clone();
+        let r = req.clone();
+        let resp = tokio::task::spawn_blocking(move || {
+            match files.read_chunk(&r.sha256, r.offset, r.len) {
+                Ok((data, total)) => {
+                    FileChunkResponse::chunk(r.request_id, r.sha256, r.offset, total, &data)
+                }
+                Err(e) => FileChunkResponse::Error {
+                    v: protocol::Version,
+                    request_id: r.request_id,
+                    sha256: r.sha256,
+                    code: e.chunk_code(),
+                    message: e.to_string(),
+                },
+            }
+        })
+        .await;
+        let Ok(resp) = resp else { continue };
+        let topic = topics.format(&Topic::FileChunk(printer.clone()));
+        // Back-pressure here, not in the main loop: wait for room in the MQTT queue.
+        if let Err(e) = client
+            .publish(topic, QoS::AtLeastOnce, false, resp.encode())
+            .await
+        {
+            tracing::warn!(%printer, error = %e, "file chunk not sent");
+        }
+    }
+}
