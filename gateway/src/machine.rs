@@ -784,8 +784,8 @@ impl Gateway {
         let _enter = span.enter();
         let result = match cmd.action {
             CommandAction::StartJob(s) => self.cmd_start(now, s, out),
-            CommandAction::Pause(r) => self.cmd_pause(now, r, out),
-            CommandAction::Resume(r) => self.cmd_resume(now, r, out),
+            CommandAction::Pause(r) => self.cmd_pause_resume(now, r, true, out),
+            CommandAction::Resume(r) => self.cmd_pause_resume(now, r, false, out),
             CommandAction::Cancel(r) => self.cmd_cancel(now, r, out),
             CommandAction::BedCleared(_) => self.cmd_bed_cleared(now, out),
             CommandAction::Rebirth(_) => {
@@ -907,46 +907,49 @@ impl Gateway {
         Ok(vec![])
     }
 
-    fn cmd_pause(
+    /// Pause (`pause`) or resume the current job; the other one of the pair is a no-op.
+    fn cmd_pause_resume(
         &mut self,
         now: Now,
         r: JobRef,
+        pause: bool,
         out: &mut Vec<Output>,
     ) -> Result<Vec<Mutation>, String> {
+        let (from, to, command, wanted) = if pause {
+            (
+                JobStage::Printing,
+                JobStage::Paused,
+                PrinterCommand::PauseStream,
+                "printing",
+            )
+        } else {
+            (
+                JobStage::Paused,
+                JobStage::Printing,
+                PrinterCommand::ResumeStream,
+                "paused",
+            )
+        };
         let job = self.check_job_ref(&r)?;
-        match job.stage {
-            JobStage::Printing => {}
-            JobStage::Paused => return Ok(vec![]),
-            other => return Err(format!("job is {other:?}, not printing").to_lowercase()),
+        if job.stage == to {
+            return Ok(vec![]);
         }
-        let id = job.job_id.clone();
-        out.push(Output::Printer(PrinterCommand::PauseStream));
-        let muts = self.set_stage(JobStage::Paused);
-        out.push(Output::Persist(muts));
-        self.event(now, EventKind::JobPaused { job_id: id }, out);
-        Ok(vec![])
-    }
-
-    fn cmd_resume(
-        &mut self,
-        now: Now,
-        r: JobRef,
-        out: &mut Vec<Output>,
-    ) -> Result<Vec<Mutation>, String> {
-        let job = self.check_job_ref(&r)?;
-        match job.stage {
-            JobStage::Paused => {}
-            JobStage::Printing => return Ok(vec![]),
-            other => return Err(format!("job is {other:?}, not paused").to_lowercase()),
+        if job.stage != from {
+            return Err(format!("job is {:?}, not {wanted}", job.stage).to_lowercase());
         }
-        if self.link != LinkState::Ready {
+        if !pause && self.link != LinkState::Ready {
             return Err("printer link is not ready".into());
         }
-        let id = job.job_id.clone();
-        out.push(Output::Printer(PrinterCommand::ResumeStream));
-        let muts = self.set_stage(JobStage::Printing);
+        let job_id = job.job_id.clone();
+        out.push(Output::Printer(command));
+        let muts = self.set_stage(to);
         out.push(Output::Persist(muts));
-        self.event(now, EventKind::JobResumed { job_id: id }, out);
+        let kind = if pause {
+            EventKind::JobPaused { job_id }
+        } else {
+            EventKind::JobResumed { job_id }
+        };
+        self.event(now, kind, out);
         Ok(vec![])
     }
 
