@@ -75,15 +75,13 @@ fn until(rx: &mpsc::Receiver<String>, what: &str, f: impl Fn(&str) -> bool) -> V
 fn printloop_sim_answers_m110_and_requests_a_resend_on_a_bad_checksum() {
     let dir = tempfile::tempdir().expect("tempdir");
     let link = dir.path().join("p0");
-    let _sim = Sim(
-        Command::new(env!("CARGO_BIN_EXE_printloop"))
-            .args(["sim", "--link"])
-            .arg(&link)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("printloop sim starts"),
-    );
+    let _sim = Sim(Command::new(env!("CARGO_BIN_EXE_printloop"))
+        .args(["sim", "--link"])
+        .arg(&link)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("printloop sim starts"));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !link.exists() {
         assert!(Instant::now() < deadline, "the link never appeared");
@@ -99,7 +97,10 @@ fn printloop_sim_answers_m110_and_requests_a_resend_on_a_bad_checksum() {
     assert_eq!(protocol::marlin::checksum(b"N1 M105"), 38);
     host.write_all(b"N1 M105*40\n").expect("write");
     let lines = until(&rx, "a resend request", |l| l.starts_with("Resend:"));
-    assert!(lines.iter().any(|l| l.contains("checksum mismatch")), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("checksum mismatch")),
+        "{lines:?}"
+    );
     assert!(lines.last().is_some_and(|l| l == "Resend: 1"), "{lines:?}");
 
     // The resent line with the right checksum is accepted.
