@@ -430,6 +430,7 @@ async fn live<W: Write>(
     let mut note: Option<String> = None;
     let mut dirty = true;
     let mut since_draw = 0u32;
+    let mut subscribed = false;
     let mut tick = tokio::time::interval(FRAME_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let ctrl_c = tokio::signal::ctrl_c();
@@ -443,7 +444,10 @@ async fn live<W: Write>(
                     dirty = true;
                     subscribe(link, &ep.topics).await?;
                 }
-                Some(LinkEvent::SubAck(codes)) => check_suback(link, &ep.topics, &codes)?,
+                Some(LinkEvent::SubAck(codes)) => {
+                    check_suback(link, &ep.topics, &codes)?;
+                    subscribed = true;
+                }
                 Some(LinkEvent::Message { topic, payload }) => {
                     dirty |= apply(&mut view, &ep.topics, &topic, &payload);
                 }
@@ -460,8 +464,9 @@ async fn live<W: Write>(
             },
             _ = tick.tick() => {
                 since_draw += 1;
-                // Redraw on change, and every second anyway (presence turns stale with time).
-                if dirty || since_draw >= 4 {
+                // Redraw on change, and every second anyway (presence turns stale with time);
+                // the first frame waits for the retained snapshot (at most a second).
+                if (dirty && subscribed) || since_draw >= 4 {
                     screen.draw(header, &view, note.as_deref()).map_err(OpsError::Output)?;
                     dirty = false;
                     since_draw = 0;
