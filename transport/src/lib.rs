@@ -60,8 +60,9 @@ impl BrokerAddr {
                 "{url:?}: give only host and port (credentials are separate settings)"
             )));
         }
+        let bracketed_without_port = rest.starts_with('[') && rest.ends_with(']');
         let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+            Some((h, p)) if !bracketed_without_port => (
                 h.trim_start_matches('[').trim_end_matches(']'),
                 p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
                     bad(format!(
@@ -69,7 +70,10 @@ impl BrokerAddr {
                     ))
                 })?,
             ),
-            _ => (rest, if tls { 8883 } else { 1883 }),
+            _ => (
+                rest.trim_start_matches('[').trim_end_matches(']'),
+                if tls { 8883 } else { 1883 },
+            ),
         };
         if host.is_empty() {
             return Err(bad(format!("{url:?} has no host")));
