@@ -919,27 +919,42 @@ impl Supervisor {
 
     /// Gives queued jobs to printers. Ready printers first; otherwise a job waits, assigned,
     /// on an online printer whose bed is not yet cleared (deferred start).
+    ///
+    /// The free printers are listed once per call (in id order, as a per-job scan would find
+    /// them) and the jobs are only collected when some printer is free: with thousands of
+    /// printers and queued jobs this runs after every message.
     fn dispatch(&mut self, now: Now, out: &mut Vec<Output>) {
+        let mut ready_free: Vec<PrinterId> = self
+            .printers
+            .values()
+            .filter(|p| Self::is_free(p, true))
+            .map(|p| p.rec.printer_id.clone())
+            .collect();
+        if ready_free.is_empty() && !self.printers.values().any(|p| Self::is_free(p, false)) {
+            return; // nothing can be placed: no job needs looking at
+        }
         let mut queued: Vec<(i32, u64, JobId)> = self
             .jobs
             .values()
             .filter(|j| j.state == JobState::Queued)
             .map(|j| (-j.priority, j.seq, j.job_id.clone()))
             .collect();
-        queued.sort();
         // A deferred job (assigned, not started, printer not ready) moves to a ready printer.
-        let deferred: Vec<(PrinterId, JobId)> = self
-            .printers
-            .values()
-            .filter(|p| p.pending.is_none() && p.phase() != Some(PrinterPhase::Ready))
-            .filter_map(|p| {
-                let j = p.rec.assigned.as_ref()?;
-                (self.jobs.get(j)?.state == JobState::Assigned)
-                    .then(|| (p.rec.printer_id.clone(), j.clone()))
-            })
-            .collect();
+        let deferred: Vec<(PrinterId, JobId)> = if ready_free.is_empty() {
+            Vec::new()
+        } else {
+            self.printers
+                .values()
+                .filter(|p| p.pending.is_none() && p.phase() != Some(PrinterPhase::Ready))
+                .filter_map(|p| {
+                    let j = p.rec.assigned.as_ref()?;
+                    (self.jobs.get(j)?.state == JobState::Assigned)
+                        .then(|| (p.rec.printer_id.clone(), j.clone()))
+                })
+                .collect()
+        };
         for (printer, job) in deferred {
-            if self.free_printer(&job, true).is_some() {
+            if self.pick(&ready_free, &job).is_some() {
                 let p = self.printers.get_mut(&printer).expect("known");
                 p.rec.assigned = None;
                 let rec = p.rec.clone();
@@ -954,11 +969,26 @@ impl Supervisor {
             }
         }
         queued.sort();
+        // Listed after the deferred moves: a printer that gave its job back may take another.
+        let mut later_free: Vec<PrinterId> = self
+            .printers
+            .values()
+            .filter(|p| Self::is_free(p, false))
+            .map(|p| p.rec.printer_id.clone())
+            .collect();
         for (_, _, job_id) in queued {
-            let ready = self.free_printer(&job_id, true);
+            if ready_free.is_empty() && later_free.is_empty() {
+                break;
+            }
+            let ready = self.pick(&ready_free, &job_id);
             let deferred = ready.is_none();
-            let target = ready.or_else(|| self.free_printer(&job_id, false));
-            let Some(printer) = target else { continue };
+            let printer = match ready {
+                Some(i) => ready_free.remove(i),
+                None => match self.pick(&later_free, &job_id) {
+                    Some(i) => later_free.remove(i),
+                    None => continue,
+                },
+            };
             let j = self.jobs.get_mut(&job_id).expect("queued job exists");
             j.state = JobState::Assigned;
             j.printer = Some(printer.clone());
@@ -978,33 +1008,56 @@ impl Supervisor {
         }
     }
 
-    /// A printer that can take `job` now (`ready`), or that will once its bed is cleared.
-    fn free_printer(&self, job: &JobId, ready: bool) -> Option<PrinterId> {
+    /// The first of `free` whose tags `job` accepts (its index).
+    fn pick(&self, free: &[PrinterId], job: &JobId) -> Option<usize> {
         let j = self.jobs.get(job)?;
-        self.printers
-            .values()
-            .filter(|p| {
-                p.reachable() && !p.rec.held && p.rec.assigned.is_none() && p.pending.is_none()
-            })
-            .filter(|p| j.tags.iter().all(|t| p.rec.tags.contains(t)))
-            .filter(|p| {
-                let s = p.state.as_ref().expect("reachable has state");
-                if s.maintenance {
-                    return false;
-                }
-                if ready {
-                    s.phase == PrinterPhase::Ready
-                } else {
-                    matches!(s.phase, PrinterPhase::Idle | PrinterPhase::Finished)
-                        && s.job.as_ref().is_none_or(|pj| pj.stage.is_terminal())
-                }
-            })
-            .map(|p| p.rec.printer_id.clone())
-            .next()
+        free.iter().position(|id| {
+            self.printers
+                .get(id)
+                .is_some_and(|p| j.tags.iter().all(|t| p.rec.tags.contains(t)))
+        })
+    }
+
+    /// A printer that can take a job now (`ready`), or that will once its bed is cleared.
+    fn is_free(p: &PrinterView, ready: bool) -> bool {
+        if !(p.reachable() && !p.rec.held && p.rec.assigned.is_none() && p.pending.is_none()) {
+            return false;
+        }
+        let Some(s) = p.state.as_ref() else {
+            return false;
+        };
+        if s.maintenance {
+            return false;
+        }
+        if ready {
+            s.phase == PrinterPhase::Ready
+        } else {
+            matches!(s.phase, PrinterPhase::Idle | PrinterPhase::Finished)
+                && s.job.as_ref().is_none_or(|pj| pj.stage.is_terminal())
+        }
     }
 
     fn on_time(&mut self, now: Now, out: &mut Vec<Output>) {
-        let ids: Vec<PrinterId> = self.printers.keys().cloned().collect();
+        // Only printers with something due (a superset of what the body below acts on): this
+        // runs after every message, so it must not clone every printer id each time.
+        let ids: Vec<PrinterId> = self
+            .printers
+            .values()
+            .filter(|p| {
+                let stale_due = p.presence == Presence::Online
+                    && !p.stale
+                    && p.last_state_mono.is_some_and(|last| {
+                        now.mono_ms > last + p.heartbeat_ms() * u64::from(self.cfg.stale_heartbeats)
+                    });
+                let rebirth_due = p.presence == Presence::Online
+                    && p.state.as_ref().is_none_or(|s| s.epoch < p.status_epoch);
+                let timeout_due = p.rec.assigned.is_some()
+                    && p.silent_since_mono
+                        .is_some_and(|since| now.mono_ms >= since + self.cfg.step_timeout_ms);
+                stale_due || rebirth_due || timeout_due || p.pending.is_some()
+            })
+            .map(|p| p.rec.printer_id.clone())
+            .collect();
         for id in ids {
             let stale_after = {
                 let p = &self.printers[&id];

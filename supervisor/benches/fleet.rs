@@ -1,0 +1,871 @@
+//! Fleet benchmark (issue #4): the real supervisor (in-process, its own runtime) against a real
+//! `printloop broker` child process and N lightweight in-process fake printers (one rumqttc
+//! client each, no pty, no firmware model).
+//!
+//! `cargo bench -p supervisor --bench fleet -- --printers 1000 [--duration 20] [--print-ms 1000..3000]`
+//!
+//! Prints human lines and, last, one JSON object. What is measured:
+//! - `printers_online`: fake printers connected at the end of the steady window.
+//! - `state_msgs_per_s`: `state` messages the fakes published per second in the steady window
+//!   (the supervisor subscribes to all of them; "handled" is checked by dispatch latency and by
+//!   the supervisor's job gauges keeping up with the fakes' truth, printed as a human line).
+//! - `dispatch_*_ms`: measured at the fake printer, from publishing `ready` to receiving its
+//!   `start_job` (the queue is kept non-empty, so this is the supervisor's reaction time plus two
+//!   broker hops, not queue wait).
+//! - `reconcile_after_broker_restart_s`: the broker is SIGKILLed (rumqttd forgets sessions and
+//!   retained messages); while it is down every printing fake finishes its job (the supervisor
+//!   can only learn it from `state.recent_jobs`), then the fleet is frozen (no new starts). From
+//!   the moment the restarted broker is ready until the supervisor's `/metrics` show N printers
+//!   online and not stale, its phase counts equal the fakes' phases exactly, and its finished-job
+//!   count equals the jobs the fakes finished. `/metrics` is rendered once a second: ±1 s.
+//! - `supervisor_peak_rss_kb`: VmHWM of the bench process: supervisor **plus** the N fakes
+//!   (an upper bound of the supervisor's own).
+//!
+//! Fakes go `ready` on their own 0.2–0.5 s after finishing (no operator `bed_clear`), so the
+//! supervisor's finished jobs stay "awaiting harvest" (open) for the whole run.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use protocol::command::{Command, CommandAction, CommandResult, ResultStatus};
+use protocol::presence::{Meta, Status};
+use protocol::state::{JobProgress, JobStage, LedgerEntry, PrinterPhase, StateSnapshot};
+use protocol::{CommandId, Payload, PrinterId, Sha256Hex, Topic, Topics, Version};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use supervisor::machine::SupervisorConfig;
+use supervisor::run::{BrokerTarget, Settings};
+use testkit::BrokerProcess;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, Clone)]
+struct Args {
+    printers: usize,
+    duration_s: u64,
+    print_ms: (u64, u64),
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        printers: 1000,
+        duration_s: 20,
+        print_ms: (1000, 3000),
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let val = argv.get(i + 1).cloned().unwrap_or_default();
+        match argv[i].as_str() {
+            "--printers" => {
+                a.printers = val.parse().unwrap_or(a.printers);
+                i += 1;
+            }
+            "--duration" => {
+                a.duration_s = val.parse().unwrap_or(a.duration_s);
+                i += 1;
+            }
+            "--print-ms" => {
+                if let Some((lo, hi)) = val.split_once("..") {
+                    if let (Ok(lo), Ok(hi)) = (lo.parse(), hi.parse()) {
+                        a.print_ms = (lo, hi);
+                    }
+                }
+                i += 1;
+            }
+            _ => {} // `--bench` and friends from cargo
+        }
+        i += 1;
+    }
+    a
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn vm_hwm_kb(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// What every fake shares with the harness.
+struct Shared {
+    topics: Topics,
+    sha: Sha256Hex,
+    size: u64,
+    print_ms: (u64, u64),
+    start: Instant,
+    connected: AtomicUsize,
+    states_published: AtomicU64,
+    starts_received: AtomicU64,
+    jobs_finished: AtomicU64,
+    /// Phase counts (truth): ready, printing, finished.
+    ready: AtomicUsize,
+    printing: AtomicUsize,
+    finished: AtomicUsize,
+    measuring: AtomicBool,
+    /// The broker is being restarted: printing fakes finish when they lose it.
+    outage: AtomicBool,
+    /// No phase changes and no new starts.
+    frozen: AtomicBool,
+    latencies_us: Mutex<Vec<u64>>,
+}
+
+impl Shared {
+    fn count(&self, phase: PrinterPhase) -> Option<&AtomicUsize> {
+        match phase {
+            PrinterPhase::Ready => Some(&self.ready),
+            PrinterPhase::Printing => Some(&self.printing),
+            PrinterPhase::Finished => Some(&self.finished),
+            _ => None,
+        }
+    }
+}
+
+struct Fake {
+    id: PrinterId,
+    n: u64,
+    sh: Arc<Shared>,
+    client: AsyncClient,
+    epoch: u64,
+    seq: u64,
+    phase: PrinterPhase,
+    job: Option<JobProgress>,
+    recent: VecDeque<LedgerEntry>,
+    ran: VecDeque<protocol::JobId>,
+    ready_since: Instant,
+    next_phase: Option<Instant>,
+    next_heartbeat: Instant,
+    rng: u64,
+    last_cmd: Option<protocol::state::LastCommand>,
+}
+
+impl Fake {
+    fn topic(&self, kind: fn(PrinterId) -> Topic) -> String {
+        self.sh.topics.format(&kind(self.id.clone()))
+    }
+
+    fn rand(&mut self, lo: u64, hi: u64) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        lo + self.rng % (hi - lo).max(1)
+    }
+
+    fn set_phase(&mut self, phase: PrinterPhase) {
+        if let Some(c) = self.sh.count(self.phase) {
+            c.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(c) = self.sh.count(phase) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.phase = phase;
+    }
+
+    fn publish_state(&mut self) {
+        self.seq += 1;
+        let s = StateSnapshot {
+            v: Version,
+            epoch: self.epoch,
+            seq: self.seq,
+            at_ms: unix_ms(),
+            heartbeat_s: 10,
+            phase: self.phase,
+            bed_clear: self.phase == PrinterPhase::Ready,
+            maintenance: false,
+            job: self.job.clone(),
+            temps: None,
+            last_command: self.last_cmd.clone(),
+            recent_jobs: self.recent.iter().cloned().collect(),
+            error: None,
+        };
+        let t = self.topic(Topic::State);
+        if self
+            .client
+            .try_publish(t, QoS::AtLeastOnce, true, s.encode())
+            .is_ok()
+        {
+            self.sh.states_published.fetch_add(1, Ordering::Relaxed);
+        }
+        self.next_heartbeat = Instant::now() + Duration::from_secs(10);
+    }
+
+    fn birth(&mut self) {
+        let meta = Meta {
+            v: Version,
+            printer_id: self.id.clone(),
+            epoch: self.epoch,
+            name: format!("bench {}", self.id),
+            model: "fake".into(),
+            firmware: None,
+            build_volume: None,
+            tags: vec![],
+            gateway_version: "bench".into(),
+        };
+        let _ = self
+            .client
+            .try_subscribe(self.topic(Topic::Cmd), QoS::AtLeastOnce);
+        let _ = self.client.try_publish(
+            self.topic(Topic::Meta),
+            QoS::AtLeastOnce,
+            true,
+            meta.encode(),
+        );
+        self.publish_state();
+        let _ = self.client.try_publish(
+            self.topic(Topic::Status),
+            QoS::AtLeastOnce,
+            true,
+            Status::online(self.epoch, unix_ms()).encode(),
+        );
+    }
+
+    fn result(&mut self, id: CommandId, status: ResultStatus, reason: Option<&str>) {
+        let r = CommandResult {
+            v: Version,
+            id: id.clone(),
+            status,
+            reason: reason.map(str::to_owned),
+            epoch: self.epoch,
+            at_ms: unix_ms(),
+        };
+        self.last_cmd = Some(protocol::state::LastCommand { id, status });
+        let _ = self.client.try_publish(
+            self.topic(Topic::CmdResult),
+            QoS::AtLeastOnce,
+            false,
+            r.encode(),
+        );
+    }
+
+    fn on_command(&mut self, payload: &[u8]) {
+        let Ok(cmd) = Command::decode(payload) else {
+            return;
+        };
+        match cmd.action {
+            CommandAction::StartJob(s) => {
+                if self.sh.frozen.load(Ordering::Relaxed) {
+                    return; // frozen fleet: the start is lost (the supervisor retries later)
+                }
+                if self.phase != PrinterPhase::Ready || self.ran.contains(&s.job_id) {
+                    self.result(cmd.id, ResultStatus::Error, Some("not ready"));
+                    return;
+                }
+                if self.sh.measuring.load(Ordering::Relaxed) {
+                    let us = self.ready_since.elapsed().as_micros() as u64;
+                    if let Ok(mut l) = self.sh.latencies_us.lock() {
+                        l.push(us);
+                    }
+                }
+                self.sh.starts_received.fetch_add(1, Ordering::Relaxed);
+                self.result(cmd.id, ResultStatus::Ok, None);
+                self.ran.push_front(s.job_id.clone());
+                self.ran.truncate(16);
+                self.job = Some(JobProgress {
+                    job_id: s.job_id,
+                    file_sha256: s.file_sha256,
+                    name: s.name,
+                    stage: JobStage::Printing,
+                    line: 0,
+                    total_lines: 100,
+                    progress_pct: 0.0,
+                    remaining_s: None,
+                    transferred_bytes: None,
+                    size_bytes: s.size_bytes,
+                    started_at_ms: Some(unix_ms()),
+                    ended_at_ms: None,
+                    reason: None,
+                });
+                self.set_phase(PrinterPhase::Printing);
+                let (lo, hi) = self.sh.print_ms;
+                let d = self.rand(lo, hi);
+                self.next_phase = Some(Instant::now() + Duration::from_millis(d));
+                self.publish_state();
+            }
+            CommandAction::Rebirth(_) => {
+                self.result(cmd.id, ResultStatus::Ok, None);
+                self.birth();
+            }
+            _ => self.result(cmd.id, ResultStatus::Ok, None),
+        }
+    }
+
+    /// Printing → finished (the job into the ledger) → ready.
+    fn advance(&mut self) {
+        match self.phase {
+            PrinterPhase::Printing => {
+                let now = unix_ms();
+                if let Some(j) = self.job.as_mut() {
+                    j.stage = JobStage::Finished;
+                    j.line = j.total_lines;
+                    j.progress_pct = 100.0;
+                    j.ended_at_ms = Some(now);
+                    self.recent.push_front(LedgerEntry {
+                        job_id: j.job_id.clone(),
+                        outcome: JobStage::Finished,
+                        line: j.line,
+                        ended_at_ms: now,
+                    });
+                    self.recent.truncate(5);
+                }
+                self.sh.jobs_finished.fetch_add(1, Ordering::Relaxed);
+                self.set_phase(PrinterPhase::Finished);
+                let d = self.rand(200, 500);
+                self.next_phase = Some(Instant::now() + Duration::from_millis(d));
+            }
+            PrinterPhase::Finished => {
+                self.job = None;
+                self.set_phase(PrinterPhase::Ready);
+                self.ready_since = Instant::now();
+                self.next_phase = None;
+            }
+            _ => self.next_phase = None,
+        }
+    }
+
+    async fn run(mut self, mut el: rumqttc::EventLoop) {
+        let mut failures = 0u32;
+        let mut online = false;
+        loop {
+            let wake = self
+                .next_phase
+                .unwrap_or(self.next_heartbeat)
+                .min(self.next_heartbeat);
+            tokio::select! {
+                ev = el.poll() => match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        failures = 0;
+                        if !online {
+                            online = true;
+                            self.sh.connected.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.seq = 0;
+                        self.birth();
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => self.on_command(&p.payload),
+                    Ok(_) => {}
+                    Err(_) => {
+                        if online {
+                            online = false;
+                            self.sh.connected.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        if self.sh.outage.load(Ordering::Relaxed) && self.phase == PrinterPhase::Printing {
+                            // Finishes while nobody can hear it: only its ledger will tell.
+                            self.advance();
+                            self.next_phase = None;
+                        }
+                        // The next connection's will carries the next epoch.
+                        self.epoch += 1;
+                        el.mqtt_options.set_last_will(LastWill::new(
+                            self.topic(Topic::Status),
+                            Status::offline(self.epoch, unix_ms(), None).encode(),
+                            QoS::AtLeastOnce,
+                            true,
+                        ));
+                        failures += 1;
+                        tokio::time::sleep(transport::backoff(failures, Duration::from_secs(5), self.n)).await;
+                    }
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    let now = Instant::now();
+                    if self.next_phase.is_some_and(|t| t <= now) {
+                        if self.sh.frozen.load(Ordering::Relaxed) {
+                            self.next_phase = Some(now + Duration::from_millis(200));
+                        } else {
+                            self.advance();
+                            if online { self.publish_state(); } else { self.next_heartbeat = now + Duration::from_secs(10); }
+                        }
+                    } else if online {
+                        self.publish_state();
+                    } else {
+                        self.next_heartbeat = now + Duration::from_secs(10);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn spawn_fake(i: usize, port: u16, sh: Arc<Shared>) {
+    let id = PrinterId::new(format!("p{i:05}")).expect("valid printer id");
+    let epoch = 1;
+    let mut o = MqttOptions::new(format!("bench-gw-{id}"), "127.0.0.1", port);
+    o.set_clean_session(false)
+        .set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(256 * 1024, 256 * 1024)
+        .set_last_will(LastWill::new(
+            sh.topics.format(&Topic::Status(id.clone())),
+            Status::offline(epoch, unix_ms(), None).encode(),
+            QoS::AtLeastOnce,
+            true,
+        ));
+    let (client, el) = AsyncClient::new(o, 64);
+    sh.ready.fetch_add(1, Ordering::Relaxed);
+    let fake = Fake {
+        id,
+        n: i as u64,
+        sh,
+        client,
+        epoch,
+        seq: 0,
+        phase: PrinterPhase::Ready,
+        job: None,
+        recent: VecDeque::new(),
+        ran: VecDeque::new(),
+        ready_since: Instant::now(),
+        next_phase: None,
+        next_heartbeat: Instant::now() + Duration::from_secs(10),
+        rng: (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        last_cmd: None,
+    };
+    tokio::spawn(fake.run(el));
+}
+
+/// The operator: uploads one file, submits jobs, reads answers.
+struct Operator {
+    client: AsyncClient,
+    topics: Topics,
+    next: u64,
+    answers: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+}
+
+impl Operator {
+    async fn connect(port: u16, topics: Topics) -> Operator {
+        let o = MqttOptions::new("bench-operator", "127.0.0.1", port);
+        let mut o = o;
+        o.set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024)
+            .set_keep_alive(Duration::from_secs(30));
+        let (client, mut el) = AsyncClient::new(o, 64);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send(p.payload.to_vec());
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        });
+        let resp = topics.format(&Topic::ApiResponse(
+            protocol::ClientId::new("bench-operator").expect("valid"),
+        ));
+        let _ = client.subscribe(resp, QoS::AtLeastOnce).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Operator {
+            client,
+            topics,
+            next: 0,
+            answers: rx,
+        }
+    }
+
+    async fn request(&mut self, op: serde_json::Value) -> Result<serde_json::Value, BoxError> {
+        self.next += 1;
+        let id = format!("bench-{}", self.next);
+        let mut req = op;
+        req["v"] = 1.into();
+        req["id"] = id.clone().into();
+        req["client"] = "bench-operator".into();
+        self.client
+            .publish(
+                self.topics.format(&Topic::ApiRequest),
+                QoS::AtLeastOnce,
+                false,
+                serde_json::to_vec(&req)?,
+            )
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(Some(bytes)) = tokio::time::timeout(left, self.answers.recv()).await else {
+                return Err(format!("no answer to {id}").into());
+            };
+            let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+            if v["id"] == id.as_str() {
+                if v["ok"] != true {
+                    return Err(format!("{id} refused: {}", v["error"]).into());
+                }
+                return Ok(v);
+            }
+        }
+    }
+}
+
+async fn scrape(addr: std::net::SocketAddr) -> Option<String> {
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .ok()?;
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut body))
+        .await
+        .ok()?
+        .ok()?;
+    Some(body)
+}
+
+fn gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn pct(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+fn locate_printloop() -> Result<PathBuf, BoxError> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    println!("building printloop (release) for the broker child process…");
+    let st = std::process::Command::new(cargo)
+        .args(["build", "--release", "--quiet", "--bin", "printloop"])
+        .current_dir(&root)
+        .status()?;
+    if !st.success() {
+        return Err("cargo build --release --bin printloop failed".into());
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    Ok(target.join("release").join("printloop"))
+}
+
+fn raise_nofile() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(0, |(s, _)| s)
+}
+
+fn main() -> Result<(), BoxError> {
+    let args = parse_args();
+    let n = args.printers;
+    let nofile = raise_nofile();
+    println!(
+        "fleet bench: {n} printers, steady window {} s, prints {}..{} ms, nofile {nofile}, {} cpus",
+        args.duration_s,
+        args.print_ms.0,
+        args.print_ms.1,
+        std::thread::available_parallelism().map_or(0, |p| p.get())
+    );
+    let binary = locate_printloop()?;
+    // A bench-only copy of the shipped broker.toml, sized for the fleet (docs/broker.md: the
+    // QoS 0 retained cap must exceed 3 x printers).
+    let dir = tempfile::tempdir()?;
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../broker.toml");
+    let mut table: toml::Table = toml::from_str(&std::fs::read_to_string(&shipped)?)?;
+    if let Some(router) = table.get_mut("router").and_then(|r| r.as_table_mut()) {
+        router.insert("max_connections".into(), ((n + 100) as i64).into());
+        router.insert(
+            "max_outgoing_packet_count".into(),
+            ((3 * n + 100).max(1000) as i64).into(),
+        );
+    }
+    let cfg = dir.path().join("broker.toml");
+    std::fs::write(&cfg, toml::to_string(&table)?)?;
+    let mut broker = BrokerProcess::start(&binary, &cfg)?;
+    let port = broker.v4_port();
+    println!(
+        "broker: pid {:?} port {port}, max_connections {}",
+        broker.pid(),
+        n + 100
+    );
+
+    // The supervisor on its own runtime (it is its own process in production).
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let sup_dir = dir.path().join("supervisor");
+    let settings = Settings {
+        machine: SupervisorConfig::default(),
+        broker: BrokerTarget::External(transport::BrokerAddr::loopback(port)),
+        data_dir: sup_dir,
+        metrics: Some("127.0.0.1:0".parse()?),
+        keepalive: Duration::from_secs(15),
+    };
+    let sup_thread = std::thread::Builder::new()
+        .name("supervisor".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("supervisor-rt")
+                .enable_all()
+                .build()
+                .expect("supervisor runtime");
+            rt.block_on(supervisor::run::run(
+                settings,
+                async {
+                    let _ = stop_rx.await;
+                },
+                Some(ready_tx),
+            ))
+            .map_err(|e| e.to_string())
+        })?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async {
+        let handle = tokio::time::timeout(Duration::from_secs(20), ready_rx)
+            .await
+            .map_err(|_| "supervisor did not start")??;
+        let metrics = handle.metrics.ok_or("no metrics address")?;
+        drive(&args, port, metrics, &mut broker).await
+    });
+    let _ = stop_tx.send(());
+    let _ = sup_thread.join();
+    let broker_hwm = broker.pid().map_or(0, |p| vm_hwm_kb(&p.to_string()));
+    broker.kill();
+    let r = result?;
+    let own_hwm = vm_hwm_kb("self");
+    println!("broker peak RSS (VmHWM): {broker_hwm} kB; bench process (supervisor + {n} fakes): {own_hwm} kB");
+    let sustained = r.online == n && r.p99 < 50.0 && r.reconcile_s.is_some();
+    println!(
+        "verdict: {} ({n} printers: {} online, dispatch p99 {:.1} ms)",
+        if sustained {
+            "SUSTAINED"
+        } else {
+            "NOT sustained"
+        },
+        r.online,
+        r.p99
+    );
+    let json = serde_json::json!({
+        "printers": n,
+        "printers_online": r.online,
+        "state_msgs_per_s": (r.states_per_s * 10.0).round() / 10.0,
+        "dispatch_p50_ms": (r.p50 * 100.0).round() / 100.0,
+        "dispatch_p99_ms": (r.p99 * 100.0).round() / 100.0,
+        "reconcile_after_broker_restart_s": r.reconcile_s.map(|s| (s * 100.0).round() / 100.0),
+        "supervisor_peak_rss_kb": own_hwm,
+    });
+    println!("{json}");
+    Ok(())
+}
+
+struct Report {
+    online: usize,
+    states_per_s: f64,
+    p50: f64,
+    p99: f64,
+    reconcile_s: Option<f64>,
+}
+
+async fn drive(
+    args: &Args,
+    port: u16,
+    metrics: std::net::SocketAddr,
+    broker: &mut BrokerProcess,
+) -> Result<Report, BoxError> {
+    let n = args.printers;
+    let topics = Topics::default();
+    let gcode = b"G28\nG1 X10 Y10 F3000\nG1 X0 Y0\nM84\n".to_vec();
+    let sha = Sha256Hex::digest(&gcode);
+    let sh = Arc::new(Shared {
+        topics: topics.clone(),
+        sha: sha.clone(),
+        size: gcode.len() as u64,
+        print_ms: args.print_ms,
+        start: Instant::now(),
+        connected: AtomicUsize::new(0),
+        states_published: AtomicU64::new(0),
+        starts_received: AtomicU64::new(0),
+        jobs_finished: AtomicU64::new(0),
+        ready: AtomicUsize::new(0),
+        printing: AtomicUsize::new(0),
+        finished: AtomicUsize::new(0),
+        measuring: AtomicBool::new(false),
+        outage: AtomicBool::new(false),
+        frozen: AtomicBool::new(false),
+        latencies_us: Mutex::new(Vec::new()),
+    });
+    let _ = (&sh.sha, sh.size, sh.start);
+
+    // Upload the file and queue a first batch before the fleet arrives.
+    let mut op = Operator::connect(port, topics.clone()).await;
+    use base64::Engine as _;
+    op.request(serde_json::json!({"op": "upload_chunk", "args": {
+        "sha256": sha.as_str(), "offset": 0, "total_size": gcode.len(),
+        "data_b64": base64::engine::general_purpose::STANDARD.encode(&gcode)}}))
+        .await?;
+    let mut submitted: u64 = 0;
+    let target_backlog = n as u64;
+    let submit = |copies: u64| {
+        serde_json::json!({"op": "submit_job", "args": {
+            "name": "bench.gcode", "sha256": sha.as_str(), "copies": copies}})
+    };
+    while submitted < target_backlog {
+        let c = (target_backlog - submitted).min(1000);
+        op.request(submit(c)).await?;
+        submitted += c;
+    }
+    println!("queued {submitted} jobs");
+
+    // The fleet connects (rumqttd accepts ~1000 connections/s: next_connection_delay_ms = 1).
+    let t0 = Instant::now();
+    for i in 0..n {
+        spawn_fake(i, port, sh.clone());
+        if i % 200 == 199 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60 + n as u64 / 200);
+    while sh.connected.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "{} of {n} fakes connected in {:.1} s",
+        sh.connected.load(Ordering::Relaxed),
+        t0.elapsed().as_secs_f64()
+    );
+
+    // Keep the backlog full: every 200 ms top the queue up to ~n jobs not yet started.
+    let keep_fed = |submitted: &mut u64| {
+        let started = sh.starts_received.load(Ordering::Relaxed);
+        let outstanding = submitted.saturating_sub(started);
+        (outstanding < target_backlog).then(|| {
+            let c = (target_backlog - outstanding).min(1000);
+            *submitted += c;
+            submit(c)
+        })
+    };
+    let mut min_queued = f64::INFINITY;
+    let warm_until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < warm_until {
+        if let Some(req) = keep_fed(&mut submitted) {
+            op.request(req).await?;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Steady window.
+    sh.measuring.store(true, Ordering::Relaxed);
+    let s0 = sh.states_published.load(Ordering::Relaxed);
+    let st0 = sh.starts_received.load(Ordering::Relaxed);
+    let w0 = Instant::now();
+    let mut last_scrape = Instant::now();
+    while w0.elapsed() < Duration::from_secs(args.duration_s) {
+        if let Some(req) = keep_fed(&mut submitted) {
+            op.request(req).await?;
+        }
+        if last_scrape.elapsed() > Duration::from_secs(1) {
+            last_scrape = Instant::now();
+            if let Some(m) = scrape(metrics).await {
+                if let Some(q) = gauge(&m, "printloop_jobs{state=\"queued\"}") {
+                    min_queued = min_queued.min(q);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let secs = w0.elapsed().as_secs_f64();
+    sh.measuring.store(false, Ordering::Relaxed);
+    let states = sh.states_published.load(Ordering::Relaxed) - s0;
+    let starts = sh.starts_received.load(Ordering::Relaxed) - st0;
+    let online = sh.connected.load(Ordering::Relaxed);
+    let mut lat = std::mem::take(&mut *sh.latencies_us.lock().map_err(|_| "poisoned")?);
+    lat.sort_unstable();
+    let (p50, p99) = (pct(&lat, 0.5), pct(&lat, 0.99));
+    println!(
+        "steady {secs:.1} s: {online}/{n} online, {:.0} states/s, {:.0} starts/s, dispatch (ready -> start_job at the printer) p50 {p50:.2} ms p99 {p99:.2} ms max {:.1} ms over {} starts, smallest queued backlog seen {min_queued}",
+        states as f64 / secs,
+        starts as f64 / secs,
+        lat.last().copied().unwrap_or(0) as f64 / 1000.0,
+        lat.len()
+    );
+    if let Some(m) = scrape(metrics).await {
+        println!(
+            "supervisor view vs fakes: printing {:?} vs {}, ready {:?} vs {}, jobs finished {:?} vs {} (+ in flight)",
+            gauge(&m, "printloop_printers_phase{phase=\"printing\"}"),
+            sh.printing.load(Ordering::Relaxed),
+            gauge(&m, "printloop_printers_phase{phase=\"ready\"}"),
+            sh.ready.load(Ordering::Relaxed),
+            gauge(&m, "printloop_jobs{state=\"finished\"}"),
+            sh.jobs_finished.load(Ordering::Relaxed),
+        );
+    }
+
+    // Broker restart: kill it, printing fakes finish while it is down, freeze, start it again.
+    sh.outage.store(true, Ordering::Relaxed);
+    sh.frozen.store(true, Ordering::Relaxed);
+    let tk = Instant::now();
+    broker.kill();
+    let down_until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < down_until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "broker killed; {} fakes still think they are connected after 2 s",
+        sh.connected.load(Ordering::Relaxed)
+    );
+    let b = tokio::task::block_in_place(|| broker.start_again());
+    b?;
+    let up = Instant::now();
+    println!("broker up again after {:.2} s", tk.elapsed().as_secs_f64());
+    let mut reconcile_s = None;
+    let mut last = String::new();
+    let limit = Duration::from_secs(90);
+    while up.elapsed() < limit {
+        if let Some(m) = scrape(metrics).await {
+            let g = |name: &str| gauge(&m, name).unwrap_or(-1.0) as i64;
+            let sup_online = g("printloop_printers{presence=\"online\"}");
+            let sup_ready = g("printloop_printers_phase{phase=\"ready\"}");
+            let sup_printing = g("printloop_printers_phase{phase=\"printing\"}");
+            let sup_finished = g("printloop_printers_phase{phase=\"finished\"}");
+            let sup_jobs_fin = g("printloop_jobs{state=\"finished\"}");
+            let truth = (
+                sh.ready.load(Ordering::Relaxed) as i64,
+                sh.printing.load(Ordering::Relaxed) as i64,
+                sh.finished.load(Ordering::Relaxed) as i64,
+                sh.jobs_finished.load(Ordering::Relaxed) as i64,
+            );
+            last = format!(
+                "supervisor online {sup_online}, ready {sup_ready}/{}, printing {sup_printing}/{}, finished {sup_finished}/{}, jobs finished {sup_jobs_fin}/{}; fakes connected {}",
+                truth.0, truth.1, truth.2, truth.3, sh.connected.load(Ordering::Relaxed)
+            );
+            if sup_online == n as i64
+                && (sup_ready, sup_printing, sup_finished, sup_jobs_fin) == truth
+                && sh.connected.load(Ordering::Relaxed) == n
+            {
+                reconcile_s = Some(up.elapsed().as_secs_f64());
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    match reconcile_s {
+        Some(s) => println!("reconciled {s:.2} s after the broker was ready: {last}"),
+        None => println!("NOT reconciled within {limit:?}: {last}"),
+    }
+    Ok(Report {
+        online,
+        states_per_s: states as f64 / secs,
+        p50,
+        p99,
+        reconcile_s,
+    })
+}
