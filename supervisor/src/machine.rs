@@ -1526,22 +1526,36 @@ impl Supervisor {
             .printers
             .get(&b.printer_id)
             .ok_or_else(|| format!("unknown printer {:?}", b.printer_id.as_str()))?;
+        // The job the printer last reported, and whether it has ended: by the printer's own
+        // state, or by its `job_ended` event, which can arrive before the next (rate-limited)
+        // state does.
+        let reported = p.state.as_ref().and_then(|s| s.job.as_ref());
+        let ended_by_event = reported
+            .and_then(|j| self.jobs.get(&j.job_id))
+            .is_some_and(|j| {
+                matches!(
+                    j.state,
+                    JobState::Finished
+                        | JobState::Failed
+                        | JobState::Interrupted
+                        | JobState::Cancelled
+                        | JobState::Done
+                )
+            });
         if let Some(phase) = p.phase() {
-            if matches!(
+            let busy = matches!(
                 phase,
                 PrinterPhase::Preparing | PrinterPhase::Printing | PrinterPhase::Paused
-            ) {
+            );
+            if busy && !ended_by_event {
                 return Err(
                     format!("printer {} is {phase:?}: it is not done", b.printer_id).to_lowercase(),
                 );
             }
         }
         // Judge the print that is on the bed.
-        let on_bed = p
-            .state
-            .as_ref()
-            .and_then(|s| s.job.as_ref())
-            .filter(|j| j.stage.is_terminal())
+        let on_bed = reported
+            .filter(|j| j.stage.is_terminal() || ended_by_event)
             .map(|j| j.job_id.clone());
         if let Some(job) = on_bed {
             if let Some(j) = self.jobs.get(&job).cloned() {

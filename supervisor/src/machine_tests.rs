@@ -571,3 +571,62 @@ fn bed_clear_with_failed_requeues_a_new_attempt() {
         "a new attempt, straight back to work"
     );
 }
+
+#[test]
+fn bed_clear_right_after_the_job_ended_event_is_accepted() {
+    let mut h = H::new();
+    h.online("p0", 1);
+    h.report("p0", state(PrinterPhase::Ready, None));
+    h.store_file();
+    let (jobs, _) = h.submit(1);
+    let j = jobs[0].clone();
+    h.report(
+        "p0",
+        state(
+            PrinterPhase::Printing,
+            Some((j.as_str(), JobStage::Printing)),
+        ),
+    );
+    // The event arrives before the next state (states are rate-limited).
+    let ev = Event {
+        v: Version,
+        epoch: 1,
+        seq: 100,
+        at_ms: 5,
+        event: EventKind::JobEnded {
+            job_id: j.clone(),
+            outcome: JobStage::Finished,
+            line: 2,
+            reason: None,
+        },
+    };
+    h.msg("printers/p0/events", ev.encode());
+    assert_eq!(h.job(&j).state, JobState::Finished);
+    let (r, out) = h.api(ApiOp::BedClear(BedClear {
+        printer_id: pid("p0"),
+        failed: false,
+    }));
+    assert!(r.ok, "{r:?}");
+    assert_eq!(h.job(&j).state, JobState::Done);
+    assert!(commands(&out, "p0")
+        .iter()
+        .any(|c| matches!(c.action, CommandAction::BedCleared(_))));
+    // A printer that is really still printing is refused.
+    let (jobs, _) = h.submit(1);
+    let k = jobs[0].clone();
+    h.report(
+        "p0",
+        state(
+            PrinterPhase::Printing,
+            Some((k.as_str(), JobStage::Printing)),
+        ),
+    );
+    let (r, _) = h.api(ApiOp::BedClear(BedClear {
+        printer_id: pid("p0"),
+        failed: false,
+    }));
+    assert!(
+        !r.ok && r.error.as_deref().unwrap_or("").contains("not done"),
+        "{r:?}"
+    );
+}
