@@ -79,6 +79,9 @@ pub enum RunError {
     },
 }
 
+/// Most broker messages handled in one batch (one durable commit).
+const MAX_BATCH: usize = 512;
+
 fn now(start: Instant) -> Now {
     Now {
         mono_ms: start.elapsed().as_millis() as u64,
@@ -238,10 +241,14 @@ pub async fn run(
     let mut refresh = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
     loop {
+        // Everything waiting goes through the machine first; then one durable commit for all
+        // of it, then the publishes. Batching the commits is what lets a thousand printers'
+        // traffic through: one fsync per batch, not one per message.
+        let mut outs = Vec::new();
         while let Some(input) = shell.pending.pop_front() {
-            let out = machine.handle(now(start), input);
-            shell.execute(now(start), out)?;
+            outs.extend(machine.handle(now(start), input));
         }
+        shell.execute(now(start), outs)?;
         let deadline = machine
             .next_deadline()
             .map(|ms| start + Duration::from_millis(ms))
@@ -250,6 +257,15 @@ pub async fn run(
             _ = &mut shutdown => break,
             ev = mqtt_rx.recv() => {
                 let Some(ev) = ev else { break };
+                // Take what else has arrived too (bounded), so it shares one commit.
+                let mut batch = vec![ev];
+                while batch.len() < MAX_BATCH {
+                    match mqtt_rx.try_recv() {
+                        Ok(ev) => batch.push(ev),
+                        Err(_) => break,
+                    }
+                }
+                for ev in batch {
                 match ev {
                     MqttEvent::Connected { session_present } => {
                         tracing::info!(session_present, epoch = machine.epoch(), "connected to the broker");
@@ -258,12 +274,17 @@ pub async fn run(
                     MqttEvent::Message { topic, payload } => shell.pending.push_back(Input::Message { topic, payload }),
                     MqttEvent::Down { error, next_will } => {
                         tracing::warn!(%error, "broker connection lost");
-                        let out = machine.handle(now(start), Input::Disconnected);
+                        let mut out = Vec::new();
+                        while let Some(input) = shell.pending.pop_front() {
+                            out.extend(machine.handle(now(start), input));
+                        }
+                        out.extend(machine.handle(now(start), Input::Disconnected));
                         shell.execute(now(start), out)?;
                         let (muts, topic, will) = machine.prepare_connect(now(start));
                         shell.store.apply(&muts)?;
                         let _ = next_will.send(LastWill::new(topic, will, QoS::AtLeastOnce, true));
                     }
+                }
                 }
             }
             Some(input) = upload_rx.recv() => shell.pending.push_back(input),
@@ -295,10 +316,22 @@ struct Shell {
 }
 
 impl Shell {
+    /// Carries out outputs: every `Persist` of the batch first, in one transaction (their
+    /// order kept), then the rest in order. A store failure stops the supervisor: it must not
+    /// publish what it could not make durable.
     fn execute(&mut self, now: Now, outs: Vec<Output>) -> Result<(), RunError> {
+        let mutations: Vec<Mutation> = outs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Persist(m) => Some(m.iter().cloned()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        self.store.apply(&mutations)?;
         for o in outs {
             match o {
-                Output::Persist(m) => self.store.apply(&m)?,
+                Output::Persist(_) => {}
                 Output::Subscribe { filter, qos0 } => {
                     let qos = if qos0 {
                         QoS::AtMostOnce
