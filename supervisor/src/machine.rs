@@ -411,22 +411,38 @@ impl Supervisor {
 
     /// Handles one input.
     pub fn handle(&mut self, now: Now, input: Input) -> Vec<Output> {
+        self.handle_batch(now, std::iter::once(input))
+    }
+
+    /// Handles several inputs that arrived together, then looks at timers, dispatch and the
+    /// queue snapshot once for all of them (each of those scans the fleet).
+    pub fn handle_batch(
+        &mut self,
+        now: Now,
+        inputs: impl IntoIterator<Item = Input>,
+    ) -> Vec<Output> {
         let mut out = Vec::new();
-        match input {
-            Input::Connected => self.on_connected(now, &mut out),
-            Input::Disconnected => self.connected = false,
-            Input::Message { topic, payload } => self.on_message(now, &topic, &payload, &mut out),
-            Input::Uploaded {
-                client,
-                id,
-                outcome,
-            } => self.on_uploaded(now, client, id, outcome, &mut out),
-            Input::Tick => {}
+        for input in inputs {
+            self.apply(now, input, &mut out);
         }
         self.on_time(now, &mut out);
         self.dispatch(now, &mut out);
         self.publish_queue(now, &mut out, false);
         out
+    }
+
+    fn apply(&mut self, now: Now, input: Input, out: &mut Vec<Output>) {
+        match input {
+            Input::Connected => self.on_connected(now, out),
+            Input::Disconnected => self.connected = false,
+            Input::Message { topic, payload } => self.on_message(now, &topic, &payload, out),
+            Input::Uploaded {
+                client,
+                id,
+                outcome,
+            } => self.on_uploaded(now, client, id, outcome, out),
+            Input::Tick => {}
+        }
     }
 
     fn topic(&self, t: Topic) -> String {

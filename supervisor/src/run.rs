@@ -244,11 +244,11 @@ pub async fn run(
         // Everything waiting goes through the machine first; then one durable commit for all
         // of it, then the publishes. Batching the commits is what lets a thousand printers'
         // traffic through: one fsync per batch, not one per message.
-        let mut outs = Vec::new();
-        while let Some(input) = shell.pending.pop_front() {
-            outs.extend(machine.handle(now(start), input));
+        if !shell.pending.is_empty() {
+            let inputs: Vec<Input> = shell.pending.drain(..).collect();
+            let outs = machine.handle_batch(now(start), inputs);
+            shell.execute(now(start), outs)?;
         }
-        shell.execute(now(start), outs)?;
         let deadline = machine
             .next_deadline()
             .map(|ms| start + Duration::from_millis(ms))
@@ -274,11 +274,9 @@ pub async fn run(
                     MqttEvent::Message { topic, payload } => shell.pending.push_back(Input::Message { topic, payload }),
                     MqttEvent::Down { error, next_will } => {
                         tracing::warn!(%error, "broker connection lost");
-                        let mut out = Vec::new();
-                        while let Some(input) = shell.pending.pop_front() {
-                            out.extend(machine.handle(now(start), input));
-                        }
-                        out.extend(machine.handle(now(start), Input::Disconnected));
+                        let mut inputs: Vec<Input> = shell.pending.drain(..).collect();
+                        inputs.push(Input::Disconnected);
+                        let out = machine.handle_batch(now(start), inputs);
                         shell.execute(now(start), out)?;
                         let (muts, topic, will) = machine.prepare_connect(now(start));
                         shell.store.apply(&muts)?;
