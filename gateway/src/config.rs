@@ -147,7 +147,7 @@ impl FileConfig {
 pub fn broker_url(url: &str) -> Result<transport::BrokerAddr, ConfigError> {
     transport::BrokerAddr::parse(url).map_err(|e| ConfigError::Invalid {
         key: "broker.url",
-        message: e.0,
+        message: format!("{url:?}: {e}"),
     })
 }
 

@@ -43,65 +43,19 @@ pub struct BrokerUrl {
 }
 
 impl BrokerUrl {
-    /// Parses `mqtt://host[:port]` or `mqtts://host[:port]`; IPv6 hosts go in brackets.
+    /// Parses `mqtt://host[:port]` or `mqtts://host[:port]`; IPv6 hosts go in brackets
+    /// (the project's one parser, [`transport::BrokerAddr::parse`]).
     pub fn parse(url: &str) -> Result<Self, OpsError> {
-        let bad = |reason: &str| OpsError::BadBrokerUrl {
+        let addr = transport::BrokerAddr::parse(url).map_err(|e| OpsError::BadBrokerUrl {
             url: url.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
-            (false, r)
-        } else if let Some(r) = url.strip_prefix("mqtts://") {
-            (true, r)
-        } else {
-            return Err(bad("it must start with mqtt:// or mqtts://"));
-        };
-        let rest = rest.strip_suffix('/').unwrap_or(rest);
-        if rest.contains(['/', '@', '?', '#']) {
-            return Err(bad(
-                "give only host and port (a user name goes in --username, the password in \
-                 PRINTLOOP_MQTT_PASSWORD)",
-            ));
-        }
-        let default_port = if tls { 8883 } else { 1883 };
-        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-            let (host, after) = v6
-                .split_once(']')
-                .ok_or_else(|| bad("an IPv6 address needs its closing ']'"))?;
-            match after {
-                "" => (host, default_port),
-                p => (
-                    host,
-                    parse_port(p.strip_prefix(':').unwrap_or("x"))
-                        .ok_or_else(|| bad("bad port"))?,
-                ),
-            }
-        } else {
-            match rest.rsplit_once(':') {
-                Some((_, _)) if rest.matches(':').count() > 1 => {
-                    return Err(bad("write an IPv6 address in brackets: mqtt://[::1]:1883"))
-                }
-                Some((h, p)) => (
-                    h,
-                    parse_port(p)
-                        .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?,
-                ),
-                None => (rest, default_port),
-            }
-        };
-        if host.is_empty() {
-            return Err(bad("it has no host"));
-        }
+            reason: e.0,
+        })?;
         Ok(BrokerUrl {
-            host: host.to_owned(),
-            port,
-            tls,
+            host: addr.host,
+            port: addr.port,
+            tls: addr.tls,
         })
     }
-}
-
-fn parse_port(p: &str) -> Option<u16> {
-    p.parse::<u16>().ok().filter(|&p| p != 0)
 }
 
 impl fmt::Display for BrokerUrl {

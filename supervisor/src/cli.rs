@@ -165,8 +165,8 @@ pub fn settings(args: &SupervisorArgs) -> Result<Settings, ConfigError> {
     });
     let broker = match url {
         Some(url) => {
-            let mut addr =
-                transport::BrokerAddr::parse(&url).map_err(|e| invalid("broker.url", e.0))?;
+            let mut addr = transport::BrokerAddr::parse(&url)
+                .map_err(|e| invalid("broker.url", format!("{url:?}: {e}")))?;
             addr.username = args.username.clone().or(file.broker.username);
             addr.password = std::env::var("PRINTLOOP_MQTT_PASSWORD")
                 .ok()

@@ -44,39 +44,53 @@ impl BrokerAddr {
         }
     }
 
-    /// Parses `mqtt://host[:port]` or `mqtts://host[:port]` (default ports 1883 / 8883).
+    /// Parses `mqtt://host[:port]` or `mqtts://host[:port]` (default ports 1883 / 8883);
+    /// IPv6 hosts go in brackets. The only broker-URL parser of the project.
     pub fn parse(url: &str) -> Result<Self, UrlError> {
-        let bad = |why: String| UrlError(why);
+        let bad = |reason: &str| UrlError(reason.to_owned());
         let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
             (false, r)
         } else if let Some(r) = url.strip_prefix("mqtts://") {
             (true, r)
         } else {
-            return Err(bad(format!("{url:?} must start with mqtt:// or mqtts://")));
+            return Err(bad("it must start with mqtt:// or mqtts://"));
         };
-        let rest = rest.trim_end_matches('/');
-        if rest.contains('/') || rest.contains('@') {
-            return Err(bad(format!(
-                "{url:?}: give only host and port (credentials are separate settings)"
-            )));
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains(['/', '@', '?', '#']) {
+            return Err(bad(
+                "give only host and port (a user name and password are separate settings; \
+                 the password goes in PRINTLOOP_MQTT_PASSWORD)",
+            ));
         }
-        let bracketed_without_port = rest.starts_with('[') && rest.ends_with(']');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !bracketed_without_port => (
-                h.trim_start_matches('[').trim_end_matches(']'),
-                p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
-                    bad(format!(
-                        "{url:?}: port {p:?} is not a number from 1 to 65535"
-                    ))
-                })?,
-            ),
-            _ => (
-                rest.trim_start_matches('[').trim_end_matches(']'),
-                if tls { 8883 } else { 1883 },
-            ),
+        let default_port = if tls { 8883 } else { 1883 };
+        let parse_port = |p: &str| p.parse::<u16>().ok().filter(|&p| p != 0);
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (host, after) = v6
+                .split_once(']')
+                .ok_or_else(|| bad("an IPv6 address needs its closing ']'"))?;
+            match after {
+                "" => (host, default_port),
+                p => (
+                    host,
+                    parse_port(p.strip_prefix(':').unwrap_or("x"))
+                        .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?,
+                ),
+            }
+        } else {
+            match rest.rsplit_once(':') {
+                Some(_) if rest.matches(':').count() > 1 => {
+                    return Err(bad("write an IPv6 address in brackets: mqtt://[::1]:1883"))
+                }
+                Some((h, p)) => (
+                    h,
+                    parse_port(p)
+                        .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?,
+                ),
+                None => (rest, default_port),
+            }
         };
         if host.is_empty() {
-            return Err(bad(format!("{url:?} has no host")));
+            return Err(bad("it has no host"));
         }
         Ok(Self {
             host: host.to_owned(),
@@ -89,9 +103,9 @@ impl BrokerAddr {
     }
 }
 
-/// A broker URL that cannot be used.
+/// Why a broker URL cannot be used (the reason, without the URL).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid broker URL: {0}")]
+#[error("{0}")]
 pub struct UrlError(pub String);
 
 /// What cannot be set up.
