@@ -43,7 +43,8 @@ pub struct DemoArgs {
     /// Exit when every job has ended, printing one JSON line with the figures.
     #[arg(long)]
     exit_when_done: bool,
-    /// Give up (exit 1) after this many seconds.
+    /// With --exit-when-done: give up (exit 1) after this many seconds. Without it the demo
+    /// runs until Ctrl-C.
     #[arg(long, default_value_t = 900)]
     timeout: u64,
 }
@@ -185,8 +186,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // 5. The operator: clears beds, judges prints, and watches.
     let mut cleared_at: std::collections::HashMap<PrinterId, Instant> = Default::default();
     let mut last_frame = Instant::now() - Duration::from_secs(10);
+    // One listener for the whole loop: a Ctrl-C that lands while a request is under way is
+    // kept, not lost.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     let outcome = loop {
-        if started.elapsed() > Duration::from_secs(args.timeout) {
+        if args.exit_when_done && started.elapsed() > Duration::from_secs(args.timeout) {
             break Err(anyhow::anyhow!("not done after {} s", args.timeout));
         }
         let printers = match api.request(ApiOp::ListPrinters(NoArgs {})).await {
@@ -281,7 +286,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         if args.exit_when_done && !jobs.is_empty() && in_flight == 0 {
             break Ok((done, failed));
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+            _ = &mut ctrl_c => {
+                println!("demo: stopping (Ctrl-C)");
+                break Ok((done, failed));
+            }
+        }
     };
 
     let _ = stop_tx.send(true);
