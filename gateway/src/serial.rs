@@ -393,6 +393,9 @@ impl Task {
                         End::Lost(reason) => {
                             let dropped = self.link.on_close();
                             warn!(%reason, dropped, "port lost");
+                            // The status says "not ready" before anyone hears of the loss,
+                            // so a consumer reacting to the event never sees a stale status.
+                            self.publish_status(false);
                             self.emit(LinkEvent::Disconnected { reason });
                         }
                     }
