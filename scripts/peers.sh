@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs printloop against the real programs users run beside it: Home Assistant (MQTT discovery,
+# availability, the pause button) and Node-RED (the shipped flow). Installs them on first use into
+# ${PRINTLOOP_PEERS_DIR:-$HOME/.cache/printloop-peers} (Home Assistant 2024.3.3 from PyPI in a venv,
+# Node-RED 4 from npm), then runs each peer's test. Fails if either fails; never skips.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+status=0
+for peer in home-assistant node-red; do
+  echo "=== peer: $peer ($(date -u +%H:%M:%S))"
+  start=$(date +%s)
+  if timeout 1200 "./scripts/peer-$peer.sh"; then
+    echo "=== peer $peer: ok in $(( $(date +%s) - start )) s"
+  else
+    rc=$?
+    echo "=== peer $peer: FAILED (exit $rc) after $(( $(date +%s) - start )) s"
+    status=1
+  fi
+done
+exit $status
