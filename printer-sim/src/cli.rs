@@ -1,8 +1,16 @@
-//! `printloop sim`: one simulated printer on a pseudo-terminal until Ctrl-C.
+//! `printloop sim`: one simulated printer on a pseudo-terminal until Ctrl-C or SIGTERM.
+//!
+//! With `--control-stdin` the simulator also reads fault commands, one per line, from its
+//! standard input (how `printloop chaos` pulls a cable from another process): `cable_pull`,
+//! `replug`, `thermal_runaway`, `hang`, `unhang`, `reset`. Each is answered on stdout with
+//! `ok <command>` or `error <command>: <reason>`; end of input stops the reading, not the
+//! simulator.
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::{SimConfig, SimError, Simulator};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+
+use crate::{SimConfig, SimControl, SimError, Simulator};
 
 /// Arguments of `printloop sim`.
 #[derive(Debug, Clone, clap::Args)]
@@ -47,6 +55,93 @@ pub struct SimArgs {
     /// Milliseconds from a port open (reset) to the `start` banner.
     #[arg(long, default_value_t = 0)]
     pub boot_ms: u64,
+    /// Read fault commands from stdin, one per line: cable_pull, replug, thermal_runaway,
+    /// hang, unhang, reset.
+    #[arg(long)]
+    pub control_stdin: bool,
+}
+
+/// A fault command read from the control input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlCommand {
+    /// Unplug the USB cable.
+    CablePull,
+    /// Plug it back in.
+    Replug,
+    /// Thermal runaway (the firmware halts).
+    ThermalRunaway,
+    /// Stop answering.
+    Hang,
+    /// Answer again.
+    Unhang,
+    /// An unexpected reset.
+    Reset,
+}
+
+impl ControlCommand {
+    /// Parses one control line (surrounding white space ignored).
+    pub fn parse(line: &str) -> Result<Self, String> {
+        Ok(match line.trim() {
+            "cable_pull" => Self::CablePull,
+            "replug" => Self::Replug,
+            "thermal_runaway" => Self::ThermalRunaway,
+            "hang" => Self::Hang,
+            "unhang" => Self::Unhang,
+            "reset" => Self::Reset,
+            other => {
+                let shown: String = other.chars().take(40).collect();
+                return Err(format!(
+                    "unknown control command {shown:?} (expected cable_pull, replug, \
+                     thermal_runaway, hang, unhang or reset)"
+                ));
+            }
+        })
+    }
+
+    /// Carries it out.
+    pub async fn apply(self, control: &SimControl) -> Result<(), SimError> {
+        match self {
+            Self::CablePull => control.cable_pull().await,
+            Self::Replug => control.replug().await,
+            Self::ThermalRunaway => control.thermal_runaway().await,
+            Self::Hang => control.hang().await,
+            Self::Unhang => control.unhang().await,
+            Self::Reset => control.reset().await,
+        }
+    }
+}
+
+/// Longest control line read; a longer one is rejected as unknown.
+const MAX_CONTROL_LINE: usize = 256;
+
+/// Reads control commands from stdin until it ends, answering each on stdout.
+async fn control_stdin(control: SimControl) {
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut out = tokio::io::stdout();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let answer = match ControlCommand::parse(&line[..line.len().min(MAX_CONTROL_LINE)]) {
+            Ok(cmd) => match cmd.apply(&control).await {
+                Ok(()) => {
+                    tracing::info!(command = ?cmd, "control: done");
+                    format!("ok {}\n", line.trim())
+                }
+                Err(e) => {
+                    tracing::warn!(command = ?cmd, error = %e, "control: failed");
+                    format!("error {}: {e}\n", line.trim())
+                }
+            },
+            Err(e) => {
+                tracing::warn!("control: {e}");
+                format!("error {e}\n")
+            }
+        };
+        if out.write_all(answer.as_bytes()).await.is_err() || out.flush().await.is_err() {
+            return;
+        }
+    }
 }
 
 impl SimArgs {
@@ -70,7 +165,7 @@ impl SimArgs {
     }
 }
 
-/// Runs the simulator until Ctrl-C (or until it fails), then removes the link.
+/// Runs the simulator until Ctrl-C or SIGTERM (or until it fails), then removes the link.
 pub async fn run(args: SimArgs) -> Result<(), SimError> {
     let config = args.config();
     config.validate()?;
@@ -82,14 +177,26 @@ pub async fn run(args: SimArgs) -> Result<(), SimError> {
         speed = args.speed,
         "simulated printer ready; Ctrl-C to stop"
     );
-    tokio::select! {
+    let control = args
+        .control_stdin
+        .then(|| tokio::spawn(control_stdin(handle.control())));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let result = tokio::select! {
         signal = tokio::signal::ctrl_c() => {
             signal?;
             tracing::info!("stopping the simulator");
             handle.shutdown().await
         }
+        _ = term.recv() => {
+            tracing::info!("stopping the simulator (SIGTERM)");
+            handle.shutdown().await
+        }
         ended = handle.stopped() => ended,
+    };
+    if let Some(task) = control {
+        task.abort();
     }
+    result
 }
 
 #[cfg(test)]
@@ -142,5 +249,25 @@ mod tests {
         assert!(c.validate().is_ok());
         let defaults = Cli::parse_from(["sim", "--link", "x"]).sim.config();
         assert_eq!(defaults, SimConfig::default());
+        assert!(Cli::parse_from(["sim", "--link", "x", "--control-stdin"])
+            .sim
+            .control_stdin);
+    }
+
+    #[test]
+    fn control_commands_parse() {
+        assert_eq!(
+            ControlCommand::parse(" cable_pull\r"),
+            Ok(ControlCommand::CablePull)
+        );
+        assert_eq!(
+            ControlCommand::parse("thermal_runaway"),
+            Ok(ControlCommand::ThermalRunaway)
+        );
+        for good in ["replug", "hang", "unhang", "reset"] {
+            assert!(ControlCommand::parse(good).is_ok(), "{good}");
+        }
+        let e = ControlCommand::parse("explode").expect_err("unknown");
+        assert!(e.contains("explode") && e.contains("cable_pull"), "{e}");
     }
 }
