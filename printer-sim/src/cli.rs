@@ -249,9 +249,11 @@ mod tests {
         assert!(c.validate().is_ok());
         let defaults = Cli::parse_from(["sim", "--link", "x"]).sim.config();
         assert_eq!(defaults, SimConfig::default());
-        assert!(Cli::parse_from(["sim", "--link", "x", "--control-stdin"])
-            .sim
-            .control_stdin);
+        assert!(
+            Cli::parse_from(["sim", "--link", "x", "--control-stdin"])
+                .sim
+                .control_stdin
+        );
     }
 
     #[test]
