@@ -156,7 +156,9 @@ pub fn verify_chunk(
         .decode(data_b64)
         .map_err(|e| ChunkError::Base64(e.to_string()))?;
     let end = offset.checked_add(data.len() as u64);
-    if data.is_empty() || end.is_none_or(|end| end > total_size) {
+    // The text bound above lets up to 2 bytes past the limit through: check the real length.
+    let too_long = data.len() > MAX_CHUNK_LEN as usize;
+    if data.is_empty() || too_long || end.is_none_or(|end| end > total_size) {
         return Err(ChunkError::BadLength {
             offset,
             len: data.len(),
