@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use tokio_serial::{SerialPort, SerialPortBuilderExt, SerialStream};
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::link::{Link, LinkConfig, LinkEvent, LinkStats, SubmitError};
+use crate::link::{LineFramer, Link, LinkConfig, LinkEvent, LinkStats, SubmitError};
 
 /// Knobs of the shell (the driver's are in [`LinkConfig`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -514,8 +514,7 @@ impl Task {
         self.link.on_open(start.into_std());
         self.publish_status(true);
         let mut rbuf = vec![0u8; 4096];
-        let mut line: Vec<u8> = Vec::with_capacity(self.cfg.max_line);
-        let mut overlong = false;
+        let mut framer = LineFramer::new(self.cfg.max_line);
         let mut lines_open = true;
         let mut wbuf: Vec<u8> = Vec::with_capacity(1024);
         loop {
@@ -554,25 +553,8 @@ impl Task {
                 Wake::Read(Ok(0)) => return End::Lost("end of file on the port".into()),
                 Wake::Read(Ok(n)) => {
                     let now = Instant::now().into_std();
-                    for &b in &rbuf[..n] {
-                        if b == b'\n' {
-                            if overlong {
-                                overlong = false;
-                                self.link.on_line(now, "\u{fffd}<overlong line>");
-                            } else {
-                                let text = String::from_utf8_lossy(&line);
-                                self.link.on_line(now, &text);
-                            }
-                            line.clear();
-                        } else if !overlong {
-                            if line.len() >= self.cfg.max_line {
-                                overlong = true;
-                                line.clear();
-                            } else {
-                                line.push(b);
-                            }
-                        }
-                    }
+                    let link = &mut self.link;
+                    framer.push(&rbuf[..n], |line| link.on_line(now, line));
                 }
                 Wake::Read(Err(e)) => return End::Lost(format!("read: {e}")),
                 Wake::Wrote(Ok(0)) => return End::Lost("write: port closed".into()),

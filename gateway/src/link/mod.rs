@@ -39,11 +39,13 @@ use tracing::{debug, trace, warn};
 
 mod config;
 mod event;
+mod framer;
 #[cfg(test)]
 mod tests;
 
 pub use config::{LinkConfig, StreamMode};
 pub use event::{FirmwareInfo, LinkEvent, TimeoutKind};
+pub use framer::{LineFramer, OVERLONG};
 
 /// Longest line the driver keeps as text in an event; longer ones are cut.
 const EVENT_TEXT_MAX: usize = 160;
