@@ -50,6 +50,9 @@ pub use framer::{LineFramer, OVERLONG};
 /// Longest line the driver keeps as text in an event; longer ones are cut.
 const EVENT_TEXT_MAX: usize = 160;
 
+/// Most `Cap:` entries kept per session (Marlin 2.1 reports about 30).
+const MAX_CAPABILITIES: usize = 64;
+
 /// Strips `;` comments and blank lines: the lines of a G-code file that should be
 /// [submitted](Link::submit), in order.
 pub fn gcode_lines(text: &str) -> impl Iterator<Item = &str> {
@@ -419,7 +422,13 @@ impl Link {
             }
             Response::Error(message) => self.on_error(now, message),
             Response::Capability { name, enabled } => {
-                self.firmware.capabilities.insert(name, enabled);
+                // Bounded: a garbling cable or a hostile device cannot grow it forever.
+                let caps = &mut self.firmware.capabilities;
+                if caps.len() < MAX_CAPABILITIES || caps.contains_key(&name) {
+                    caps.insert(name, enabled);
+                } else {
+                    debug!(%name, "capability dropped: too many reported");
+                }
             }
             Response::FirmwareInfo(info) => self.firmware.absorb(info),
             Response::Action(a) => self.events.push_back(LinkEvent::Action(a)),
