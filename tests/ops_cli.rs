@@ -161,8 +161,18 @@ impl Fake {
             ApiOp::BedClear(b) => {
                 refuse(id, &format!("unknown printer {:?}", b.printer_id.as_str()))
             }
-            ApiOp::ReleasePrinter(p) if known_printer(&p.printer_id) => ok(id, ApiResult::Done {}),
-            ApiOp::ReleasePrinter(p) => {
+            ApiOp::ReleasePrinter(p)
+            | ApiOp::PausePrinter(p)
+            | ApiOp::ResumePrinter(p)
+            | ApiOp::ForgetPrinter(p)
+                if known_printer(&p.printer_id) =>
+            {
+                ok(id, ApiResult::Done {})
+            }
+            ApiOp::ReleasePrinter(p)
+            | ApiOp::PausePrinter(p)
+            | ApiOp::ResumePrinter(p)
+            | ApiOp::ForgetPrinter(p) => {
                 refuse(id, &format!("unknown printer {:?}", p.printer_id.as_str()))
             }
             ApiOp::CancelJob(_) | ApiOp::SetPriority(_) => ok(id, ApiResult::Done {}),

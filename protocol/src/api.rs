@@ -35,6 +35,13 @@ pub enum ApiOp {
     BedClear(BedClear),
     /// Let a printer held by the circuit breaker take work again.
     ReleasePrinter(PrinterArgs),
+    /// Pause the job printing on a printer (refused unless it is printing).
+    PausePrinter(PrinterArgs),
+    /// Resume a paused printer's job (refused unless it is paused).
+    ResumePrinter(PrinterArgs),
+    /// Decommission a printer: the supervisor forgets it, deletes its Home Assistant entities
+    /// and clears its retained topics. Refused while its gateway is online or a job runs on it.
+    ForgetPrinter(PrinterArgs),
 }
 
 /// Arguments of `upload_chunk`.
@@ -144,7 +151,7 @@ pub struct ApiRequest {
 }
 
 /// Every operation this build understands.
-pub const API_OPS: [&str; 9] = [
+pub const API_OPS: [&str; 12] = [
     "upload_chunk",
     "submit_job",
     "cancel_job",
@@ -154,6 +161,9 @@ pub const API_OPS: [&str; 9] = [
     "list_printers",
     "bed_clear",
     "release_printer",
+    "pause_printer",
+    "resume_printer",
+    "forget_printer",
 ];
 
 const API_SPEC: EnvelopeSpec = EnvelopeSpec {

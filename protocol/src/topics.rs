@@ -14,6 +14,7 @@
 //! | `queue`                             | supervisor        | 1   | yes      |
 //! | `api/request`                       | operators' tools  | 1   | no       |
 //! | `api/response/<client>`             | supervisor        | 1   | no       |
+//! | `ha/printers/<id>/press`            | Home Assistant    | 0   | no       |
 //!
 //! Everything a gateway writes or reads is under `printers/<its id>/`, so one broker ACL
 //! pattern confines a gateway's credentials to its own printer (see `docs/mosquitto.conf`).
@@ -77,6 +78,10 @@ pub enum Topic {
     ApiRequest,
     /// `api/response/<client>`: the supervisor's answers to one client.
     ApiResponse(ClientId),
+    /// `ha/printers/<id>/press`: a Home Assistant button of printer `<id>` was pressed (the
+    /// payload names the action). Outside `printers/<id>/` so a gateway cannot press its own
+    /// buttons; only the supervisor reads it.
+    HaPress(PrinterId),
 }
 
 /// The printer-level topic kinds, for building wildcard filters.
@@ -235,6 +240,7 @@ impl Topics {
             Topic::Queue => format!("{root}/queue"),
             Topic::ApiRequest => format!("{root}/api/request"),
             Topic::ApiResponse(client) => format!("{root}/api/response/{client}"),
+            Topic::HaPress(printer) => format!("{root}/ha/printers/{printer}/press"),
             _ => unreachable!("printer topics are formatted above"),
         }
     }
@@ -274,6 +280,12 @@ impl Topics {
                 PrinterTopicKind::FileRequest => Topic::FileRequest(p),
                 PrinterTopicKind::FileChunk => Topic::FileChunk(p),
             });
+        }
+        if let Some(id) = rest
+            .strip_prefix("ha/printers/")
+            .and_then(|r| r.strip_suffix("/press"))
+        {
+            return PrinterId::new(id).map(Topic::HaPress).map_err(bad_id);
         }
         if let Some(client) = rest.strip_prefix("api/response/") {
             return ClientId::new(client)
@@ -326,6 +338,7 @@ mod tests {
                 Topic::ApiResponse(ClientId::new("cli-1").expect("valid")),
                 "printloop/v1/api/response/cli-1",
             ),
+            (Topic::HaPress(p("p0")), "printloop/v1/ha/printers/p0/press"),
         ];
         for (topic, name) in cases {
             assert_eq!(t.format(&topic), name);
@@ -368,6 +381,14 @@ mod tests {
             t.parse("printloop/v1/api/response/"),
             Err(TopicError::BadId { .. })
         ));
+        assert!(matches!(
+            t.parse("printloop/v1/ha/printers/a/b/press"),
+            Err(TopicError::BadId { .. })
+        ));
+        assert!(matches!(
+            t.parse("printloop/v1/ha/printers/p0/pressed"),
+            Err(TopicError::Unknown(_))
+        ));
     }
 
     #[test]
@@ -395,6 +416,7 @@ mod tests {
             Just(Topic::SupervisorStatus),
             Just(Topic::Queue),
             Just(Topic::ApiRequest),
+            arb_printer().prop_map(Topic::HaPress),
             "[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
                 .prop_map(|s| Topic::ApiResponse(ClientId::new(s).expect("pattern matches"))),
         ]

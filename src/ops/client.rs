@@ -41,6 +41,9 @@ pub fn op_name(op: &ApiOp) -> &'static str {
         ApiOp::ListPrinters(_) => "list_printers",
         ApiOp::BedClear(_) => "bed_clear",
         ApiOp::ReleasePrinter(_) => "release_printer",
+        ApiOp::PausePrinter(_) => "pause_printer",
+        ApiOp::ResumePrinter(_) => "resume_printer",
+        ApiOp::ForgetPrinter(_) => "forget_printer",
     }
 }
 

@@ -19,6 +19,10 @@
 //! command_ttl_s = 120                 # starts expire
 //! stale_heartbeats = 3                # no state for 3 heartbeats: stale
 //! breaker_threshold = 3               # failed jobs in a row before a printer is held
+//!
+//! [ha]                                # Home Assistant MQTT discovery (docs/home-assistant.md)
+//! enabled = true
+//! discovery_prefix = "homeassistant"
 //! ```
 
 use std::net::SocketAddr;
@@ -57,6 +61,12 @@ pub struct SupervisorArgs {
     /// Topic root.
     #[arg(long)]
     pub topic_root: Option<String>,
+    /// Home Assistant's MQTT discovery prefix (default "homeassistant").
+    #[arg(long)]
+    pub ha_discovery_prefix: Option<String>,
+    /// Publish no Home Assistant discovery and ignore its buttons.
+    #[arg(long)]
+    pub no_ha: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -70,6 +80,15 @@ struct FileConfig {
     metrics: MetricsSection,
     #[serde(default)]
     timing: TimingSection,
+    #[serde(default)]
+    ha: HaSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HaSection {
+    enabled: Option<bool>,
+    discovery_prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -211,6 +230,16 @@ pub fn settings(args: &SupervisorArgs) -> Result<Settings, ConfigError> {
     if let Some(n) = t.breaker_threshold {
         machine.breaker_threshold = n.max(1);
     }
+    machine.ha.enabled = !args.no_ha && file.ha.enabled.unwrap_or(true);
+    if let Some(prefix) = args
+        .ha_discovery_prefix
+        .clone()
+        .or(file.ha.discovery_prefix)
+    {
+        crate::ha::validate_prefix(&prefix)
+            .map_err(|e| invalid("ha.discovery_prefix", format!("{prefix:?}: {e}")))?;
+        machine.ha.discovery_prefix = prefix;
+    }
     Ok(Settings {
         machine,
         broker,
@@ -238,6 +267,8 @@ mod tests {
             ca_file: None,
             metrics: None,
             topic_root: None,
+            ha_discovery_prefix: None,
+            no_ha: false,
         };
         let e = settings(&args).expect_err("unknown key");
         assert!(e.to_string().contains("step_timeout"), "{e}");
@@ -248,6 +279,18 @@ mod tests {
         let s = settings(&args).expect("valid");
         assert_eq!(s.machine.step_timeout_ms, 7000);
         assert!(matches!(s.broker, BrokerTarget::External(ref a) if a.port == 1));
+        assert!(s.machine.ha.enabled);
+        assert_eq!(s.machine.ha.discovery_prefix, "homeassistant");
+        std::fs::write(&path, "[ha]\nenabled = false\ndiscovery_prefix = \"ha\"\n").expect("write");
+        let s = settings(&args).expect("valid");
+        assert!(!s.machine.ha.enabled);
+        assert_eq!(s.machine.ha.discovery_prefix, "ha");
+        std::fs::write(&path, "[ha]\ndiscovery_prefix = \"ha/#\"\n").expect("write");
+        let e = settings(&args).expect_err("bad prefix");
+        assert!(e.to_string().contains("ha.discovery_prefix"), "{e}");
+        std::fs::write(&path, "[ha]\nprefix = \"ha\"\n").expect("write");
+        let e = settings(&args).expect_err("unknown key");
+        assert!(e.to_string().contains("prefix"), "{e}");
     }
 }
 

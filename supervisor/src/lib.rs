@@ -4,9 +4,11 @@
 //! - [`model`]: the durable records and the mutations the machine emits.
 //! - [`store`]: the redb database that holds them.
 //! - [`files`]: content-addressed G-code storage: uploads in, chunks out.
+//! - [`ha`]: Home Assistant MQTT discovery configs and button presses (pure).
 
 pub mod cli;
 pub mod files;
+pub mod ha;
 pub mod machine;
 pub mod metrics;
 pub mod model;

@@ -14,11 +14,11 @@
 //! - **Exactly-once start** rests on the gateway's ledger (a job id never runs twice) and on
 //!   start commands that expire; the supervisor may re-send a start freely.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use protocol::api::{
-    ApiOp, ApiRequest, ApiResponse, ApiResult, BedClear, JobState, JobSummary, ListJobs,
-    PrinterSummary, QueueCounts, QueueSnapshot, SubmitJob, UploadChunk,
+    ApiOp, ApiRequest, ApiResponse, ApiResult, BedClear, JobArgs, JobState, JobSummary, ListJobs,
+    PrinterArgs, PrinterSummary, QueueCounts, QueueSnapshot, SubmitJob, UploadChunk,
 };
 use protocol::command::{
     Command, CommandAction, CommandResult, Empty, JobRef, ResultStatus, StartJob,
@@ -31,7 +31,11 @@ use protocol::{
     Version,
 };
 
+use crate::ha::{self, HaConfig, PressAction};
 use crate::model::{FileRecord, JobRecord, Mutation, PrinterRecord, Snapshot};
+
+/// The client id Home Assistant's button presses answer to (`api/response/homeassistant`).
+pub const HA_CLIENT: &str = "homeassistant";
 
 /// The supervisor's policies.
 #[derive(Debug, Clone)]
@@ -52,6 +56,8 @@ pub struct SupervisorConfig {
     pub queue_min_interval_ms: u64,
     /// A printer online without a `state` for this long is asked to re-publish (rebirth).
     pub rebirth_after_ms: u64,
+    /// Home Assistant discovery and buttons.
+    pub ha: HaConfig,
 }
 
 impl Default for SupervisorConfig {
@@ -65,6 +71,7 @@ impl Default for SupervisorConfig {
             breaker_threshold: 3,
             queue_min_interval_ms: 250,
             rebirth_after_ms: 5_000,
+            ha: HaConfig::default(),
         }
     }
 }
@@ -186,6 +193,10 @@ struct PrinterView {
     pending: Option<PendingStart>,
     last_rebirth_mono: Option<u64>,
     silent_since_mono: Option<u64>,
+    /// Its last `meta` (names its Home Assistant device).
+    meta: Option<Meta>,
+    /// A digest of the Home Assistant configs last published for it (none: not published).
+    ha_published: Option<u64>,
 }
 
 impl PrinterView {
@@ -202,6 +213,8 @@ impl PrinterView {
             pending: None,
             last_rebirth_mono: None,
             silent_since_mono: Some(now.mono_ms),
+            meta: None,
+            ha_published: None,
         }
     }
 
@@ -253,6 +266,12 @@ pub struct Supervisor {
     queue_seq: u64,
     last_queue_mono: Option<u64>,
     counters: Counters,
+    /// Printers whose Home Assistant configs may need publishing.
+    ha_dirty: BTreeSet<PrinterId>,
+    /// The fleet device's configs need publishing.
+    ha_fleet_dirty: bool,
+    /// Home Assistant came online: re-publish every config at this instant (jittered).
+    ha_republish_mono: Option<u64>,
 }
 
 fn job_state_of(stage: JobStage) -> JobState {
@@ -317,6 +336,9 @@ impl Supervisor {
             queue_seq: 0,
             last_queue_mono: None,
             counters: Counters::default(),
+            ha_dirty: BTreeSet::new(),
+            ha_fleet_dirty: false,
+            ha_republish_mono: None,
         }
     }
 
@@ -406,6 +428,9 @@ impl Supervisor {
                 }
             }
         }
+        if let Some(t) = self.ha_republish_mono {
+            at(t);
+        }
         d
     }
 
@@ -428,6 +453,7 @@ impl Supervisor {
         self.on_time(now, &mut out);
         self.dispatch(now, &mut out);
         self.publish_queue(now, &mut out, false);
+        self.publish_discovery(now, &mut out);
         out
     }
 
@@ -487,6 +513,24 @@ impl Supervisor {
             filter: t.format(&Topic::ApiRequest),
             qos0: false,
         });
+        if self.cfg.ha.enabled {
+            // Home Assistant's birth, and its buttons (it publishes both at QoS 0).
+            out.push(Output::Subscribe {
+                filter: ha::ha_status_topic(&self.cfg.ha),
+                qos0: true,
+            });
+            out.push(Output::Subscribe {
+                filter: format!("{}/ha/printers/+/press", t.root()),
+                qos0: true,
+            });
+            // The broker may have lost the retained configs (rumqttd keeps none): publish
+            // them all again once each printer's meta is back.
+            self.ha_fleet_dirty = true;
+            for (id, p) in self.printers.iter_mut() {
+                p.ha_published = None;
+                self.ha_dirty.insert(id.clone());
+            }
+        }
         // Then our own birth.
         self.publish(
             out,
@@ -503,6 +547,10 @@ impl Supervisor {
     }
 
     fn on_message(&mut self, now: Now, topic: &str, payload: &[u8], out: &mut Vec<Output>) {
+        if self.cfg.ha.enabled && topic == ha::ha_status_topic(&self.cfg.ha) {
+            self.on_ha_status(now, payload);
+            return;
+        }
         let parsed = match self.cfg.topics.parse(topic) {
             Ok(t) => t,
             Err(e) => {
@@ -511,6 +559,12 @@ impl Supervisor {
                 return;
             }
         };
+        if let Topic::HaPress(p) = parsed {
+            if self.cfg.ha.enabled {
+                self.on_press(now, p, payload, out);
+            }
+            return;
+        }
         if payload.is_empty() {
             return; // a cleared retained topic
         }
@@ -554,6 +608,7 @@ impl Supervisor {
             };
             out.push(Output::Persist(vec![Mutation::PutPrinter(rec.clone())]));
             tracing::info!(printer = %id, "new printer");
+            self.ha_dirty.insert(id.clone());
             self.printers.insert(id.clone(), PrinterView::new(rec, now));
         }
         self.printers.get_mut(id).expect("inserted above")
@@ -591,9 +646,13 @@ impl Supervisor {
     fn on_meta(&mut self, now: Now, id: PrinterId, m: Meta, out: &mut Vec<Output>) {
         let p = self.printer_mut(now, &id, out);
         if p.rec.tags != m.tags {
-            p.rec.tags = m.tags;
+            p.rec.tags = m.tags.clone();
             let rec = p.rec.clone();
             out.push(Output::Persist(vec![Mutation::PutPrinter(rec)]));
+        }
+        if p.meta.as_ref() != Some(&m) {
+            p.meta = Some(m);
+            self.ha_dirty.insert(id);
         }
     }
 
@@ -1255,6 +1314,12 @@ impl Supervisor {
                 return;
             }
         };
+        self.run_request(now, req, out);
+    }
+
+    /// Carries out a decoded request (from `api/request`, or made from a button press) and
+    /// answers it; a request id seen before gets its first answer again and nothing happens.
+    fn run_request(&mut self, now: Now, req: ApiRequest, out: &mut Vec<Output>) {
         let key = format!("{}/{}", req.client, req.id);
         if let Some(prev) = self.answers.get(&key) {
             // A retried request gets the same answer, and nothing happens twice.
@@ -1291,6 +1356,11 @@ impl Supervisor {
             ),
             ApiOp::BedClear(b) => (self.api_bed_clear(now, b, out), true),
             ApiOp::ReleasePrinter(a) => (self.api_release(&a.printer_id, out), true),
+            ApiOp::PausePrinter(a) => (self.api_pause_resume(now, &a.printer_id, true, out), true),
+            ApiOp::ResumePrinter(a) => {
+                (self.api_pause_resume(now, &a.printer_id, false, out), true)
+            }
+            ApiOp::ForgetPrinter(a) => (self.api_forget(&a.printer_id, out), true),
         };
         if let Err(e) = &result {
             tracing::warn!(error = %e, "request refused");
@@ -1625,6 +1695,275 @@ impl Supervisor {
         tracing::info!(printer = %printer, "released by an operator");
         Ok(ApiResult::Done {})
     }
+
+    /// `pause_printer` / `resume_printer`: checked against the printer's last state, then a
+    /// `pause`/`resume` command for its current job (the gateway checks again).
+    fn api_pause_resume(
+        &mut self,
+        now: Now,
+        printer: &PrinterId,
+        pause: bool,
+        out: &mut Vec<Output>,
+    ) -> Result<ApiResult, String> {
+        let p = self
+            .printers
+            .get(printer)
+            .ok_or_else(|| format!("unknown printer {:?}", printer.as_str()))?;
+        let (wanted, verb) = if pause {
+            (PrinterPhase::Printing, "pause")
+        } else {
+            (PrinterPhase::Paused, "resume")
+        };
+        if !p.reachable() {
+            return Err(format!(
+                "printer {printer} is offline or silent: cannot {verb}"
+            ));
+        }
+        let phase = p.phase().unwrap_or(PrinterPhase::Disconnected);
+        if phase != wanted {
+            return Err(format!(
+                "printer {printer} is {}: only a {} printer can be told to {verb}",
+                phase_name(phase),
+                phase_name(wanted)
+            ));
+        }
+        let job_id = p
+            .state
+            .as_ref()
+            .and_then(|s| s.job.as_ref())
+            .map(|j| j.job_id.clone());
+        let action = if pause {
+            CommandAction::Pause(JobRef {
+                job_id: job_id.clone(),
+            })
+        } else {
+            CommandAction::Resume(JobRef {
+                job_id: job_id.clone(),
+            })
+        };
+        let cmd = self.send(now, printer, action, Some(self.cfg.command_ttl_ms), out);
+        tracing::info!(printer = %printer, job = ?job_id.as_ref().map(JobId::as_str), command = %cmd, "{verb} sent");
+        Ok(ApiResult::Done {})
+    }
+
+    /// `forget_printer`: a decommissioned printer leaves the supervisor, Home Assistant and
+    /// the broker's retained topics.
+    fn api_forget(
+        &mut self,
+        printer: &PrinterId,
+        out: &mut Vec<Output>,
+    ) -> Result<ApiResult, String> {
+        let p = self
+            .printers
+            .get(printer)
+            .ok_or_else(|| format!("unknown printer {:?}", printer.as_str()))?;
+        if p.presence == Presence::Online && !p.stale {
+            return Err(format!(
+                "printer {printer} is online: stop its gateway before forgetting it"
+            ));
+        }
+        if let Some(job) = p.rec.assigned.as_ref().and_then(|j| self.jobs.get(j)) {
+            if active(job.state) && job.state != JobState::TimedOut {
+                return Err(format!(
+                    "printer {printer} has job {} ({}): cancel it first",
+                    job.job_id,
+                    format!("{:?}", job.state).to_lowercase()
+                ));
+            }
+        }
+        self.printers.remove(printer);
+        self.ha_dirty.remove(printer);
+        out.push(Output::Persist(vec![Mutation::RemovePrinter(
+            printer.clone(),
+        )]));
+        if self.cfg.ha.enabled {
+            for topic in ha::printer_config_topics(&self.cfg.ha, &self.cfg.topics, printer) {
+                self.publish(out, topic, Vec::new(), true);
+            }
+        }
+        // An empty retained message deletes the retained one: nothing of it stays.
+        for t in [
+            Topic::Status(printer.clone()),
+            Topic::Meta(printer.clone()),
+            Topic::State(printer.clone()),
+        ] {
+            self.publish(out, self.topic(t), Vec::new(), true);
+        }
+        tracing::info!(printer = %printer, "printer forgotten (decommissioned)");
+        Ok(ApiResult::Done {})
+    }
+
+    // ----- Home Assistant -----
+
+    fn on_ha_status(&mut self, now: Now, payload: &[u8]) {
+        if payload.trim_ascii() != b"online" {
+            return;
+        }
+        let delay = ha::jitter(
+            now.unix_ms ^ self.epoch.rotate_left(32),
+            self.cfg.ha.republish_jitter_ms,
+        );
+        let at = now.mono_ms + delay;
+        tracing::info!(
+            delay_ms = delay,
+            "Home Assistant is online: discovery follows"
+        );
+        self.ha_republish_mono = Some(self.ha_republish_mono.map_or(at, |t| t.min(at)));
+    }
+
+    /// A Home Assistant button: made into the operator request it stands for, with an id
+    /// derived from the printer, the action and the printer's last state `(epoch, seq)`: a
+    /// press delivered twice, or pressed twice before the printer reported anything new,
+    /// happens once; a press after the printer moved on (pause, resume, pause) is new. The
+    /// request is checked against the printer's phase; refusals are answered on
+    /// `api/response/homeassistant` and logged.
+    fn on_press(&mut self, now: Now, printer: PrinterId, payload: &[u8], out: &mut Vec<Output>) {
+        let client = ClientId::new(HA_CLIENT).expect("a valid client id");
+        let action = match PressAction::parse(payload) {
+            Ok(a) => a,
+            Err(e) => {
+                self.counters.rejected_messages += 1;
+                tracing::warn!(printer = %printer, error = %e, "Home Assistant press ignored");
+                return;
+            }
+        };
+        let seen = self
+            .printers
+            .get(&printer)
+            .and_then(|p| p.state.as_ref())
+            .map_or((0, 0), |s| (s.epoch, s.seq));
+        let id = press_id(&printer, action, seen);
+        if self.answers.contains_key(&format!("{client}/{id}")) {
+            tracing::info!(printer = %printer, action = action.as_str(), "Home Assistant press repeated: done once");
+            return;
+        }
+        let op = match self.press_op(&printer, action) {
+            Ok(op) => op,
+            Err(e) => {
+                tracing::warn!(printer = %printer, action = action.as_str(), error = %e, "Home Assistant press refused");
+                self.answer(now, &client, &id, Err(e), false, out);
+                return;
+            }
+        };
+        tracing::info!(printer = %printer, action = action.as_str(), "Home Assistant press");
+        self.run_request(
+            now,
+            ApiRequest {
+                v: Version,
+                id,
+                client,
+                op,
+            },
+            out,
+        );
+    }
+
+    /// The request a press stands for, if it makes sense in the printer's phase.
+    fn press_op(&self, printer: &PrinterId, action: PressAction) -> Result<ApiOp, String> {
+        let p = self
+            .printers
+            .get(printer)
+            .ok_or_else(|| format!("unknown printer {:?}", printer.as_str()))?;
+        let phase = p.phase().unwrap_or(PrinterPhase::Disconnected);
+        let args = PrinterArgs {
+            printer_id: printer.clone(),
+        };
+        Ok(match action {
+            PressAction::Pause => ApiOp::PausePrinter(args),
+            PressAction::Resume => ApiOp::ResumePrinter(args),
+            PressAction::Cancel => {
+                let job = p
+                    .state
+                    .as_ref()
+                    .and_then(|s| s.job.as_ref())
+                    .filter(|j| !j.stage.is_terminal())
+                    .map(|j| j.job_id.clone())
+                    .ok_or_else(|| {
+                        format!(
+                            "printer {printer} is {} with no job to cancel",
+                            phase_name(phase)
+                        )
+                    })?;
+                ApiOp::CancelJob(JobArgs { job_id: job })
+            }
+            PressAction::BedCleared => {
+                if !matches!(phase, PrinterPhase::Idle | PrinterPhase::Finished) {
+                    return Err(format!(
+                        "printer {printer} is {}: the bed is cleared only when idle or finished",
+                        phase_name(phase)
+                    ));
+                }
+                ApiOp::BedClear(BedClear {
+                    printer_id: printer.clone(),
+                    failed: false,
+                })
+            }
+        })
+    }
+
+    /// Publishes the discovery configs that changed (or all of them, when Home Assistant came
+    /// online). A printer's configs wait for its `meta`, which names the device.
+    fn publish_discovery(&mut self, now: Now, out: &mut Vec<Output>) {
+        if !self.cfg.ha.enabled || !self.connected {
+            return;
+        }
+        if self.ha_republish_mono.is_some_and(|t| now.mono_ms >= t) {
+            self.ha_republish_mono = None;
+            self.ha_fleet_dirty = true;
+            for (id, p) in self.printers.iter_mut() {
+                p.ha_published = None;
+                self.ha_dirty.insert(id.clone());
+            }
+        }
+        if std::mem::take(&mut self.ha_fleet_dirty) {
+            for c in ha::fleet_configs(&self.cfg.ha, &self.cfg.topics) {
+                self.publish(out, c.topic, c.payload, true);
+            }
+        }
+        for id in std::mem::take(&mut self.ha_dirty) {
+            let Some(p) = self.printers.get(&id) else {
+                continue;
+            };
+            let Some(meta) = p.meta.as_ref() else {
+                continue;
+            };
+            let configs = ha::printer_configs(&self.cfg.ha, &self.cfg.topics, &id, Some(meta));
+            let digest = {
+                use std::hash::{Hash as _, Hasher as _};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                configs
+                    .iter()
+                    .for_each(|c| (&c.topic, &c.payload).hash(&mut h));
+                h.finish()
+            };
+            if p.ha_published == Some(digest) {
+                continue;
+            }
+            tracing::info!(printer = %id, entities = configs.len(), "Home Assistant discovery published");
+            for c in configs {
+                self.publish(out, c.topic, c.payload, true);
+            }
+            if let Some(p) = self.printers.get_mut(&id) {
+                p.ha_published = Some(digest);
+            }
+        }
+    }
+}
+
+/// `ha-<printer>-<action>-<epoch>-<seq>`, or a digest of it when a long printer id would make
+/// it longer than an id may be.
+fn press_id(printer: &PrinterId, action: PressAction, (epoch, seq): (u64, u64)) -> CommandId {
+    let readable = format!("ha-{printer}-{}-{epoch}-{seq}", action.as_str());
+    CommandId::new(readable.clone()).unwrap_or_else(|_| {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(readable.as_bytes());
+        let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        CommandId::new(format!("ha-{hex}")).expect("28 characters of [a-z0-9-]")
+    })
+}
+
+fn phase_name(phase: PrinterPhase) -> String {
+    format!("{phase:?}").to_lowercase()
 }
 
 fn summary(j: &JobRecord) -> JobSummary {

@@ -630,3 +630,6 @@ fn bed_clear_right_after_the_job_ended_event_is_accepted() {
         "{r:?}"
     );
 }
+
+#[path = "machine_ha_tests.rs"]
+mod ha;

@@ -93,6 +93,8 @@ pub enum Mutation {
     PutJob(JobRecord),
     /// Insert or replace a printer.
     PutPrinter(PrinterRecord),
+    /// Forget a decommissioned printer.
+    RemovePrinter(PrinterId),
     /// A file is stored.
     PutFile(FileRecord),
     /// Remember the answer to an API request (by `<client>/<id>`), for retried requests.

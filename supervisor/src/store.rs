@@ -504,6 +504,11 @@ impl Store {
                             .insert(p.printer_id.as_str(), encode(p).as_slice())
                             .map_err(self.db("write printer"))?;
                     }
+                    Mutation::RemovePrinter(id) => {
+                        printers
+                            .remove(id.as_str())
+                            .map_err(self.db("remove printer"))?;
+                    }
                     Mutation::PutFile(f) => {
                         files
                             .insert(f.sha256.as_str(), encode(f).as_slice())

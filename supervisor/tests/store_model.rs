@@ -79,6 +79,9 @@ fn arb_mutation() -> impl Strategy<Value = Mutation> {
                 first_seen_ms: u64::from(p),
             })
         ),
+        1 => (0..3u8).prop_map(|p| Mutation::RemovePrinter(
+            PrinterId::new(format!("p{p}")).expect("printer id")
+        )),
         1 => (0..3u8, 1..100u64, 0..10u64).prop_map(|(f, size, at)| Mutation::PutFile(FileRecord {
             sha256: Sha256Hex::digest(&[f]),
             size_bytes: size,
@@ -116,6 +119,9 @@ impl Reference {
                 }
                 Mutation::PutPrinter(p) => {
                     self.printers.insert(p.printer_id.clone(), p);
+                }
+                Mutation::RemovePrinter(id) => {
+                    self.printers.remove(&id);
                 }
                 Mutation::PutFile(f) => {
                     self.files.insert(f.sha256.clone(), f);
