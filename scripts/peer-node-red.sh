@@ -31,6 +31,7 @@ echo "Node-RED $(node -p "require('$nr_dir/node_modules/node-red/package.json').
 
 # The test starts printloop-gateway processes: build them beside the test binary.
 timeout 1200 cargo build -p gateway --bin printloop-gateway
+timeout 1200 cargo test -p printloop --test peer_node_red --no-run
 start=$(date +%s)
 PRINTLOOP_NODE_RED="$nr" timeout 600 \
   cargo test -p printloop --test peer_node_red -- --include-ignored --nocapture --test-threads 1

@@ -176,6 +176,27 @@ fn docs_examples_validate_against_schemas_and_types() {
     }
 }
 
+/// The integrator's guide shows one valid example of every payload (the test above checks each
+/// against its schema and its type).
+#[test]
+fn integrations_guide_has_an_example_of_every_payload() {
+    let guide = repo_root().join("docs").join("integrations.md");
+    let examples: Vec<Example> = examples()
+        .into_iter()
+        .filter(|e| e.file == guide && !e.invalid)
+        .collect();
+    let missing: Vec<&str> = schema::all()
+        .iter()
+        .map(|s| s.name)
+        .filter(|name| !examples.iter().any(|e| e.schema == *name))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/integrations.md has no example of: {}",
+        missing.join(", ")
+    );
+}
+
 mod no_panic {
     use proptest::prelude::*;
 
