@@ -215,14 +215,20 @@ pub fn settings(args: &SupervisorArgs) -> Result<Settings, ConfigError> {
         ..SupervisorConfig::default()
     };
     let t = file.timing;
+    // Seconds to milliseconds; a value that overflows is refused, not wrapped (or a panic).
+    let ms = |key, s: u64| {
+        s.max(1)
+            .checked_mul(1000)
+            .ok_or_else(|| invalid(key, format!("{s} s is too long")))
+    };
     if let Some(s) = t.step_timeout_s {
-        machine.step_timeout_ms = s.max(1) * 1000;
+        machine.step_timeout_ms = ms("timing.step_timeout_s", s)?;
     }
     if let Some(s) = t.command_retry_s {
-        machine.command_retry_ms = s.max(1) * 1000;
+        machine.command_retry_ms = ms("timing.command_retry_s", s)?;
     }
     if let Some(s) = t.command_ttl_s {
-        machine.command_ttl_ms = s.max(1) * 1000;
+        machine.command_ttl_ms = ms("timing.command_ttl_s", s)?;
     }
     if let Some(n) = t.stale_heartbeats {
         machine.stale_heartbeats = n.max(1);
