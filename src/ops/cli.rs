@@ -127,6 +127,28 @@ pub struct PrintersArgs {
     /// One JSON object per printer and line instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(subcommand)]
+    command: Option<PrintersCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+enum PrintersCommand {
+    /// Pause the job printing on a printer.
+    Pause {
+        /// The printer.
+        printer: PrinterId,
+    },
+    /// Resume a paused printer's job.
+    Resume {
+        /// The printer.
+        printer: PrinterId,
+    },
+    /// Decommission a printer: the supervisor forgets it, removes its Home Assistant device
+    /// and clears its retained topics (stop its gateway first).
+    Forget {
+        /// The printer.
+        printer: PrinterId,
+    },
 }
 
 /// `printloop bed-clear`
@@ -301,6 +323,30 @@ async fn jobs_add(conn: &ConnArgs, add: AddArgs) -> Result<(), OpsError> {
 
 /// `printloop printers`
 pub async fn printers(args: PrintersArgs) -> Result<(), OpsError> {
+    match args.command {
+        Some(PrintersCommand::Pause { printer }) => {
+            let message = format!("{printer}: pause sent\n");
+            let op = ApiOp::PausePrinter(PrinterArgs {
+                printer_id: printer,
+            });
+            return done(&args.conn, op, &message).await;
+        }
+        Some(PrintersCommand::Resume { printer }) => {
+            let message = format!("{printer}: resume sent\n");
+            let op = ApiOp::ResumePrinter(PrinterArgs {
+                printer_id: printer,
+            });
+            return done(&args.conn, op, &message).await;
+        }
+        Some(PrintersCommand::Forget { printer }) => {
+            let message = format!("{printer}: forgotten\n");
+            let op = ApiOp::ForgetPrinter(PrinterArgs {
+                printer_id: printer,
+            });
+            return done(&args.conn, op, &message).await;
+        }
+        None => {}
+    }
     let op = ApiOp::ListPrinters(NoArgs {});
     let printers = match with_client(&args.conn, async |c| c.request(op).await).await? {
         ApiResult::Printers { printers } => printers,
