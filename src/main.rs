@@ -2,6 +2,7 @@
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod chaos;
 mod demo;
 mod ops;
 
@@ -45,6 +46,9 @@ enum Command {
     Release(ops::cli::ReleaseArgs),
     /// Watch the printers' progress live (from the retained MQTT topics).
     Watch(ops::cli::WatchArgs),
+    /// Run the whole system as processes under seeded faults and check its invariants
+    /// (one JSON line on stdout; exit status 1 on any violation).
+    Chaos(chaos::ChaosArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -83,6 +87,19 @@ fn main() -> anyhow::Result<()> {
             .context("starting the async runtime")?
             .block_on(demo::run(args))
             .context("demo failed"),
+        Command::Chaos(args) => {
+            let passed = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(chaos::run(args))
+                .context("chaos run failed")?;
+            if !passed {
+                // The report (and each violation) has been printed; only the status is left.
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Jobs(args) => operator(ops::cli::jobs(args)),
         Command::Printers(args) => operator(ops::cli::printers(args)),
         Command::BedClear(args) => operator(ops::cli::bed_clear(args)),

@@ -1,0 +1,1048 @@
+//! `printloop chaos`: the whole system as separate processes, under a seeded schedule of real
+//! faults, then a check of what every process left on disk.
+//!
+//! 1. **Start**: a broker (`printloop broker` = rumqttd, or the system's `mosquitto` with a
+//!    generated config) on a free loopback port; per printer a `printloop sim --control-stdin`
+//!    on a pty and a `printloop-gateway` that reaches the broker through its own loopback
+//!    [`proxy::Proxy`]; the `printloop supervisor` on the broker directly. All data in one temp
+//!    dir, kept (and printed) when the run fails.
+//! 2. **Work**: the runner is the operator: it uploads the built-in G-code files, keeps the queue
+//!    topped up while faults run, clears beds (a failed print as failed, so it is requeued),
+//!    resets halted printers and releases printers held by the circuit breaker.
+//! 3. **Faults** ([`faults::Schedule`], seeded): one at a time — inject, hold, heal, then wait
+//!    until the supervisor's view of every printer (`list_printers`) agrees with the printer's
+//!    own retained `status` and `state` again; that time is the fault's convergence time.
+//! 4. **Settle**: no more faults or new jobs; the operator goes on until every job has ended,
+//!    the views agree, then every process is stopped (SIGTERM).
+//! 5. **Check** ([`check::violations`]): the supervisor's redb store and every gateway's redb
+//!    ledger, opened with the crates' own store code, plus the `job_started` / `file_verified`
+//!    events seen on the broker.
+//!
+//! Prints one JSON line on stdout; exits 0 only with no violation (each is also on stderr).
+
+pub mod check;
+pub mod faults;
+mod observe;
+mod procs;
+pub mod proxy;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use nix::sys::signal::Signal;
+use protocol::api::{
+    ApiOp, ApiResult, BedClear, JobState, JobSummary, ListJobs, NoArgs, PrinterArgs,
+    PrinterSummary, SubmitJob,
+};
+use protocol::presence::Presence;
+use protocol::state::PrinterPhase;
+use protocol::{JobId, Topics};
+
+use crate::ops::{gcode, ApiClient, Endpoint};
+use faults::{Fault, FaultKind, Schedule};
+use observe::{Observer, PrinterSeen};
+pub use procs::BrokerKind;
+use procs::{Proc, Spec};
+use proxy::{LinkMode, Proxy};
+
+/// The sample files, built in.
+const SAMPLES: [(&str, &[u8]); 2] = [
+    (
+        "cube20.gcode",
+        include_bytes!("../../assets/gcode/cube20.gcode"),
+    ),
+    (
+        "cylinder30.gcode",
+        include_bytes!("../../assets/gcode/cylinder30.gcode"),
+    ),
+];
+
+/// The supervisor's timing in a chaos run: re-send a silent start after 2 s; flag a silent
+/// printer's job after 60 s (longer than any fault's hold plus its convergence).
+const SUPERVISOR_TOML: &str = "[timing]\ncommand_retry_s = 2\nstep_timeout_s = 60\n";
+
+/// How often the runner looks at the system.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Arguments of `printloop chaos`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ChaosArgs {
+    /// Simulated printers (each with its own gateway process).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub printers: u32,
+    /// Seconds of fault injection (then the system settles and is checked).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub duration: u64,
+    /// Seed of the fault schedule (the same seed gives the same faults in the same order).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// The broker: `rumqttd` (`printloop broker`) or `mosquitto` (the system's binary).
+    #[arg(long, value_enum, default_value_t = BrokerKind::Rumqttd)]
+    pub broker: BrokerKind,
+    /// How much faster than real time the simulated printers run (moves and heating are
+    /// instant; this scales the serial wire, so a small file prints in seconds).
+    #[arg(long, default_value_t = 4.0)]
+    pub speed: f64,
+    /// Longest wait, in seconds, for the views to agree after a fault is healed.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub converge_timeout: u64,
+    /// Longest wait, in seconds, for every job to end once faults stop.
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub settle_timeout: u64,
+    /// Keep the run's directory (logs, stores) even when it passes.
+    #[arg(long)]
+    pub keep: bool,
+    /// The `printloop-gateway` binary (default: next to this executable).
+    #[arg(long)]
+    pub gateway_bin: Option<PathBuf>,
+    /// Test hook: forge a ledger entry in a gateway's store after the run, to prove the checker
+    /// sees it (the run must then fail).
+    #[arg(long, hide = true)]
+    pub inject_violation: bool,
+}
+
+/// The JSON line's `jobs` object.
+#[derive(Debug, Default, serde::Serialize)]
+struct JobCounts {
+    submitted: usize,
+    total: usize,
+    finished: usize,
+    failed: usize,
+    interrupted: usize,
+    cancelled: usize,
+    timed_out: usize,
+    queued: usize,
+    requeued: usize,
+}
+
+/// The JSON line.
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    seed: u64,
+    broker: &'static str,
+    printers: u32,
+    duration_s: u64,
+    faults: BTreeMap<&'static str, u32>,
+    faults_total: u32,
+    jobs: JobCounts,
+    violations: Vec<String>,
+    worst_converge_s: f64,
+    worst_converge_fault: Option<String>,
+    converge_s: BTreeMap<&'static str, f64>,
+    settle_s: f64,
+    wall_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<String>,
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// Runs a chaos experiment; `Ok(true)` when it found no violation.
+pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
+    anyhow::ensure!(
+        args.speed.is_finite() && (0.5..=100.0).contains(&args.speed),
+        "--speed must be 0.5 to 100"
+    );
+    let printloop = std::env::current_exe().context("finding this executable")?;
+    let gateway_bin = match &args.gateway_bin {
+        Some(p) => p.clone(),
+        None => printloop.with_file_name("printloop-gateway"),
+    };
+    anyhow::ensure!(
+        gateway_bin.is_file(),
+        "{} not found: build it (`cargo build --workspace`) or pass --gateway-bin",
+        gateway_bin.display()
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("printloop-chaos-")
+        .tempdir()
+        .context("creating the run's directory")?
+        .keep();
+    eprintln!("chaos: data and logs in {}", dir.display());
+    let started = Instant::now();
+    let outcome = Run::execute(&args, &printloop, &gateway_bin, &dir).await;
+    let wall = started.elapsed().as_secs_f64();
+    match outcome {
+        Ok(mut report) => {
+            report.wall_s = round1(wall);
+            let ok = report.violations.is_empty();
+            if ok && !args.keep {
+                let _ = std::fs::remove_dir_all(&dir);
+            } else {
+                report.data_dir = Some(dir.display().to_string());
+            }
+            for v in &report.violations {
+                eprintln!("chaos: VIOLATION: {v}");
+            }
+            println!(
+                "{}",
+                serde_json::to_string(&report).context("encoding the report")?
+            );
+            if !ok {
+                eprintln!("chaos: kept {} (logs, stores)", dir.display());
+            }
+            Ok(ok)
+        }
+        Err(e) => {
+            eprintln!(
+                "chaos: the run failed; kept {} (logs, stores)",
+                dir.display()
+            );
+            Err(e)
+        }
+    }
+}
+
+/// The operator's connection to the supervisor: reconnects after a broker restart.
+struct Operator {
+    ep: Endpoint,
+    api: Option<ApiClient>,
+}
+
+impl Operator {
+    async fn request(&mut self, op: ApiOp) -> Option<ApiResult> {
+        if self.api.is_none() {
+            self.api = ApiClient::connect(&self.ep).await.ok();
+        }
+        let api = self.api.as_mut()?;
+        match api.request(op).await {
+            Ok(r) => Some(r),
+            Err(crate::ops::OpsError::Refused { op, error }) => {
+                tracing::debug!(op, %error, "operator: refused");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "operator: request failed; reconnecting");
+                if let Some(api) = self.api.take() {
+                    api.close().await;
+                }
+                None
+            }
+        }
+    }
+
+    async fn printers(&mut self) -> Option<Vec<PrinterSummary>> {
+        match self.request(ApiOp::ListPrinters(NoArgs {})).await? {
+            ApiResult::Printers { printers } => Some(printers),
+            _ => None,
+        }
+    }
+
+    async fn jobs(&mut self) -> Option<Vec<JobSummary>> {
+        match self
+            .request(ApiOp::ListJobs(ListJobs {
+                include_ended: true,
+                limit: Some(1000),
+            }))
+            .await?
+        {
+            ApiResult::Jobs { jobs } => Some(jobs),
+            _ => None,
+        }
+    }
+}
+
+/// A fault being played.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    /// Waiting before the next fault.
+    Gap { until: Instant },
+    /// The fault is on.
+    Holding { fault: Fault, until: Instant },
+    /// Healed at `since`; waiting for the views to agree.
+    Converging { fault: Fault, since: Instant },
+}
+
+/// One chaos run: the processes, the proxies, the operator and the record.
+struct Run<'a> {
+    args: &'a ChaosArgs,
+    dir: &'a Path,
+    n: usize,
+    broker: Proc,
+    broker_port: u16,
+    supervisor: Proc,
+    sims: Vec<Proc>,
+    gateways: Vec<Proc>,
+    proxies: Vec<Proxy>,
+    links: Vec<PathBuf>,
+    observer: Observer,
+    operator: Operator,
+    files: Vec<gcode::GcodeFile>,
+    submitted: Vec<JobId>,
+    next_file: usize,
+    /// (printer, phase, job) the operator acted on, and when.
+    acted: HashMap<(String, PrinterPhase, Option<String>), Instant>,
+    last_operate: Instant,
+    faults: BTreeMap<&'static str, u32>,
+    converge: Vec<(String, f64)>,
+    violations: Vec<String>,
+    /// Processes the schedule has taken down on purpose (not restarted by the watchdog).
+    down: Vec<String>,
+}
+
+impl<'a> Run<'a> {
+    async fn execute(
+        args: &'a ChaosArgs,
+        printloop: &Path,
+        gateway_bin: &Path,
+        dir: &'a Path,
+    ) -> anyhow::Result<Report> {
+        let n = args.printers as usize;
+        let topics = Topics::new(protocol::DEFAULT_ROOT).context("topic root")?;
+        let logs = dir.join("logs");
+        std::fs::create_dir_all(&logs).context("creating the log directory")?;
+
+        // The broker.
+        let (spec, broker_port) = procs::broker_spec(args.broker, printloop, dir)?;
+        let mut broker = Proc::new(spec);
+        start_broker(&mut broker, broker_port).await?;
+        let url = format!("mqtt://127.0.0.1:{broker_port}");
+
+        // The printers, their links and gateways.
+        let mut sims = Vec::new();
+        let mut links = Vec::new();
+        let mut proxies = Vec::new();
+        let mut gateways = Vec::new();
+        for i in 0..n {
+            let link = dir.join(format!("p{i}.tty"));
+            let mut sim = Proc::new(Spec {
+                name: format!("sim p{i}"),
+                program: printloop.to_owned(),
+                args: vec![
+                    "sim".into(),
+                    "--link".into(),
+                    link.display().to_string(),
+                    "--speed".into(),
+                    args.speed.to_string(),
+                    "--motion-speed".into(),
+                    "20000".into(),
+                    "--advanced-ok".into(),
+                    "--seed".into(),
+                    (args.seed.wrapping_mul(1000) + i as u64).to_string(),
+                    "--control-stdin".into(),
+                ],
+                log: logs.join(format!("sim-p{i}.log")),
+                stdin: true,
+            });
+            start_sim(&mut sim, &link).await?;
+            let proxy = Proxy::start(broker_port)
+                .await
+                .context("starting a link proxy")?;
+            let gw = Proc::new(Spec {
+                name: format!("gateway p{i}"),
+                program: gateway_bin.to_owned(),
+                args: vec![
+                    "--id".into(),
+                    format!("p{i}"),
+                    "--broker".into(),
+                    format!("mqtt://127.0.0.1:{}", proxy.port()),
+                    "--serial".into(),
+                    link.display().to_string(),
+                    "--data-dir".into(),
+                    dir.join(format!("gw-p{i}")).display().to_string(),
+                    "--heartbeat".into(),
+                    "1".into(),
+                    "--keepalive".into(),
+                    "2".into(),
+                    // Real serial timeouts: a busy 2-core host can stall a process for
+                    // seconds, and a timeout scaled to the simulator's speed would then
+                    // interrupt a healthy print (see tests/e2e_fleet.rs).
+                    "--time-scale".into(),
+                    "1".into(),
+                ],
+                log: logs.join(format!("gateway-p{i}.log")),
+                stdin: false,
+            });
+            sims.push(sim);
+            links.push(link);
+            proxies.push(proxy);
+            gateways.push(gw);
+        }
+        for g in &mut gateways {
+            g.start()?;
+        }
+        let config = dir.join("supervisor.toml");
+        std::fs::write(&config, SUPERVISOR_TOML).context("writing supervisor.toml")?;
+        let mut supervisor = Proc::new(Spec {
+            name: "supervisor".into(),
+            program: printloop.to_owned(),
+            args: vec![
+                "supervisor".into(),
+                "--broker".into(),
+                url.clone(),
+                "--data-dir".into(),
+                dir.join("supervisor").display().to_string(),
+                "--config".into(),
+                config.display().to_string(),
+                "--metrics".into(),
+                "off".into(),
+            ],
+            log: logs.join("supervisor.log"),
+            stdin: false,
+        });
+        supervisor.start()?;
+
+        let observer = Observer::start(broker_port, topics.clone());
+        let ep = Endpoint::new(&url, protocol::DEFAULT_ROOT, Duration::from_secs(3))
+            .context("endpoint")?;
+        let mut run = Run {
+            args,
+            dir,
+            n,
+            broker,
+            broker_port,
+            supervisor,
+            sims,
+            gateways,
+            proxies,
+            links,
+            observer,
+            operator: Operator { ep, api: None },
+            files: Vec::new(),
+            submitted: Vec::new(),
+            next_file: 0,
+            acted: HashMap::new(),
+            last_operate: Instant::now() - Duration::from_secs(10),
+            faults: BTreeMap::new(),
+            converge: Vec::new(),
+            violations: Vec::new(),
+            down: Vec::new(),
+        };
+        let report = run.play().await;
+        if report.is_err() {
+            eprintln!("{}", run.logs());
+        }
+        run.stop_all().await;
+        let mut report = report?;
+        if args.inject_violation {
+            forge_ledger_entry(&dir.join("gw-p0/gateway.redb"))?;
+        }
+        let evidence = run.evidence(&mut report.violations);
+        report.violations.extend(check::violations(&evidence));
+        report.jobs = counts(&evidence);
+        Ok(report)
+    }
+
+    /// Start-up, work, faults, settling. Processes still run when it returns.
+    async fn play(&mut self) -> anyhow::Result<Report> {
+        self.await_fleet_up().await?;
+        self.upload().await?;
+        let inject_until = Instant::now() + Duration::from_secs(self.args.duration);
+        let mut schedule = Schedule::new(self.args.seed, self.n);
+        let converge_limit = Duration::from_secs(self.args.converge_timeout);
+        // Let the first jobs start before the first fault.
+        let mut stage = Stage::Gap {
+            until: Instant::now() + Duration::from_secs(2),
+        };
+        let mut fault_no = 0u32;
+        loop {
+            self.watchdog().await;
+            self.operate(true).await;
+            let now = Instant::now();
+            stage = match stage {
+                Stage::Gap { until } if now >= until => {
+                    if now >= inject_until {
+                        break;
+                    }
+                    let fault = schedule.next_fault();
+                    fault_no += 1;
+                    eprintln!(
+                        "chaos: [{:>5.1}s] fault #{fault_no}: {} on p{} for {:?}",
+                        self.args.duration as f64 - (inject_until - now).as_secs_f64(),
+                        fault.kind.name(),
+                        fault.printer,
+                        fault.hold
+                    );
+                    self.inject(fault).await?;
+                    *self.faults.entry(fault.kind.name()).or_default() += 1;
+                    Stage::Holding {
+                        fault,
+                        until: Instant::now() + fault.hold,
+                    }
+                }
+                Stage::Holding { fault, until } if now >= until => {
+                    self.heal(fault).await?;
+                    Stage::Converging {
+                        fault,
+                        since: Instant::now(),
+                    }
+                }
+                Stage::Converging { fault, since } => match self.agreement().await {
+                    Ok(()) => {
+                        let secs = since.elapsed().as_secs_f64();
+                        eprintln!(
+                            "chaos:          converged {secs:.1} s after healing {}",
+                            fault.kind.name()
+                        );
+                        self.converge.push((fault.kind.name().to_owned(), secs));
+                        Stage::Gap {
+                            until: Instant::now() + fault.gap,
+                        }
+                    }
+                    Err(why) if since.elapsed() > converge_limit => {
+                        self.violations.push(format!(
+                            "no convergence within {} s after healing fault #{fault_no} ({} on p{}): {why}",
+                            converge_limit.as_secs(),
+                            fault.kind.name(),
+                            fault.printer
+                        ));
+                        self.converge
+                            .push((fault.kind.name().to_owned(), since.elapsed().as_secs_f64()));
+                        Stage::Gap {
+                            until: Instant::now(),
+                        }
+                    }
+                    Err(_) => stage,
+                },
+                other => other,
+            };
+            tokio::time::sleep(TICK).await;
+        }
+
+        // Settle: no new faults, no new jobs; the operator carries on.
+        eprintln!("chaos: faults over; settling");
+        let settle_start = Instant::now();
+        let settle_limit = Duration::from_secs(self.args.settle_timeout);
+        loop {
+            self.watchdog().await;
+            self.operate(false).await;
+            let open = match self.operator.jobs().await {
+                Some(jobs) => jobs
+                    .into_iter()
+                    .filter(|j| !check::settled(j.state) || j.state == JobState::Queued)
+                    .map(|j| format!("{} {:?}", j.job_id, j.state).to_lowercase())
+                    .collect::<Vec<_>>(),
+                None => vec!["(the supervisor did not answer)".into()],
+            };
+            let agreed = self.agreement().await;
+            if open.is_empty() && agreed.is_ok() {
+                break;
+            }
+            if settle_start.elapsed() > settle_limit {
+                self.violations.push(format!(
+                    "the system did not settle within {} s: open jobs {open:?}; views: {}",
+                    settle_limit.as_secs(),
+                    agreed.err().unwrap_or_else(|| "agree".into())
+                ));
+                break;
+            }
+            tokio::time::sleep(TICK * 2).await;
+        }
+        let settle_s = settle_start.elapsed().as_secs_f64();
+        eprintln!("chaos: settled in {settle_s:.1} s");
+
+        let worst = self
+            .converge
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .cloned();
+        let mut per_kind: BTreeMap<&'static str, f64> = BTreeMap::new();
+        for (k, s) in &self.converge {
+            if let Some(kind) = FaultKind::ALL.iter().find(|f| f.name() == k) {
+                let e = per_kind.entry(kind.name()).or_default();
+                *e = round1(e.max(*s));
+            }
+        }
+        Ok(Report {
+            seed: self.args.seed,
+            broker: self.args.broker.name(),
+            printers: self.args.printers,
+            duration_s: self.args.duration,
+            faults_total: self.faults.values().sum(),
+            faults: self.faults.clone(),
+            jobs: JobCounts::default(),
+            violations: std::mem::take(&mut self.violations),
+            worst_converge_s: round1(worst.as_ref().map_or(0.0, |w| w.1)),
+            worst_converge_fault: worst.map(|w| w.0),
+            converge_s: per_kind,
+            settle_s: round1(settle_s),
+            wall_s: 0.0,
+            data_dir: None,
+        })
+    }
+
+    async fn await_fleet_up(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.agreement().await.is_ok() {
+                eprintln!("chaos: {} printers up", self.n);
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let why = self.agreement().await.err().unwrap_or_default();
+                anyhow::bail!("the fleet did not come up within 60 s: {why}");
+            }
+            self.watchdog().await;
+            tokio::time::sleep(TICK).await;
+        }
+    }
+
+    async fn upload(&mut self) -> anyhow::Result<()> {
+        let files_dir = self.dir.join("gcode");
+        std::fs::create_dir_all(&files_dir).context("creating the gcode directory")?;
+        for (name, bytes) in SAMPLES {
+            let path = files_dir.join(name);
+            std::fs::write(&path, bytes).with_context(|| format!("writing {name}"))?;
+            let file = gcode::inspect(&path).with_context(|| format!("inspecting {name}"))?;
+            let mut done = false;
+            for _ in 0..5 {
+                if self.operator.api.is_none() {
+                    self.operator.api = ApiClient::connect(&self.operator.ep).await.ok();
+                }
+                if let Some(api) = self.operator.api.as_mut() {
+                    match api.upload(&file, |_, _| {}).await {
+                        Ok(()) => {
+                            done = true;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "upload failed; trying again");
+                            self.operator.api = None;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            anyhow::ensure!(done, "could not upload {name}");
+            self.files.push(file);
+        }
+        Ok(())
+    }
+
+    /// Restarts a process that died without being told to (and records it: nothing in the
+    /// system may crash by itself).
+    async fn watchdog(&mut self) {
+        let mut crashed = Vec::new();
+        if !self.down.iter().any(|d| d == "broker") && !self.broker.is_running() {
+            crashed.push(self.broker.name().to_owned());
+            let _ = start_broker(&mut self.broker, self.broker_port).await;
+        }
+        if !self.down.iter().any(|d| d == "supervisor") && !self.supervisor.is_running() {
+            crashed.push(self.supervisor.name().to_owned());
+            let _ = self.supervisor.start();
+        }
+        for i in 0..self.n {
+            if !self.down.contains(&format!("sim p{i}")) && !self.sims[i].is_running() {
+                crashed.push(self.sims[i].name().to_owned());
+                let _ = start_sim(&mut self.sims[i], &self.links[i]).await;
+            }
+            if !self.down.contains(&format!("gateway p{i}")) && !self.gateways[i].is_running() {
+                crashed.push(self.gateways[i].name().to_owned());
+                let _ = self.gateways[i].start();
+            }
+        }
+        for c in crashed {
+            self.violations
+                .push(format!("{c} exited on its own (restarted; see its log)"));
+        }
+    }
+
+    /// One round of the operator: clear beds, reset halted printers, release held ones and,
+    /// while `submit`, keep about one job queued per printer.
+    async fn operate(&mut self, submit: bool) {
+        if self.last_operate.elapsed() < Duration::from_millis(500) {
+            return;
+        }
+        self.last_operate = Instant::now();
+        let Some(printers) = self.operator.printers().await else {
+            return;
+        };
+        let Some(jobs) = self.operator.jobs().await else {
+            return;
+        };
+        let state_of = |id: &JobId| jobs.iter().find(|j| &j.job_id == id).map(|j| j.state);
+        for p in &printers {
+            if p.presence != Presence::Online || p.stale {
+                continue;
+            }
+            if p.held {
+                tracing::info!(printer = %p.printer_id, "operator: releases the printer");
+                let _ = self
+                    .operator
+                    .request(ApiOp::ReleasePrinter(PrinterArgs {
+                        printer_id: p.printer_id.clone(),
+                    }))
+                    .await;
+            }
+            let job_state = p.job_id.as_ref().and_then(state_of);
+            let failed = match p.phase {
+                PrinterPhase::Idle => false,
+                PrinterPhase::Finished => job_state != Some(JobState::Finished),
+                PrinterPhase::Halted | PrinterPhase::Error => true,
+                _ => continue,
+            };
+            let key = (
+                p.printer_id.as_str().to_owned(),
+                p.phase,
+                p.job_id.as_ref().map(|j| j.as_str().to_owned()),
+            );
+            if self
+                .acted
+                .get(&key)
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(3))
+            {
+                continue;
+            }
+            tracing::info!(printer = %p.printer_id, phase = ?p.phase, job = ?p.job_id, failed, "operator: clears the bed");
+            let _ = self
+                .operator
+                .request(ApiOp::BedClear(BedClear {
+                    printer_id: p.printer_id.clone(),
+                    failed,
+                }))
+                .await;
+            self.acted.insert(key, Instant::now());
+        }
+        if !submit || self.files.is_empty() {
+            return;
+        }
+        let waiting = jobs
+            .iter()
+            .filter(|j| matches!(j.state, JobState::Queued | JobState::Assigned))
+            .count();
+        for _ in waiting..self.n {
+            // The small cube (seconds); in runs of 30 s or more every fourth job is the
+            // cylinder, four times longer.
+            let k = usize::from(self.args.duration >= 30 && self.next_file % 4 == 3);
+            self.next_file += 1;
+            let file = &self.files[k];
+            let op = ApiOp::SubmitJob(SubmitJob {
+                name: file.name.clone(),
+                sha256: file.sha256.clone(),
+                copies: 1,
+                priority: 0,
+                tags: vec![],
+            });
+            match self.operator.request(op).await {
+                Some(ApiResult::Submitted { job_ids }) => self.submitted.extend(job_ids),
+                _ => break,
+            }
+        }
+    }
+
+    /// `Ok` when the supervisor's view of every printer agrees with the printer's own retained
+    /// status and state; otherwise the first disagreement.
+    async fn agreement(&mut self) -> Result<(), String> {
+        let seen = self.observer.printers();
+        let Some(sup) = self.operator.printers().await else {
+            return Err("the supervisor does not answer".into());
+        };
+        agree(self.n, &sup, &seen)
+    }
+
+    async fn inject(&mut self, f: Fault) -> anyhow::Result<()> {
+        let p = f.printer;
+        match f.kind {
+            FaultKind::KillGateway => {
+                self.down.push(self.gateways[p].name().to_owned());
+                self.gateways[p].kill().await;
+            }
+            FaultKind::KillSupervisor => {
+                self.down.push("supervisor".into());
+                self.supervisor.kill().await;
+            }
+            FaultKind::KillSimulator => {
+                self.down.push(self.sims[p].name().to_owned());
+                self.sims[p].kill().await;
+            }
+            FaultKind::RestartBroker => {
+                self.down.push("broker".into());
+                self.broker.kill().await;
+            }
+            FaultKind::Partition => self.proxies[p].set(LinkMode::Partition),
+            FaultKind::CutLink => self.proxies[p].set(LinkMode::Cut),
+            FaultKind::DelayLink => self.proxies[p].set(LinkMode::Delay(f.delay)),
+            FaultKind::CablePull => self.sims[p].send_line("cable_pull").await?,
+            FaultKind::ThermalRunaway => self.sims[p].send_line("thermal_runaway").await?,
+        }
+        Ok(())
+    }
+
+    async fn heal(&mut self, f: Fault) -> anyhow::Result<()> {
+        let p = f.printer;
+        self.down.clear();
+        match f.kind {
+            FaultKind::KillGateway => self.gateways[p].start()?,
+            FaultKind::KillSupervisor => self.supervisor.start()?,
+            FaultKind::KillSimulator => start_sim(&mut self.sims[p], &self.links[p]).await?,
+            FaultKind::RestartBroker => start_broker(&mut self.broker, self.broker_port).await?,
+            FaultKind::Partition | FaultKind::CutLink | FaultKind::DelayLink => {
+                self.proxies[p].set(LinkMode::Pass)
+            }
+            FaultKind::CablePull => self.sims[p].send_line("replug").await?,
+            FaultKind::ThermalRunaway => {}
+        }
+        Ok(())
+    }
+
+    /// Orderly stops: the supervisor and gateways release their redb files.
+    async fn stop_all(&mut self) {
+        if let Some(api) = self.operator.api.take() {
+            api.close().await;
+        }
+        let mut clean = self.supervisor.stop(Signal::SIGTERM).await;
+        for g in &mut self.gateways {
+            clean &= g.stop(Signal::SIGTERM).await;
+        }
+        if !clean {
+            tracing::warn!(
+                "a process had to be killed at the end; its store is read as a crash left it"
+            );
+        }
+        for s in &mut self.sims {
+            s.stop(Signal::SIGTERM).await;
+        }
+        self.broker.stop(Signal::SIGTERM).await;
+        for p in &self.proxies {
+            p.set(LinkMode::Cut);
+        }
+    }
+
+    /// Reads every store; a store that cannot be read is a violation.
+    fn evidence(&self, violations: &mut Vec<String>) -> check::Evidence {
+        let mut ev = check::Evidence {
+            submitted: self.submitted.clone(),
+            observed: self.observer.observed(),
+            ..Default::default()
+        };
+        let sup = self.dir.join("supervisor/supervisor.redb");
+        match supervisor::store::Store::open(&sup).and_then(|s| s.load()) {
+            Ok(snap) => ev.jobs = snap.jobs,
+            Err(e) => violations.push(format!("cannot read the supervisor's store: {e}")),
+        }
+        for i in 0..self.n {
+            let path = self.dir.join(format!("gw-p{i}/gateway.redb"));
+            match gateway::store::Store::open(&path).and_then(|s| s.load()) {
+                Ok(snap) => ev.gateways.push(check::GatewayLedger {
+                    printer: format!("p{i}"),
+                    ledger: snap.ledger,
+                    current: snap.current.map(|c| (c.job_id, c.file_sha256)),
+                    verified_files: snap
+                        .files
+                        .into_iter()
+                        .filter(|f| f.verified)
+                        .map(|f| f.sha256)
+                        .collect(),
+                }),
+                Err(e) => {
+                    violations.push(format!("cannot read p{i}'s store {}: {e}", path.display()))
+                }
+            }
+        }
+        ev
+    }
+
+    fn logs(&self) -> String {
+        let mut s = format!("--- supervisor (tail) ---\n{}", self.supervisor.tail(30));
+        for g in &self.gateways {
+            s += &format!("\n--- {} (tail) ---\n{}", g.name(), g.tail(15));
+        }
+        s
+    }
+}
+
+/// The first disagreement between the supervisor's printers and the retained topics.
+fn agree(
+    n: usize,
+    sup: &[PrinterSummary],
+    seen: &BTreeMap<String, PrinterSeen>,
+) -> Result<(), String> {
+    for i in 0..n {
+        let id = format!("p{i}");
+        let s = sup
+            .iter()
+            .find(|s| s.printer_id.as_str() == id)
+            .ok_or_else(|| format!("the supervisor does not list {id}"))?;
+        let o = seen
+            .get(&id)
+            .ok_or_else(|| format!("nothing retained for {id}"))?;
+        let status = o
+            .status
+            .as_ref()
+            .ok_or_else(|| format!("{id} has no status"))?;
+        if status.presence != Presence::Online {
+            return Err(format!("{id} is offline (epoch {})", status.epoch));
+        }
+        let state = o
+            .state
+            .as_ref()
+            .filter(|st| st.epoch == status.epoch)
+            .ok_or_else(|| format!("{id} has no state of its current connection"))?;
+        if s.presence != Presence::Online || s.stale {
+            return Err(format!(
+                "{id} is online, the supervisor sees it {:?}{}",
+                s.presence,
+                if s.stale { " (stale)" } else { "" }
+            ));
+        }
+        if s.phase != state.phase {
+            return Err(format!(
+                "{id} is {:?}, the supervisor sees {:?}",
+                state.phase, s.phase
+            ));
+        }
+        if let Some(j) = &state.job {
+            if s.job_id.as_ref() != Some(&j.job_id) {
+                return Err(format!(
+                    "{id} has job {}, the supervisor sees {:?}",
+                    j.job_id, s.job_id
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn counts(ev: &check::Evidence) -> JobCounts {
+    let mut c = JobCounts {
+        submitted: ev.submitted.len(),
+        total: ev.jobs.len(),
+        ..Default::default()
+    };
+    for j in &ev.jobs {
+        match j.state {
+            JobState::Done | JobState::Finished => c.finished += 1,
+            JobState::Failed => c.failed += 1,
+            JobState::Interrupted => c.interrupted += 1,
+            JobState::Cancelled => c.cancelled += 1,
+            JobState::TimedOut => c.timed_out += 1,
+            JobState::Queued => c.queued += 1,
+            _ => {}
+        }
+        if j.retry_of.is_some() {
+            c.requeued += 1;
+        }
+    }
+    c
+}
+
+async fn start_broker(broker: &mut Proc, port: u16) -> anyhow::Result<()> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    for attempt in 1..=3 {
+        broker.start()?;
+        if procs::wait_port(addr, Duration::from_secs(10)).await && broker.is_running() {
+            return Ok(());
+        }
+        tracing::warn!(attempt, "the broker did not come up; trying again");
+        broker.kill().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    anyhow::bail!(
+        "the broker did not start on port {port}; its log:\n{}",
+        broker.tail(20)
+    )
+}
+
+async fn start_sim(sim: &mut Proc, link: &Path) -> anyhow::Result<()> {
+    // A killed simulator leaves its link behind (and its pty number may be reused): remove it,
+    // so the new link proves the new simulator is up.
+    if !sim.is_running() {
+        let _ = std::fs::remove_file(link);
+    }
+    sim.start()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if std::fs::symlink_metadata(link).is_ok() {
+            return Ok(());
+        }
+        if !sim.is_running() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    anyhow::bail!(
+        "{} did not link {}; its log:\n{}",
+        sim.name(),
+        link.display(),
+        sim.tail(20)
+    )
+}
+
+/// The `--inject-violation` hook: a ledger entry for a job the supervisor never made.
+fn forge_ledger_entry(path: &Path) -> anyhow::Result<()> {
+    let store = gateway::store::Store::open(path).context("opening p0's store to forge")?;
+    store
+        .apply(&[gateway::store::Mutation::PutLedger(
+            gateway::store::LedgerRecord {
+                job_id: JobId::new("chaos-forged").context("job id")?,
+                outcome: Some(protocol::state::JobStage::Finished),
+                line: 1,
+                accepted_at_ms: 1,
+                ended_at_ms: Some(2),
+            },
+        )])
+        .context("forging a ledger entry")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::presence::Status;
+    use protocol::state::StateSnapshot;
+    use protocol::Payload as _;
+    use protocol::PrinterId;
+
+    fn summary(id: &str, phase: PrinterPhase, presence: Presence) -> PrinterSummary {
+        PrinterSummary {
+            printer_id: PrinterId::new(id).expect("id"),
+            presence,
+            stale: false,
+            phase,
+            job_id: None,
+            progress_pct: None,
+            held: false,
+            consecutive_failures: 0,
+        }
+    }
+
+    fn seen(epoch: u64, phase: &str) -> PrinterSeen {
+        PrinterSeen {
+            status: Some(
+                Status::decode(
+                    format!(r#"{{"v":1,"presence":"online","epoch":{epoch},"at_ms":1}}"#)
+                        .as_bytes(),
+                )
+                .expect("status"),
+            ),
+            state: Some(
+                StateSnapshot::decode(
+                    format!(
+                        r#"{{"v":1,"epoch":{epoch},"seq":3,"at_ms":1,"heartbeat_s":1,"phase":"{phase}","bed_clear":false}}"#
+                    )
+                    .as_bytes(),
+                )
+                .expect("state"),
+            ),
+        }
+    }
+
+    #[test]
+    fn views_agree_only_on_the_same_phase_and_presence_of_the_current_connection() {
+        let sup = vec![summary("p0", PrinterPhase::Idle, Presence::Online)];
+        let mut seen_map = BTreeMap::from([("p0".to_owned(), seen(2, "idle"))]);
+        assert_eq!(agree(1, &sup, &seen_map), Ok(()));
+
+        let printing = vec![summary("p0", PrinterPhase::Printing, Presence::Online)];
+        assert!(agree(1, &printing, &seen_map)
+            .expect_err("phase")
+            .contains("supervisor sees Printing"));
+
+        let offline = vec![summary("p0", PrinterPhase::Idle, Presence::Offline)];
+        assert!(agree(1, &offline, &seen_map).is_err());
+
+        // A state of an older connection does not count.
+        let mut old = seen(2, "idle");
+        old.state = seen(1, "idle").state;
+        seen_map.insert("p0".into(), old);
+        assert!(agree(1, &sup, &seen_map)
+            .expect_err("old state")
+            .contains("current connection"));
+
+        assert!(agree(2, &sup, &BTreeMap::new()).is_err());
+    }
+}

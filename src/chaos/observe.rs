@@ -1,0 +1,165 @@
+//! The runner's own view of the topic tree: every printer's retained `status` and `state`
+//! (newest wins, a late will is ignored) and the `job_started` / `file_verified` events, from a
+//! direct connection to the broker (not through any proxy) that reconnects and re-subscribes
+//! after a broker restart.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use protocol::presence::{Presence, Status};
+use protocol::state::{Event, EventKind, StateSnapshot};
+use protocol::{Payload as _, PrinterTopicKind, Topic, Topics};
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS, SubscribeFilter};
+
+use super::check::Observed;
+
+/// What the retained topics say about one printer.
+#[derive(Debug, Clone, Default)]
+pub struct PrinterSeen {
+    /// The newest presence (a will older than the newest birth is ignored).
+    pub status: Option<Status>,
+    /// The newest state by (epoch, seq).
+    pub state: Option<StateSnapshot>,
+}
+
+/// Everything seen so far.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// By printer id.
+    pub printers: BTreeMap<String, PrinterSeen>,
+    /// Events of interest.
+    pub observed: Observed,
+    /// Messages that did not decode.
+    pub undecodable: u64,
+}
+
+impl Seen {
+    fn apply(&mut self, topics: &Topics, topic: &str, payload: &[u8]) {
+        let Ok(t) = topics.parse(topic) else {
+            return;
+        };
+        match t {
+            Topic::Status(id) => match Status::decode(payload) {
+                Ok(s) => {
+                    let p = self.printers.entry(id.as_str().to_owned()).or_default();
+                    let newer = match &p.status {
+                        None => true,
+                        Some(old) => {
+                            s.epoch > old.epoch
+                                || (s.epoch == old.epoch && s.presence == Presence::Offline)
+                        }
+                    };
+                    if newer {
+                        p.status = Some(s);
+                    }
+                }
+                Err(_) => self.undecodable += 1,
+            },
+            Topic::State(id) => match StateSnapshot::decode(payload) {
+                Ok(s) => {
+                    let p = self.printers.entry(id.as_str().to_owned()).or_default();
+                    if p.state
+                        .as_ref()
+                        .is_none_or(|old| (s.epoch, s.seq) > (old.epoch, old.seq))
+                    {
+                        p.state = Some(s);
+                    }
+                }
+                Err(_) => self.undecodable += 1,
+            },
+            Topic::Events(id) => match Event::decode(payload) {
+                Ok(e) => match e.event {
+                    EventKind::JobStarted { job_id } => {
+                        self.observed
+                            .starts
+                            .push((id.as_str().to_owned(), job_id, e.epoch, e.seq));
+                    }
+                    EventKind::FileVerified { job_id, sha256 } => {
+                        self.observed
+                            .verified
+                            .push((id.as_str().to_owned(), job_id, sha256));
+                    }
+                    _ => {}
+                },
+                Err(_) => self.undecodable += 1,
+            },
+            _ => {}
+        }
+    }
+}
+
+/// A running observer.
+pub struct Observer {
+    /// What it has seen.
+    pub seen: Arc<Mutex<Seen>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Observer {
+    /// Connects to `127.0.0.1:port` and keeps watching until dropped.
+    pub fn start(port: u16, topics: Topics) -> Observer {
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let mut opts = MqttOptions::new(
+            format!("chaos-observer-{}", std::process::id()),
+            "127.0.0.1",
+            port,
+        );
+        opts.set_clean_session(true)
+            .set_keep_alive(Duration::from_secs(5))
+            .set_max_packet_size(2 * 1024 * 1024, 64 * 1024);
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        let filters: Vec<SubscribeFilter> = [
+            PrinterTopicKind::Status,
+            PrinterTopicKind::State,
+            PrinterTopicKind::Events,
+        ]
+        .into_iter()
+        .map(|k| SubscribeFilter::new(topics.all_printers(k), QoS::AtLeastOnce))
+        .collect();
+        let s = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                        // A clean session: subscribe again on every connection. try_: never
+                        // wait on the request queue from the event loop.
+                        if let Err(e) = client.try_subscribe_many(filters.clone()) {
+                            tracing::warn!(error = %e, "observer: cannot subscribe");
+                        }
+                    }
+                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                        if let Ok(mut seen) = s.lock() {
+                            seen.apply(&topics, &p.topic, &p.payload);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        });
+        Observer { seen, task }
+    }
+
+    /// A copy of the retained view.
+    pub fn printers(&self) -> BTreeMap<String, PrinterSeen> {
+        self.seen
+            .lock()
+            .map(|s| s.printers.clone())
+            .unwrap_or_default()
+    }
+
+    /// A copy of the events seen.
+    pub fn observed(&self) -> Observed {
+        self.seen
+            .lock()
+            .map(|s| s.observed.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

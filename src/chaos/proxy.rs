@@ -1,0 +1,254 @@
+//! A loopback TCP proxy in front of the broker, one per gateway, that can break the link.
+//!
+//! Modes ([`LinkMode`]):
+//! - `Pass`: bytes flow both ways.
+//! - `Cut`: every connection through the proxy is closed at once and new ones are closed as
+//!   soon as they are accepted (a cable pulled out of a switch, a NAT table flushed).
+//! - `Partition`: nothing is lost and nothing is delivered: connections stay open, bytes wait
+//!   (the pumps stop reading, so TCP's own buffers fill), new connections are accepted but not
+//!   connected upstream — a black hole. Both ends find out only through their keep-alives.
+//!   When the partition heals the held bytes flow on; connections accepted during it are then
+//!   connected upstream.
+//! - `Delay(d)`: every chunk read is held `d` before it is written (in both directions, in
+//!   order).
+//!
+//! No byte is ever dropped or reordered inside a connection: a link is either whole, late, or
+//! closed, as TCP promises. Every task ends when the proxy is dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// What the proxy does with the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkMode {
+    /// Forward.
+    Pass,
+    /// Close everything, refuse new connections.
+    Cut,
+    /// Hold every byte; accept new connections but connect nothing.
+    Partition,
+    /// Forward each chunk after this delay.
+    Delay(Duration),
+}
+
+/// A running proxy.
+pub struct Proxy {
+    port: u16,
+    mode: Arc<watch::Sender<LinkMode>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Listens on a free loopback port and forwards to `127.0.0.1:upstream`.
+    pub async fn start(upstream: u16) -> std::io::Result<Proxy> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let port = listener.local_addr()?.port();
+        let (tx, _) = watch::channel(LinkMode::Pass);
+        let mode = Arc::new(tx);
+        let task = tokio::spawn(accept_loop(listener, upstream, mode.clone()));
+        Ok(Proxy { port, mode, task })
+    }
+
+    /// The port gateways connect to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Switches the mode (takes effect at once for every connection).
+    pub fn set(&self, mode: LinkMode) {
+        self.mode.send_replace(mode);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.mode.send_replace(LinkMode::Cut);
+        self.task.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, upstream: u16, mode: Arc<watch::Sender<LinkMode>>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((down, _)) = accepted else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                if *mode.borrow() == LinkMode::Cut {
+                    drop(down);
+                    continue;
+                }
+                conns.spawn(connection(down, upstream, mode.subscribe()));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+/// Waits while the link is partitioned; `false` if it was cut (or the proxy is gone).
+async fn usable(mode: &mut watch::Receiver<LinkMode>) -> bool {
+    loop {
+        let now = *mode.borrow_and_update();
+        match now {
+            LinkMode::Cut => return false,
+            LinkMode::Partition => {
+                if mode.changed().await.is_err() {
+                    return false;
+                }
+            }
+            LinkMode::Pass | LinkMode::Delay(_) => return true,
+        }
+    }
+}
+
+/// One proxied connection: connects upstream once the link allows it, then pumps both ways
+/// until either side closes or the link is cut.
+async fn connection(down: TcpStream, upstream: u16, mut mode: watch::Receiver<LinkMode>) {
+    if !usable(&mut mode).await {
+        return;
+    }
+    let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+        return;
+    };
+    let _ = down.set_nodelay(true);
+    let _ = up.set_nodelay(true);
+    let (down_r, down_w) = down.into_split();
+    let (up_r, up_w) = up.into_split();
+    let a = pump(down_r, up_w, mode.clone());
+    let b = pump(up_r, down_w, mode.clone());
+    let mut cut = mode.clone();
+    tokio::select! {
+        _ = a => {}
+        _ = b => {}
+        _ = async { let _ = cut.wait_for(|m| *m == LinkMode::Cut).await; } => {}
+    }
+    // Returning drops both sockets: each end sees the connection close.
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut mode: watch::Receiver<LinkMode>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if !usable(&mut mode).await {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // A partition that began while we were reading holds these bytes too.
+        if !usable(&mut mode).await {
+            return;
+        }
+        let now = *mode.borrow();
+        if let LinkMode::Delay(d) = now {
+            tokio::time::sleep(d).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn echo_server() -> u16 {
+        let l = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    async fn roundtrip(s: &mut TcpStream, msg: &[u8], within: Duration) -> Option<Vec<u8>> {
+        s.write_all(msg).await.ok()?;
+        let mut got = vec![0u8; msg.len()];
+        match tokio::time::timeout(within, s.read_exact(&mut got)).await {
+            Ok(Ok(_)) => Some(got),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn pass_partition_delay_cut() {
+        let proxy = Proxy::start(echo_server().await).await.expect("proxy");
+        let mut s = TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .expect("connect");
+        let second = Duration::from_secs(1);
+        assert_eq!(
+            roundtrip(&mut s, b"hello", second).await.as_deref(),
+            Some(&b"hello"[..])
+        );
+
+        // Partition: nothing arrives, nothing is lost.
+        proxy.set(LinkMode::Partition);
+        assert_eq!(
+            roundtrip(&mut s, b"held", Duration::from_millis(300)).await,
+            None
+        );
+        proxy.set(LinkMode::Pass);
+        let mut got = vec![0u8; 4];
+        tokio::time::timeout(second, s.read_exact(&mut got))
+            .await
+            .expect("the held bytes arrive after the partition")
+            .expect("read");
+        assert_eq!(&got, b"held");
+
+        // Delay: late, whole.
+        proxy.set(LinkMode::Delay(Duration::from_millis(150)));
+        let t = std::time::Instant::now();
+        assert_eq!(
+            roundtrip(&mut s, b"late", second).await.as_deref(),
+            Some(&b"late"[..])
+        );
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+
+        // Cut: the connection closes and new ones are closed at once.
+        proxy.set(LinkMode::Cut);
+        let mut one = [0u8; 1];
+        let r = tokio::time::timeout(second, s.read(&mut one)).await;
+        assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "closed: {r:?}");
+        let mut t = TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .expect("accepted");
+        let r = tokio::time::timeout(second, t.read(&mut one)).await;
+        assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "refused: {r:?}");
+
+        // Healed: new connections work again.
+        proxy.set(LinkMode::Pass);
+        let mut u = TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .expect("connect");
+        assert_eq!(
+            roundtrip(&mut u, b"again", second).await.as_deref(),
+            Some(&b"again"[..])
+        );
+    }
+}
