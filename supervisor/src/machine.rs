@@ -879,6 +879,16 @@ impl Supervisor {
         }
         let new_state = job_state_of(stage);
         if j.state == new_state {
+            // Already recorded (an operator's cancel, confirmed now by the printer): the
+            // printer is free again all the same.
+            if let Some(p) = self.printers.get_mut(printer) {
+                if p.rec.assigned.as_ref() == Some(job_id) {
+                    p.rec.assigned = None;
+                    p.pending = None;
+                    out.push(Output::Persist(vec![Mutation::PutPrinter(p.rec.clone())]));
+                    self.queue_dirty = true;
+                }
+            }
             return;
         }
         j.state = new_state;
