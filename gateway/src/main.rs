@@ -124,12 +124,20 @@ fn settings(args: &Args) -> Result<Settings, ConfigError> {
             })
         }
     };
-    if !(args.time_scale.is_finite() && args.time_scale > 0.0) {
+    // Below 0.001 the link's scaled timeouts no longer fit in a Duration.
+    if !(args.time_scale.is_finite() && args.time_scale >= 0.001) {
         return Err(ConfigError::Invalid {
             key: "time-scale",
-            message: "must be a positive number".into(),
+            message: "must be a number of at least 0.001".into(),
         });
     }
+    // Seconds to milliseconds; a value that overflows is refused, not wrapped (or a panic).
+    let ms = |key: &'static str, s: u64| {
+        s.checked_mul(1000).ok_or_else(|| ConfigError::Invalid {
+            key,
+            message: format!("{s} s is too long"),
+        })
+    };
     let mut core = CoreConfig::new(printer_id);
     core.topics = topics;
     if let Some(n) = file.name {
@@ -146,13 +154,13 @@ fn settings(args: &Args) -> Result<Settings, ConfigError> {
                 message: "must be at least 1".into(),
             });
         }
-        core.heartbeat_ms = h * 1000;
+        core.heartbeat_ms = ms("timing.heartbeat_s", h)?;
     }
     if let Some(ms) = file.timing.state_min_interval_ms {
         core.state_min_interval_ms = ms;
     }
     if let Some(s) = file.timing.chunk_timeout_s {
-        core.chunk_timeout_ms = s.max(1) * 1000;
+        core.chunk_timeout_ms = ms("timing.chunk_timeout_s", s.max(1))?;
     }
     let link = LinkConfig {
         mode,
