@@ -34,9 +34,10 @@ const ROOT: &str = "printloop/v1";
 /// The longest any one condition may take to come true.
 const WAIT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(200);
-/// The printers run this much faster than real time: cube20.gcode (19 min) takes about 2 min,
-/// far longer than the pause and resume.
-const SPEED: f64 = 10.0;
+/// The printers' wire runs this much faster than real time, motion and heating practically
+/// instantly: cube20.gcode then streams for about 3 minutes, far longer than the test needs
+/// (a shorter print could end before the pause on a host that freezes for seconds).
+const SPEED: f64 = 2.0;
 const PRINTERS: usize = 2;
 const SUPERVISOR_TOML: &str = "[timing]\ncommand_retry_s = 2\nstep_timeout_s = 60\n";
 /// Every node type the flow may use: Node-RED's core nodes, nothing from the palette.
@@ -197,30 +198,10 @@ impl Rig {
 
         // The test's recorder subscribes before anything publishes.
         let record = Record::default();
-        let mut client = TestClient::connect(port, "node-red-test-recorder")
+        let first = recorder_session(port, 0)
             .await
-            .expect("recorder connects");
-        for filter in [
-            format!("{ROOT}/printers/+/state"),
-            format!("{ROOT}/printers/+/status"),
-            format!("{ROOT}/printers/+/cmd"),
-            format!("{ROOT}/printers/+/cmd/result"),
-            format!("{ROOT}/supervisor/status"),
-            format!("{ROOT}/queue"),
-        ] {
-            client
-                .subscribe(&filter, QoS::AtLeastOnce)
-                .await
-                .expect("recorder subscribes");
-        }
-        let rec = record.clone();
-        let recorder = tokio::spawn(async move {
-            while let Some(p) = client.recv(Duration::from_secs(3600)).await {
-                rec.lock()
-                    .expect("record")
-                    .push((p.topic, p.payload.to_vec()));
-            }
-        });
+            .unwrap_or_else(|e| panic!("the test's recorder cannot connect: {e}"));
+        let recorder = tokio::spawn(record_until_aborted(port, first, record.clone()));
 
         // The printers and their gateways, then the supervisor.
         let mut sims = Vec::new();
@@ -443,6 +424,46 @@ impl Rig {
             .filter(|(t, _)| *t == topic)
             .find_map(|(_, b)| Status::decode(b).ok())
             .is_some_and(|s| s.presence == Presence::Online)
+    }
+}
+
+/// The filters the test's recorder subscribes to.
+fn recorded_filters() -> [String; 6] {
+    [
+        format!("{ROOT}/printers/+/state"),
+        format!("{ROOT}/printers/+/status"),
+        format!("{ROOT}/printers/+/cmd"),
+        format!("{ROOT}/printers/+/cmd/result"),
+        format!("{ROOT}/supervisor/status"),
+        format!("{ROOT}/queue"),
+    ]
+}
+
+/// One connection of the test's recorder, subscribed.
+async fn recorder_session(port: u16, n: u32) -> Result<TestClient, testkit::Error> {
+    let mut client = TestClient::connect(port, &format!("node-red-test-recorder-{n}")).await?;
+    for filter in recorded_filters() {
+        client.subscribe(&filter, QoS::AtLeastOnce).await?;
+    }
+    Ok(client)
+}
+
+/// Records what arrives until the task is aborted. The shared 2-core host has been seen to
+/// freeze long enough for the broker to drop every client: then it connects again (the retained
+/// topics come back with the new subscription), at most 100 times.
+async fn record_until_aborted(port: u16, first: TestClient, record: Record) {
+    let mut client = Some(first);
+    for n in 1..=100 {
+        if let Some(mut c) = client.take() {
+            while let Some(p) = c.recv(Duration::from_secs(3600)).await {
+                record
+                    .lock()
+                    .expect("record")
+                    .push((p.topic, p.payload.to_vec()));
+            }
+        }
+        tokio::time::sleep(POLL).await;
+        client = recorder_session(port, n).await.ok();
     }
 }
 
