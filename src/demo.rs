@@ -47,6 +47,10 @@ pub struct DemoArgs {
     /// runs until Ctrl-C.
     #[arg(long, default_value_t = 900)]
     timeout: u64,
+    /// Use this broker (mqtt://HOST:PORT, e.g. the Mosquitto your Home Assistant uses) instead
+    /// of starting the embedded one.
+    #[arg(long, value_name = "URL")]
+    broker: Option<String>,
 }
 
 /// Runs the demo.
@@ -66,21 +70,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .tempdir()
         .context("creating the demo's directory")?;
 
-    // 1. The broker: broker.toml's ports, or free ones if they are taken.
-    let config = broker::BrokerConfig::from_toml_str(
-        include_str!("../broker.toml"),
-        "broker.toml (built in)",
-    )
-    .context("the built-in broker.toml")?;
-    let target = supervisor::run::BrokerTarget::Embedded(Box::new(config.clone()));
-    let addr = match supervisor::run::start_broker(&target) {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::warn!(error = %e, "the default broker ports are taken; using free ones");
-            let moved = config.with_free_ports().context("finding free ports")?;
-            supervisor::run::start_broker(&supervisor::run::BrokerTarget::Embedded(Box::new(moved)))
-                .context("starting the embedded broker")?
-        }
+    // 1. The broker: the one named, or the embedded one on broker.toml's ports (free ones if
+    // they are taken).
+    let addr = match &args.broker {
+        Some(url) => transport::BrokerAddr::parse(url)
+            .map_err(|e| anyhow::anyhow!("--broker {url:?}: {}", e.0))?,
+        None => start_embedded_broker()?,
     };
     let url = format!("mqtt://{}:{}", addr.host, addr.port);
     println!("demo: broker at {url} (watch from another terminal: printloop watch --broker {url})");
@@ -320,5 +315,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Err(e) => Err(e),
+    }
+}
+
+/// The embedded broker on the built-in broker.toml's ports, or on free ones if they are taken.
+fn start_embedded_broker() -> anyhow::Result<transport::BrokerAddr> {
+    let config = broker::BrokerConfig::from_toml_str(
+        include_str!("../broker.toml"),
+        "broker.toml (built in)",
+    )
+    .context("the built-in broker.toml")?;
+    let target = supervisor::run::BrokerTarget::Embedded(Box::new(config.clone()));
+    match supervisor::run::start_broker(&target) {
+        Ok(a) => Ok(a),
+        Err(e) => {
+            tracing::warn!(error = %e, "the default broker ports are taken; using free ones");
+            let moved = config.with_free_ports().context("finding free ports")?;
+            supervisor::run::start_broker(&supervisor::run::BrokerTarget::Embedded(Box::new(moved)))
+                .context("starting the embedded broker")
+        }
     }
 }
