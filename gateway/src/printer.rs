@@ -90,6 +90,9 @@ struct Stream {
     base: u64,
     /// `(line within the stream, percent, remaining minutes)` of M73 lines not yet acknowledged.
     m73: mpsc::Receiver<(u64, f64, Option<u64>)>,
+    /// The feeder has ended and every M73 line is in `pending_m73` (or was consumed): the
+    /// closed channel is not polled again (it would be ready at once, forever).
+    m73_closed: bool,
     pending_m73: VecDeque<(u64, f64, Option<u64>)>,
 }
 
@@ -122,8 +125,8 @@ impl PrinterTask {
         loop {
             let m73 = async {
                 match stream.as_mut() {
-                    Some(s) => s.m73.recv().await,
-                    None => std::future::pending().await,
+                    Some(s) if !s.m73_closed => s.m73.recv().await,
+                    _ => std::future::pending().await,
                 }
             };
             tokio::select! {
@@ -137,7 +140,7 @@ impl PrinterTask {
                             let path = self.cache.path(&sha256);
                             let (m73_tx, m73_rx) = mpsc::channel(1024);
                             let feeder = tokio::spawn(feed(link.clone(), path, m73_tx, job_id.to_string()));
-                            stream = Some(Stream { feeder, base: acked_total, m73: m73_rx, pending_m73: VecDeque::new() });
+                            stream = Some(Stream { feeder, base: acked_total, m73: m73_rx, m73_closed: false, pending_m73: VecDeque::new() });
                         }
                         PrinterCommand::PauseStream => { let _ = link.pause().await; }
                         PrinterCommand::ResumeStream => { let _ = link.resume().await; }
@@ -161,8 +164,11 @@ impl PrinterTask {
                     }
                 }
                 m = m73 => {
-                    if let (Some(m), Some(s)) = (m, stream.as_mut()) {
-                        s.pending_m73.push_back(m);
+                    match (m, stream.as_mut()) {
+                        (Some(m), Some(s)) => s.pending_m73.push_back(m),
+                        // The whole file was handed to the link: stop polling the channel.
+                        (None, Some(s)) => s.m73_closed = true,
+                        (_, None) => {}
                     }
                 }
                 ev = link_events.recv() => {

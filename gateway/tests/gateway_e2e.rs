@@ -392,6 +392,42 @@ async fn whole_print(kind: BrokerKind) {
     );
 }
 
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the state field.
+    let ticks: u64 = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+    // The kernel's USER_HZ is 100 on every Linux the project supports.
+    Duration::from_millis(ticks * 10)
+}
+
+/// Regression (found by `printloop chaos`): once a file had been handed to the link, the
+/// printer task polled the feeder's closed progress channel in a loop — one core at 100 % from
+/// the end of every print until the next job, starving everything else on the Pi.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_gateway_after_a_print_does_not_spin() {
+    let mut rig = Rig::start(BrokerKind::Embedded, fast_sim()).await;
+    rig.status(Presence::Online).await;
+    rig.ready_for_work().await;
+    let file = gcode("cube20.gcode");
+    let id = rig.start_job("j-spin", &file, "cube20.gcode").await;
+    assert_eq!(rig.result(&id).await.status, ResultStatus::Ok);
+    rig.event("job ended", |e| matches!(e, EventKind::JobEnded { .. }))
+        .await;
+    let pid = rig.gateway.as_ref().expect("gateway runs").id();
+    let before = cpu_time(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_time(pid) - before;
+    assert!(
+        used < Duration::from_millis(500),
+        "an idle gateway used {used:?} of CPU in 2 s\nlog:\n{}",
+        rig.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_print_on_rumqttd() {
     whole_print(BrokerKind::Embedded).await;
