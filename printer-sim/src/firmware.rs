@@ -819,7 +819,8 @@ impl Firmware {
                 0
             };
             let gcode_n = strtol(&cmd[npos + 1..]);
-            if gcode_n != self.last_n + 1 && !m110 {
+            // Wrapping: `N9223372036854775807` (or an `M110 N` that large) must not panic.
+            if gcode_n != self.last_n.wrapping_add(1) && !m110 {
                 return self.line_error(LineError::LineNumber);
             }
             let Some(apos) = cmd.iter().rposition(|&b| b == b'*') else {
@@ -891,7 +892,7 @@ impl Firmware {
         self.rx.clear();
         self.line.clear();
         self.input_state = InputState::Normal;
-        self.emit(&format!("Resend: {}", last + 1));
+        self.emit(&format!("Resend: {}", last.wrapping_add(1)));
         self.emit("ok");
         self.stats.resends_requested += 1;
     }
