@@ -765,6 +765,27 @@ impl Supervisor {
 
     /// Compares a printer's report with what the supervisor believes, and converges.
     fn reconcile(&mut self, now: Now, id: &PrinterId, s: &StateSnapshot, out: &mut Vec<Output>) {
+        // 0. A job recorded finished that is no longer on the printer's bed was harvested there
+        // (its bed was cleared by a command this supervisor could not judge, e.g. one sent
+        // while it had no state of the printer): it is done.
+        let on_bed = s.job.as_ref().map(|j| &j.job_id);
+        let mut harvested = Vec::new();
+        for entry in &s.recent_jobs {
+            if entry.outcome != JobStage::Finished || on_bed == Some(&entry.job_id) {
+                continue;
+            }
+            if let Some(j) = self.jobs.get_mut(&entry.job_id) {
+                if j.state == JobState::Finished && j.printer.as_ref() == Some(id) {
+                    j.state = JobState::Done;
+                    harvested.push(Mutation::PutJob(j.clone()));
+                }
+            }
+        }
+        if !harvested.is_empty() {
+            self.counters.reconciliations += 1;
+            out.push(Output::Persist(harvested));
+            self.queue_dirty = true;
+        }
         // 1. Jobs that ended on this printer while nobody listened.
         for entry in s.recent_jobs.iter().rev() {
             let Some(j) = self.jobs.get(&entry.job_id) else {
@@ -1662,7 +1683,11 @@ impl Supervisor {
                         out.push(Output::Persist(vec![Mutation::PutJob(j.clone())]));
                     }
                     (JobState::Finished | JobState::Failed | JobState::Interrupted, _) => {
-                        let _ = self.api_requeue(now, &job, out)?;
+                        // A job an operator already requeued stays requeued once: the bed
+                        // is cleared all the same (refusing would leave the printer stuck).
+                        if let Err(e) = self.api_requeue(now, &job, out) {
+                            tracing::info!(job = %job, reason = %e, "not requeued again");
+                        }
                         if let Some(p) = self.printers.get_mut(&b.printer_id) {
                             if b.failed && j.state == JobState::Finished {
                                 p.rec.consecutive_failures += 1;
