@@ -9,7 +9,8 @@
 //! with live values, that "bed cleared" and "submit job" (a real G-code file uploaded in chunks
 //! through the supervisor API) make the supervisor queue and start the job, and that a pause
 //! sent from the flow reaches the gateway (its retained `state` turns `paused`, naming the flow's
-//! command id) and a resume brings the print back.
+//! command id), a resume brings the print back, and a cancel ends the job, which the flow's
+//! "print ended" recipe reports from the `job_ended` event.
 //!
 //! It needs Node-RED, so it is `#[ignore]`d in the plain `cargo test` run:
 //! `scripts/peer-node-red.sh` installs Node-RED 4 from npm (once) and runs it with `--ignored`,
@@ -736,6 +737,36 @@ async fn flow_against_a_real_fleet(kind: Kind) {
     .await;
     rig.step(&format!(
         "resume {resume_id} from Node-RED: p0 printing again"
+    ));
+
+    // 6. Cancel from the flow: the job ends, and the flow's "notify me when a print ends"
+    // recipe reports it from the job_ended event.
+    rig.press("cancel printer").await;
+    let cancel_id = rig
+        .until_node_red("the cancel command sent", |f| sent_command(f, "cancel"))
+        .await;
+    rig.until("p0's job cancelled by the flow's command", || {
+        rig.last_state("p0").filter(|s| {
+            s.phase == PrinterPhase::Finished
+                && s.last_command
+                    .as_ref()
+                    .is_some_and(|c| c.id.as_str() == cancel_id)
+                && s.job.as_ref().is_some_and(|j| {
+                    j.job_id.as_str() == job && j.stage == protocol::state::JobStage::Cancelled
+                })
+        })
+    })
+    .await;
+    rig.until_node_red("the notification of the job's end", |f| {
+        f["ended"]
+            .as_array()?
+            .iter()
+            .find(|e| e["job_id"] == job.as_str() && e["printer"] == "p0")
+            .map(|e| assert_eq!(e["outcome"], "cancelled", "{e}"))
+    })
+    .await;
+    rig.step(&format!(
+        "cancel {cancel_id} from Node-RED: job ended, the flow notified it"
     ));
 
     // Nothing the flow sent to a printer was retained (a retained command would run again on
