@@ -608,6 +608,22 @@ fn home_assistant_sees_the_fleet_tracks_availability_and_pauses_a_print() {
         state_of(&all, &format!("sensor.printloop_{printing}_job")).as_deref()
     ));
 
+    // Home Assistant took every config and template without complaint.
+    let log = std::fs::read_to_string(&ha.log).unwrap_or_default();
+    let complaints: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("ERROR")
+                || (l.contains("WARNING")
+                    && (l.contains("printloop") || l.contains("mqtt") || l.contains("template")))
+        })
+        .collect();
+    assert!(
+        complaints.is_empty(),
+        "Home Assistant complained:\n{}",
+        complaints.join("\n")
+    );
+
     demo.stop(nix::sys::signal::Signal::SIGINT, Duration::from_secs(15));
     sim.stop(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(5));
     ha.stop(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(20));
