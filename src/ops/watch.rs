@@ -59,6 +59,13 @@ impl FleetView {
     pub fn apply(&mut self, topics: &Topics, topic: &str, payload: &[u8]) -> Result<bool, String> {
         let topic = topics.parse(topic).map_err(|e| e.to_string())?;
         let bad = |e: protocol::DecodeError| format!("{}: {e}", topics.format(&topic));
+        if payload.is_empty() {
+            // A deleted retained topic: the printer was decommissioned (`printers forget`).
+            return Ok(match &topic {
+                Topic::Status(id) | Topic::State(id) => self.printers.remove(id).is_some(),
+                _ => false,
+            });
+        }
         match &topic {
             Topic::Status(id) => {
                 let status = Status::decode(payload).map_err(bad)?;
@@ -545,6 +552,9 @@ mod tests {
             "late will"
         );
         assert_eq!(v.apply(&t, s, &status("offline", 8)), Ok(true));
+        // Forgotten: its retained topics are deleted, and it leaves the view.
+        assert_eq!(v.apply(&t, s, b""), Ok(true));
+        assert_eq!(v.apply(&t, st, b""), Ok(false));
         assert_eq!(
             v.apply(&t, st, &state(8, 5, 0, r#","phase":"idle""#)),
             Ok(true)
