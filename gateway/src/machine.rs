@@ -271,6 +271,10 @@ pub struct Gateway {
     cfg: CoreConfig,
     epoch: u64,
     seq: u64,
+    /// The epoch `seq` counts in: `seq` restarts when the epoch changes, so every event and
+    /// state of an epoch has its own `(epoch, seq)`, whether it was made before or after the
+    /// connection came up.
+    seq_epoch: u64,
     connected: bool,
     link: LinkState,
     firmware: Option<Firmware>,
@@ -308,6 +312,7 @@ impl Gateway {
             cfg,
             epoch: snap.epoch,
             seq: 0,
+            seq_epoch: snap.epoch,
             connected: false,
             link: LinkState::Down {
                 reason: "not opened yet".into(),
@@ -342,6 +347,10 @@ impl Gateway {
             g.last_checkpoint_line = job.line;
             match job.stage {
                 JobStage::Starting | JobStage::Printing | JobStage::Paused => {
+                    // The last epoch's `seq`s were used before the restart: journal in a new
+                    // epoch, so the event cannot be taken for one the supervisor already has.
+                    g.epoch += 1;
+                    out.push(Output::Persist(vec![Mutation::SetEpoch(g.epoch)]));
                     g.end_job(
                         now,
                         JobStage::Interrupted,
@@ -479,7 +488,6 @@ impl Gateway {
 
     fn on_connected(&mut self, now: Now, session_present: bool, out: &mut Vec<Output>) {
         self.connected = true;
-        self.seq = 0;
         let me = self.cfg.printer_id.clone();
         // Subscribe on every connect: after `session_present = 0` (rumqttd forgets sessions on
         // restart) it is required, and with a kept session it is harmless. Our own `events` come
@@ -536,6 +544,10 @@ impl Gateway {
     }
 
     fn next_seq(&mut self) -> u64 {
+        if self.seq_epoch != self.epoch {
+            self.seq_epoch = self.epoch;
+            self.seq = 0;
+        }
         self.seq += 1;
         self.seq
     }

@@ -37,6 +37,11 @@ use crate::model::{FileRecord, JobRecord, Mutation, PrinterRecord, Snapshot};
 /// The client id Home Assistant's button presses answer to (`api/response/homeassistant`).
 pub const HA_CLIENT: &str = "homeassistant";
 
+/// Printers whose discovery configs go out in one round (13 messages each)...
+const HA_PRINTERS_PER_ROUND: usize = 25;
+/// ...and the pause between rounds: a thousand printers' configs never flood the MQTT queue.
+const HA_ROUND_MS: u64 = 100;
+
 /// The supervisor's policies.
 #[derive(Debug, Clone)]
 pub struct SupervisorConfig {
@@ -272,6 +277,8 @@ pub struct Supervisor {
     ha_fleet_dirty: bool,
     /// Home Assistant came online: re-publish every config at this instant (jittered).
     ha_republish_mono: Option<u64>,
+    /// When the last round of printer configs went out.
+    ha_round_mono: Option<u64>,
 }
 
 fn job_state_of(stage: JobStage) -> JobState {
@@ -339,6 +346,7 @@ impl Supervisor {
             ha_dirty: BTreeSet::new(),
             ha_fleet_dirty: false,
             ha_republish_mono: None,
+            ha_round_mono: None,
         }
     }
 
@@ -430,6 +438,9 @@ impl Supervisor {
         }
         if let Some(t) = self.ha_republish_mono {
             at(t);
+        }
+        if self.cfg.ha.enabled && self.connected && !self.ha_dirty.is_empty() {
+            at(self.ha_round_mono.map_or(0, |t| t + HA_ROUND_MS));
         }
         d
     }
@@ -791,7 +802,9 @@ impl Supervisor {
             let Some(j) = self.jobs.get(&entry.job_id) else {
                 continue;
             };
-            if active(j.state) && j.printer.as_ref() == Some(id) {
+            // A cancelled job too: the printer's outcome is recorded and frees the printer.
+            let open = active(j.state) || j.state == JobState::Cancelled;
+            if open && j.printer.as_ref() == Some(id) {
                 self.counters.reconciliations += 1;
                 tracing::info!(printer = %id, job = %entry.job_id, outcome = ?entry.outcome, "reconciled: the job ended while we were apart");
                 self.apply_outcome(
@@ -1955,7 +1968,20 @@ impl Supervisor {
                 self.publish(out, c.topic, c.payload, true);
             }
         }
-        for id in std::mem::take(&mut self.ha_dirty) {
+        if self.ha_dirty.is_empty()
+            || self
+                .ha_round_mono
+                .is_some_and(|t| now.mono_ms < t + HA_ROUND_MS)
+        {
+            return;
+        }
+        self.ha_round_mono = Some(now.mono_ms);
+        let mut sent = 0;
+        while sent < HA_PRINTERS_PER_ROUND {
+            let Some(id) = self.ha_dirty.pop_first() else {
+                break;
+            };
+            // Without meta it waits: its meta marks it dirty again.
             let Some(p) = self.printers.get(&id) else {
                 continue;
             };
@@ -1974,6 +2000,7 @@ impl Supervisor {
             if p.ha_published == Some(digest) {
                 continue;
             }
+            sent += 1;
             tracing::info!(printer = %id, entities = configs.len(), "Home Assistant discovery published");
             for c in configs {
                 self.publish(out, c.topic, c.payload, true);
