@@ -212,7 +212,12 @@ impl Store {
     /// Opens (or creates) the state database at `path`. A damaged file is an error that names
     /// it; the gateway never silently starts from empty state over a damaged one.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(db("open"))?;
+        // The integrity check turns a damaged file into an error here; without it redb can
+        // panic later ("Malformed allocator state") on a file with flipped bytes.
+        let db = Database::builder()
+            .set_check_integrity_on_open(true)
+            .create(path)
+            .map_err(db("open"))?;
         let store = Self { db };
         store.init()?;
         Ok(store)
