@@ -17,10 +17,11 @@ use proptest::test_runner::Config;
 use protocol::marlin;
 
 fn config(default: u32) -> Config {
-    let cases = ["FUZZ_CASES", "PROPTEST_CASES"]
-        .iter()
-        .find_map(|k| std::env::var(k).ok()?.parse().ok())
-        .unwrap_or(default);
+    let env = |k: &str| std::env::var(k).ok()?.parse::<u32>().ok();
+    // FUZZ_CASES fixes the count; FUZZ_SCALE multiplies this test's default.
+    let cases = env("FUZZ_CASES")
+        .or_else(|| env("PROPTEST_CASES"))
+        .unwrap_or_else(|| default.saturating_mul(env("FUZZ_SCALE").unwrap_or(1)));
     Config {
         cases,
         max_shrink_time: 20_000,

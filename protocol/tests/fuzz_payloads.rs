@@ -29,12 +29,13 @@ use protocol::marlin;
 use protocol::{ClientId, CommandId, Payload, Sha256Hex, Topic, TopicError, Topics};
 use serde_json::Value;
 
-/// Cases per property: `FUZZ_CASES`, else `PROPTEST_CASES`, else `default`.
+/// Cases per property: `FUZZ_CASES`, else `PROPTEST_CASES`, else `default` × `FUZZ_SCALE`.
 fn config(default: u32) -> Config {
-    let cases = ["FUZZ_CASES", "PROPTEST_CASES"]
-        .iter()
-        .find_map(|k| std::env::var(k).ok()?.parse().ok())
-        .unwrap_or(default);
+    let env = |k: &str| std::env::var(k).ok()?.parse::<u32>().ok();
+    // FUZZ_CASES fixes the count; FUZZ_SCALE multiplies this test's default.
+    let cases = env("FUZZ_CASES")
+        .or_else(|| env("PROPTEST_CASES"))
+        .unwrap_or_else(|| default.saturating_mul(env("FUZZ_SCALE").unwrap_or(1)));
     Config {
         cases,
         // Shrinking a 64 KiB input byte by byte takes long; a few seconds finds a small one.
