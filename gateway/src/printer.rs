@@ -160,6 +160,8 @@ impl PrinterTask {
                                 old.feeder.abort();
                             }
                             (link, link_events) = self.reopen(link).await;
+                            // A new link numbers its lines from 1 again.
+                            acked_total = 0;
                         }
                     }
                 }
@@ -177,6 +179,7 @@ impl PrinterTask {
                         let (l, e) = self.open();
                         link = l;
                         link_events = e;
+                        acked_total = 0;
                         continue;
                     };
                     let mut out = Vec::new();
@@ -220,6 +223,7 @@ impl PrinterTask {
                         // device behind the same path is found that way.
                         tracing::warn!("printer silent: reopening its port");
                         (link, link_events) = self.reopen(link).await;
+                        acked_total = 0;
                     }
                     for e in out {
                         if self.events.send(e).await.is_err() {

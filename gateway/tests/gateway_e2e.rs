@@ -690,6 +690,51 @@ async fn thermal_runaway_halts_the_printer_and_fails_the_job() {
     assert_eq!(rig.result(&id).await.status, ResultStatus::Error);
 }
 
+/// Regression (found by `printloop chaos`): the reset after a halt opens a new serial link,
+/// whose line numbers start again from 1, but the printer task kept counting acknowledged lines
+/// from the old link's total — the next print never reached its last line and stayed
+/// `printing` for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_halt_and_a_reset_the_next_print_runs_to_its_end() {
+    let mut rig = Rig::start(BrokerKind::Embedded, fast_sim()).await;
+    rig.ready_for_work().await;
+    rig.start_job("j-hot", &gcode("plate_tall.gcode"), "plate_tall.gcode")
+        .await;
+    rig.state("printing past line 500", |s| {
+        s.phase == PrinterPhase::Printing && s.job.as_ref().is_some_and(|j| j.line > 500)
+    })
+    .await;
+    rig.sim.control().thermal_runaway().await.expect("runaway");
+    rig.state("halted", |s| s.phase == PrinterPhase::Halted)
+        .await;
+    // The operator looked at it: clearing the bed resets the printer.
+    let id = rig.cmd("\"kind\":\"bed_cleared\",\"args\":{}").await;
+    assert_eq!(rig.result(&id).await.status, ResultStatus::Ok);
+    rig.state("ready after the reset", |s| s.phase == PrinterPhase::Ready)
+        .await;
+    let file = gcode("cube20.gcode");
+    let total = gcode_lines(&file);
+    let id = rig.start_job("j-next", &file, "cube20.gcode").await;
+    assert_eq!(rig.result(&id).await.status, ResultStatus::Ok);
+    let ended = rig
+        .event(
+            "j-next ended",
+            |e| matches!(e, EventKind::JobEnded { job_id, .. } if job_id.as_str() == "j-next"),
+        )
+        .await;
+    match ended.event {
+        EventKind::JobEnded { outcome, line, .. } => {
+            assert_eq!(
+                (outcome, line),
+                (JobStage::Finished, total),
+                "log:\n{}",
+                rig.log()
+            );
+        }
+        _ => unreachable!(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_expired_malformed_and_unknown_commands_over_mqtt() {
     let mut rig = Rig::start(BrokerKind::Mosquitto, fast_sim()).await;
