@@ -642,7 +642,7 @@ impl<'a> Run<'a> {
     }
 
     /// One round of the operator: clear beds, reset halted printers, release held ones and,
-    /// while `submit`, keep about one job queued per printer.
+    /// while `submit`, keep the queue topped up.
     async fn operate(&mut self, submit: bool) {
         if self.last_operate.elapsed() < Duration::from_millis(500) {
             return;
@@ -704,7 +704,9 @@ impl<'a> Run<'a> {
             .iter()
             .filter(|j| matches!(j.state, JobState::Queued | JobState::Assigned))
             .count();
-        for _ in waiting..self.n {
+        // About one job waiting per two printers: enough that a freed printer finds work,
+        // few enough that the queue drains soon after the faults stop.
+        for _ in waiting..self.n.div_ceil(2) {
             // The small cube (seconds); in runs of 30 s or more every fourth job is the
             // cylinder, four times longer.
             let k = usize::from(self.args.duration >= 30 && self.next_file % 4 == 3);
