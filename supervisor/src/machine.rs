@@ -40,7 +40,7 @@ pub const HA_CLIENT: &str = "homeassistant";
 /// Printers whose discovery configs go out in one round (13 messages each)...
 const HA_PRINTERS_PER_ROUND: usize = 25;
 /// ...and the pause between rounds: a thousand printers' configs never flood the MQTT queue.
-const HA_ROUND_MS: u64 = 100;
+pub(crate) const HA_ROUND_MS: u64 = 100;
 
 /// The supervisor's policies.
 #[derive(Debug, Clone)]

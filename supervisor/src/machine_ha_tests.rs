@@ -28,6 +28,13 @@ fn retained_under<'a>(out: &'a [Output], prefix: &str) -> Vec<&'a Publish> {
         .collect()
 }
 
+/// A message, then time for the next round of discovery configs.
+fn msg_and_round(h: &mut H, topic: &str, payload: Vec<u8>) -> Vec<Output> {
+    let mut out = h.msg(topic, payload);
+    out.extend(h.advance(crate::machine::HA_ROUND_MS));
+    out
+}
+
 fn press(h: &mut H, p: &str, payload: &[u8]) -> Vec<Output> {
     h.msg(&format!("ha/printers/{p}/press"), payload.to_vec())
 }
@@ -130,7 +137,7 @@ fn a_printer_is_discovered_once_its_meta_names_it_and_again_only_when_that_chang
         retained_under(&out, "homeassistant/").is_empty(),
         "waits for meta"
     );
-    let out = h.msg("printers/p0/meta", meta("p0", "Left", 1));
+    let out = msg_and_round(&mut h, "printers/p0/meta", meta("p0", "Left", 1));
     let configs = retained_under(&out, "homeassistant/");
     assert_eq!(configs.len(), 13);
     assert!(configs.iter().all(|p| p.retain));
@@ -139,10 +146,10 @@ fn a_printer_is_discovered_once_its_meta_names_it_and_again_only_when_that_chang
         .any(|p| p.topic == "homeassistant/sensor/printloop_p0/nozzle_temp/config"));
     // A reconnect of the gateway (new epoch, same meta otherwise): nothing new to say.
     h.online("p0", 2);
-    let out = h.msg("printers/p0/meta", meta("p0", "Left", 2));
+    let out = msg_and_round(&mut h, "printers/p0/meta", meta("p0", "Left", 2));
     assert!(retained_under(&out, "homeassistant/").is_empty());
     // Renamed: the configs (device name) are published again, same unique ids.
-    let out = h.msg("printers/p0/meta", meta("p0", "Right", 3));
+    let out = msg_and_round(&mut h, "printers/p0/meta", meta("p0", "Right", 3));
     let again = retained_under(&out, "homeassistant/");
     assert_eq!(again.len(), 13);
     let v: serde_json::Value = serde_json::from_slice(&again[0].payload).expect("JSON");
@@ -157,6 +164,11 @@ fn home_assistant_online_brings_every_config_again_after_a_bounded_jitter() {
     h.msg("printers/p0/meta", meta("p0", "Left", 1));
     h.online("p1", 1);
     h.msg("printers/p1/meta", meta("p1", "Right", 1));
+    assert_eq!(
+        retained_under(&h.advance(crate::machine::HA_ROUND_MS), "homeassistant/").len(),
+        26,
+        "both printers' configs, in the next round"
+    );
     let out = h.input(Input::Message {
         topic: "homeassistant/status".into(),
         payload: b"online".to_vec(),
@@ -390,4 +402,27 @@ fn forget_is_refused_while_a_job_runs_on_the_printer() {
     }));
     let e = r.error.unwrap_or_default();
     assert!(e.contains(j.as_str()) && e.contains("cancel"), "{e}");
+}
+
+#[test]
+fn a_large_fleet_is_discovered_in_bounded_rounds() {
+    let mut h = H::new();
+    let n = 60;
+    let mut out = Vec::new();
+    for i in 0..n {
+        let p = format!("q{i}");
+        out.extend(h.online(&p, 1));
+        out.extend(h.msg(&format!("printers/{p}/meta"), meta(&p, &p, 1)));
+    }
+    let mut rounds = vec![retained_under(&out, "homeassistant/").len()];
+    for _ in 0..10 {
+        let due = h.s.next_deadline().expect("a deadline while configs wait");
+        let wait = due.saturating_sub(h.now.mono_ms).max(1);
+        rounds.push(retained_under(&h.advance(wait), "homeassistant/").len());
+    }
+    assert!(
+        rounds.iter().all(|&r| r <= 25 * 13),
+        "a round is at most 25 printers: {rounds:?}"
+    );
+    assert_eq!(rounds.iter().sum::<usize>(), n * 13, "{rounds:?}");
 }
