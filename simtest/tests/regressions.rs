@@ -41,3 +41,11 @@ fn seed_209_timed_out_job_settles_when_the_printer_is_back() {
 fn seed_289_assigned_job_on_a_ready_printer_is_started() {
     simtest::check_seed(289, false);
 }
+
+/// Open, safety: after a supervisor restart a start already accepted by one printer is moved
+/// to another ("deferred" move: the pending start is not durable). Ignored until fixed.
+#[test]
+#[ignore = "open bug found by the simulation, not fixed yet"]
+fn seed_952_a_started_job_is_never_moved_to_another_printer() {
+    simtest::check_seed(952, false);
+}

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 /// Seeds that fail on open bugs the simulation found and that are not fixed yet (each has an
 /// ignored test in `regressions.rs` and an entry in docs/resilience.md). `SIM_ALL=1` runs them.
-const KNOWN_OPEN: [u64; 4] = [209, 235, 289, 757];
+const KNOWN_OPEN: [u64; 7] = [130, 209, 235, 289, 757, 883, 952];
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
