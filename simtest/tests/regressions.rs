@@ -26,26 +26,42 @@ fn seed_76_events_have_unique_epoch_seq() {
     simtest::check_seed(76, false);
 }
 
-/// Open: a job flagged timed_out whose printer is back and shows it ended is not settled.
-/// Ignored until fixed (see docs/resilience.md).
+/// Supervisor: a job flagged timed out before it ever started stayed timed out when its
+/// printer came back ready without it (also seed 235). Unit test:
+/// `a_job_that_timed_out_before_it_started_starts_when_its_printer_is_back`.
 #[test]
-#[ignore = "open bug found by the simulation, not fixed yet"]
 fn seed_209_timed_out_job_settles_when_the_printer_is_back() {
     simtest::check_seed(209, false);
 }
 
-/// Open: a job stays assigned to a ready printer without a start being sent.
-/// Ignored until fixed (see docs/resilience.md).
+/// Supervisor: a job stayed assigned to a printer that no longer held it, and no start was
+/// ever sent (also seeds 130, 757, 883). Unit test:
+/// `an_assigned_job_no_printer_holds_goes_back_to_the_queue`.
 #[test]
-#[ignore = "open bug found by the simulation, not fixed yet"]
 fn seed_289_assigned_job_on_a_ready_printer_is_started() {
     simtest::check_seed(289, false);
 }
 
-/// Open, safety: after a supervisor restart a start already accepted by one printer is moved
-/// to another ("deferred" move: the pending start is not durable). Ignored until fixed.
+/// Supervisor, safety: after a restart a start already accepted by one printer was moved to
+/// another (the pending start was not durable). Unit test:
+/// `a_start_sent_before_a_restart_is_not_moved_until_it_has_surely_expired`.
 #[test]
-#[ignore = "open bug found by the simulation, not fixed yet"]
 fn seed_952_a_started_job_is_never_moved_to_another_printer() {
     simtest::check_seed(952, false);
+}
+
+/// Supervisor, safety: after a restart a deferred job was moved away from a printer whose
+/// report had not come in yet, while that printer had accepted it (also seed 1374). Unit test:
+/// `a_deferred_job_stays_until_its_printer_reports_that_it_does_not_have_it`.
+#[test]
+fn seed_4806_a_deferred_job_is_not_moved_before_its_printer_reports() {
+    simtest::check_seed(4806, false);
+}
+
+/// The other seeds of the same bugs.
+#[test]
+fn seeds_130_235_757_883_1374() {
+    for seed in [130, 235, 757, 883, 1374] {
+        simtest::check_seed(seed, false);
+    }
 }

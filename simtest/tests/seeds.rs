@@ -7,10 +7,6 @@
 
 use std::time::Instant;
 
-/// Seeds that fail on open bugs the simulation found and that are not fixed yet (each has an
-/// ignored test in `regressions.rs` and an entry in docs/resilience.md). `SIM_ALL=1` runs them.
-const KNOWN_OPEN: [u64; 7] = [130, 209, 235, 289, 757, 883, 952];
-
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
@@ -18,6 +14,15 @@ fn env_u64(name: &str) -> Option<u64> {
 #[test]
 fn seeds() {
     if let Some(seed) = env_u64("SIM_SEED") {
+        // The machines' own logs (RUST_LOG, default info) interleave with the trace.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            )
+            .with_test_writer()
+            .without_time()
+            .try_init();
         let s = simtest::check_seed(seed, true);
         eprintln!("{s:?}");
         return;
@@ -34,13 +39,18 @@ fn seeds() {
                 let mut failures = Vec::new();
                 let (mut steps, mut faults, mut done) = (0u64, 0u64, 0usize);
                 let mut seed = first + t;
-                let all = std::env::var_os("SIM_ALL").is_some();
                 while seed < first + n {
-                    if !all && KNOWN_OPEN.contains(&seed) {
-                        seed += threads;
-                        continue;
-                    }
-                    match simtest::run_seed(seed, false) {
+                    // A panic inside a machine is a failure of this seed, reported with it.
+                    let run = std::panic::catch_unwind(|| simtest::run_seed(seed, false))
+                        .unwrap_or_else(|p| {
+                            let msg = p
+                                .downcast_ref::<String>()
+                                .map(String::as_str)
+                                .or_else(|| p.downcast_ref::<&str>().copied())
+                                .unwrap_or("a panic");
+                            Err(format!("panicked: {msg}"))
+                        });
+                    match run {
                         Ok(s) => {
                             steps += s.steps;
                             faults += s.faults;

@@ -32,7 +32,7 @@ use protocol::{
 };
 
 use crate::ha::{self, HaConfig, PressAction};
-use crate::model::{FileRecord, JobRecord, Mutation, PrinterRecord, Snapshot};
+use crate::model::{FileRecord, JobRecord, Mutation, PrinterRecord, Snapshot, StartSent};
 
 /// The client id Home Assistant's button presses answer to (`api/response/homeassistant`).
 pub const HA_CLIENT: &str = "homeassistant";
@@ -177,6 +177,10 @@ pub enum Input {
     Tick,
 }
 
+/// How far a printer's clock may run behind the supervisor's when it judges a start
+/// command's expiry: a start is only given up this long after it expired.
+const START_EXPIRY_SKEW_MS: u64 = 5_000;
+
 #[derive(Debug, Clone)]
 struct PendingStart {
     job: JobId,
@@ -206,6 +210,14 @@ struct PrinterView {
 
 impl PrinterView {
     fn new(rec: PrinterRecord, now: Now) -> Self {
+        // A start sent before a restart is still on its way as far as anyone knows: it is
+        // retried (or expires) from now on, and the job is not moved meanwhile.
+        let pending = rec.start_sent.as_ref().map(|s| PendingStart {
+            job: s.job.clone(),
+            command: s.command.clone(),
+            sent_mono: now.mono_ms,
+            expires_unix: s.expires_at_ms,
+        });
         Self {
             rec,
             presence: Presence::Offline,
@@ -215,7 +227,7 @@ impl PrinterView {
             online_since_mono: now.mono_ms,
             last_event: (0, 0),
             stale: false,
-            pending: None,
+            pending,
             last_rebirth_mono: None,
             silent_since_mono: Some(now.mono_ms),
             meta: None,
@@ -465,7 +477,31 @@ impl Supervisor {
         self.dispatch(now, &mut out);
         self.publish_queue(now, &mut out, false);
         self.publish_discovery(now, &mut out);
+        self.persist_pending_starts(&mut out);
         out
+    }
+
+    /// Mirrors each printer's in-memory pending start into its durable record: a start command
+    /// is committed as sent (in the same transaction as the batch, before anything of the batch
+    /// is published), and its answer, expiry or refusal clears it. Without this a supervisor
+    /// restarted between sending a start and hearing the answer would see the job as merely
+    /// assigned and could move it to a second printer while the first one prints it.
+    fn persist_pending_starts(&mut self, out: &mut Vec<Output>) {
+        let mut muts = Vec::new();
+        for p in self.printers.values_mut() {
+            let want = p.pending.as_ref().map(|x| StartSent {
+                job: x.job.clone(),
+                command: x.command.clone(),
+                expires_at_ms: x.expires_unix,
+            });
+            if p.rec.start_sent != want {
+                p.rec.start_sent = want;
+                muts.push(Mutation::PutPrinter(p.rec.clone()));
+            }
+        }
+        if !muts.is_empty() {
+            out.push(Output::Persist(muts));
+        }
     }
 
     fn apply(&mut self, now: Now, input: Input, out: &mut Vec<Output>) {
@@ -616,6 +652,7 @@ impl Supervisor {
                 consecutive_failures: 0,
                 assigned: None,
                 first_seen_ms: now.unix_ms,
+                start_sent: None,
             };
             out.push(Output::Persist(vec![Mutation::PutPrinter(rec.clone())]));
             tracing::info!(printer = %id, "new printer");
@@ -890,6 +927,33 @@ impl Supervisor {
             }
         }
         // 3. A job we assigned that the printer does not show: start it when it is ready.
+        // One flagged timed-out before it ever started (the printer went silent with the start
+        // unanswered) is assigned again: the printer is back and does not have it, and it never
+        // runs a job id twice, so sending the start again is safe.
+        let shows = |job: &JobId| {
+            s.job.as_ref().is_some_and(|pj| &pj.job_id == job)
+                || s.recent_jobs.iter().any(|e| &e.job_id == job)
+        };
+        let p = &self.printers[id];
+        if let Some(job) = p.rec.assigned.clone() {
+            let stuck = p.reachable()
+                && p.pending.as_ref().is_none_or(|x| x.job != job)
+                && !shows(&job)
+                && self.jobs.get(&job).is_some_and(|j| {
+                    j.state == JobState::TimedOut
+                        && j.started_at_ms.is_none()
+                        && j.printer.as_ref() == Some(id)
+                });
+            if stuck {
+                let j = self.jobs.get_mut(&job).expect("checked");
+                j.state = JobState::Assigned;
+                j.reason = None;
+                self.counters.reconciliations += 1;
+                tracing::info!(printer = %id, job = %job, "reconciled: the timed-out job never started; it is assigned again");
+                out.push(Output::Persist(vec![Mutation::PutJob(j.clone())]));
+                self.queue_dirty = true;
+            }
+        }
         self.push_start(now, id, out);
     }
 
@@ -1058,6 +1122,24 @@ impl Supervisor {
             .filter(|j| j.state == JobState::Queued)
             .map(|j| (-j.priority, j.seq, j.job_id.clone()))
             .collect();
+        // An assigned job that its printer no longer holds (the printer was found running
+        // another job, or forgotten), with no start on its way and not shown by the printer:
+        // nobody will ever start it where it is, so it goes back to the queue.
+        let orphans: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Assigned && self.orphaned(j))
+            .map(|j| j.job_id.clone())
+            .collect();
+        for job in orphans {
+            let j = self.jobs.get_mut(&job).expect("listed");
+            tracing::warn!(job = %job, printer = ?j.printer, "assigned job held by no printer: back to the queue");
+            j.state = JobState::Queued;
+            j.printer = None;
+            out.push(Output::Persist(vec![Mutation::PutJob(j.clone())]));
+            queued.push((-j.priority, j.seq, job));
+            self.queue_dirty = true;
+        }
         // A deferred job (assigned, not started, printer not ready) moves to a ready printer.
         let deferred: Vec<(PrinterId, JobId)> = if ready_free.is_empty() {
             Vec::new()
@@ -1067,7 +1149,9 @@ impl Supervisor {
                 .filter(|p| p.pending.is_none() && p.phase() != Some(PrinterPhase::Ready))
                 .filter_map(|p| {
                     let j = p.rec.assigned.as_ref()?;
-                    (self.jobs.get(j)?.state == JobState::Assigned)
+                    // Only when the printer's current report shows it does not have the job
+                    // (a start it accepted may not have been heard of yet).
+                    (self.jobs.get(j)?.state == JobState::Assigned && Self::surely_without(p, j))
                         .then(|| (p.rec.printer_id.clone(), j.clone()))
                 })
                 .collect()
@@ -1125,6 +1209,32 @@ impl Supervisor {
             self.queue_dirty = true;
             self.push_start(now, &printer, out);
         }
+    }
+
+    /// Whether an `assigned` job is held by no printer: its printer does not list it as its
+    /// job, has no start of it on the way, and does not show it in its last report.
+    fn orphaned(&self, j: &JobRecord) -> bool {
+        let Some(p) = j.printer.as_ref().and_then(|id| self.printers.get(id)) else {
+            return true;
+        };
+        p.rec.assigned.as_ref() != Some(&j.job_id)
+            && p.pending.as_ref().is_none_or(|x| x.job != j.job_id)
+            && Self::surely_without(p, &j.job_id)
+    }
+
+    /// Whether the printer's current report says it does not have `job` (neither on its bed
+    /// nor in its recent ledger). No current report (unknown, stale, or of an older epoch than
+    /// its status): not sure, so false.
+    fn surely_without(p: &PrinterView, job: &JobId) -> bool {
+        let Some(s) = p
+            .state
+            .as_ref()
+            .filter(|s| p.reachable() && s.epoch >= p.status_epoch)
+        else {
+            return false;
+        };
+        !(s.job.as_ref().is_some_and(|pj| &pj.job_id == job)
+            || s.recent_jobs.iter().any(|e| &e.job_id == job))
     }
 
     /// The first of `free` whose tags `job` accepts (its index).
@@ -1238,7 +1348,11 @@ impl Supervisor {
                     s.job.as_ref().is_some_and(|j| j.job_id == pending.job)
                         || s.recent_jobs.iter().any(|e| e.job_id == pending.job)
                 });
-                if !shows && now.unix_ms > pending.expires_unix && p.reachable() {
+                // The printer judges expiry by its own clock: allow for some skew.
+                if !shows
+                    && now.unix_ms > pending.expires_unix.saturating_add(START_EXPIRY_SKEW_MS)
+                    && p.reachable()
+                {
                     let p = self.printers.get_mut(&id).expect("listed");
                     p.pending = None;
                 } else if now.mono_ms >= pending.sent_mono + self.cfg.command_retry_ms {

@@ -543,6 +543,141 @@ fn a_start_with_no_sign_of_life_is_sent_again_with_a_new_command_id() {
     assert!(h.s.counters().command_retries >= 1);
 }
 
+/// What a restart would load: the machine's durable records.
+fn durable(h: &H) -> Snapshot {
+    Snapshot {
+        epoch: h.s.epoch,
+        next_job: h.s.next_job,
+        jobs: h.s.jobs.values().cloned().collect(),
+        printers: h.s.printers.values().map(|p| p.rec.clone()).collect(),
+        files: h.s.files.values().cloned().collect(),
+        requests: vec![],
+    }
+}
+
+#[test]
+fn a_start_sent_before_a_restart_is_not_moved_until_it_has_surely_expired() {
+    // Found by the simulation (seed 952): the supervisor sent a start, the printer accepted it,
+    // and the supervisor restarted before hearing so. It must not give the job to a second
+    // printer while the first may be printing it.
+    let mut h = H::new();
+    h.online("p0", 1);
+    h.report("p0", state(PrinterPhase::Ready, None));
+    h.store_file();
+    let (jobs, out) = h.submit(1);
+    let j = jobs[0].clone();
+    assert_eq!(starts(&out, "p0").len(), 1);
+    let snap = durable(&h);
+    assert!(
+        snap.printers
+            .iter()
+            .any(|p| p.start_sent.as_ref().is_some_and(|s| s.job == j)),
+        "the start is recorded as sent"
+    );
+    let mut h2 = H::from(snap);
+    // p0's report predates the start (its next one is on the way); p1 is ready.
+    let mut idle = state(PrinterPhase::Idle, None);
+    idle.epoch = 2;
+    h2.online("p0", 2);
+    h2.report("p0", idle.clone());
+    h2.online("p1", 1);
+    let mut all = h2.report("p1", state(PrinterPhase::Ready, None));
+    for _ in 0..24 {
+        all.extend(h2.advance(5_000));
+        all.extend(h2.report("p0", idle.clone()));
+        all.extend(h2.report("p1", state(PrinterPhase::Ready, None)));
+    }
+    assert!(
+        starts(&all, "p1").is_empty(),
+        "not moved while the start may still be accepted"
+    );
+    assert_eq!(h2.job(&j).printer, Some(pid("p0")));
+    // Expired (plus the clock-skew allowance) and p0 still does not have it: it may move.
+    for _ in 0..4 {
+        all.extend(h2.advance(5_000));
+        all.extend(h2.report("p0", idle.clone()));
+        all.extend(h2.report("p1", state(PrinterPhase::Ready, None)));
+    }
+    assert_eq!(starts(&all, "p1").len(), 1, "moved once surely refused");
+    assert_eq!(h2.job(&j).printer, Some(pid("p1")));
+    let p0 = &h2.s.printers[&pid("p0")].rec;
+    assert_eq!(p0.start_sent, None, "the given-up start is cleared durably");
+}
+
+#[test]
+fn a_deferred_job_stays_until_its_printer_reports_that_it_does_not_have_it() {
+    // Found by the simulation (seeds 1374, 4806): after a restart, a deferred job was moved
+    // from a printer whose report had not come in yet, while that printer had accepted it.
+    let mut h = H::new();
+    h.online("p0", 1);
+    h.report("p0", state(PrinterPhase::Idle, None));
+    h.store_file();
+    let (jobs, _) = h.submit(1);
+    let j = jobs[0].clone();
+    assert_eq!(h.job(&j).printer, Some(pid("p0")), "deferred on p0");
+    let mut h2 = H::from(durable(&h));
+    h2.online("p1", 1);
+    let out = h2.report("p1", state(PrinterPhase::Ready, None));
+    assert!(starts(&out, "p1").is_empty(), "p0 has not reported yet");
+    assert_eq!(h2.job(&j).printer, Some(pid("p0")));
+    h2.online("p0", 2);
+    let mut idle = state(PrinterPhase::Idle, None);
+    idle.epoch = 2;
+    let out = h2.report("p0", idle);
+    assert_eq!(
+        starts(&out, "p1").len(),
+        1,
+        "moved once p0 shows it has not"
+    );
+}
+
+#[test]
+fn a_job_that_timed_out_before_it_started_starts_when_its_printer_is_back() {
+    // Found by the simulation (seeds 209, 235): the job stayed timed out forever.
+    let mut h = H::new();
+    h.online("p0", 1);
+    h.report("p0", state(PrinterPhase::Idle, None));
+    h.store_file();
+    let (jobs, _) = h.submit(1);
+    let j = jobs[0].clone();
+    assert_eq!(
+        h.job(&j).state,
+        JobState::Assigned,
+        "deferred: the bed is not clear"
+    );
+    h.msg("printers/p0/status", Status::offline(1, 0, None).encode());
+    for _ in 0..40 {
+        h.advance(10_000);
+    }
+    assert_eq!(h.job(&j).state, JobState::TimedOut);
+    h.online("p0", 2);
+    let mut st = state(PrinterPhase::Ready, None);
+    st.epoch = 2;
+    h.seq.insert("p0".into(), 0);
+    let out = h.report("p0", st);
+    assert_eq!(h.job(&j).state, JobState::Assigned);
+    assert_eq!(starts(&out, "p0").len(), 1, "started where it was placed");
+}
+
+#[test]
+fn an_assigned_job_no_printer_holds_goes_back_to_the_queue() {
+    // Found by the simulation (seeds 130, 289, 757, 883): a job stayed assigned to a printer
+    // that had been found running another job, and nothing would ever start it.
+    let mut h = H::new();
+    h.online("p0", 1);
+    h.report("p0", state(PrinterPhase::Idle, None));
+    h.store_file();
+    let (jobs, _) = h.submit(1);
+    let j = jobs[0].clone();
+    assert_eq!(h.job(&j).printer, Some(pid("p0")));
+    // p0 no longer holds it (as after it was found running another job).
+    h.s.printers.get_mut(&pid("p0")).expect("p0").rec.assigned = None;
+    h.online("p1", 1);
+    let out = h.report("p1", state(PrinterPhase::Ready, None));
+    assert_eq!(starts(&out, "p1").len(), 1);
+    assert_eq!(h.job(&j).printer, Some(pid("p1")));
+}
+
 #[test]
 fn bed_clear_with_failed_requeues_a_new_attempt() {
     let mut h = H::new();

@@ -5,7 +5,7 @@
 //! publishes that follow it.
 
 use protocol::api::JobState;
-use protocol::{JobId, PrinterId, Sha256Hex};
+use protocol::{CommandId, JobId, PrinterId, Sha256Hex};
 use serde::{Deserialize, Serialize};
 
 /// One job: a request to print one copy of one file once.
@@ -69,6 +69,21 @@ pub struct PrinterRecord {
     pub assigned: Option<JobId>,
     /// First seen (Unix ms).
     pub first_seen_ms: u64,
+    /// A start command sent and not yet answered. Durable so that a restarted supervisor
+    /// still knows the printer may have accepted the job, and never moves it meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_sent: Option<StartSent>,
+}
+
+/// A `start_job` on its way to a printer (see [`PrinterRecord::start_sent`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartSent {
+    /// The job.
+    pub job: JobId,
+    /// The command's id.
+    pub command: CommandId,
+    /// When the command expires (Unix ms): after it the printer refuses it.
+    pub expires_at_ms: u64,
 }
 
 /// A stored G-code file.

@@ -72,6 +72,7 @@ fn survives_reopen() {
         consecutive_failures: 3,
         assigned: Some(JobId::new("j-000002").expect("job id")),
         first_seen_ms: 7,
+        start_sent: None,
     };
     let file = FileRecord {
         sha256: Sha256Hex::digest(b"cube"),

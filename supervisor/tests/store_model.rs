@@ -77,6 +77,7 @@ fn arb_mutation() -> impl Strategy<Value = Mutation> {
                 consecutive_failures: fails,
                 assigned: assigned.map(|j| JobId::new(format!("j{j}")).expect("job id")),
                 first_seen_ms: u64::from(p),
+                start_sent: None,
             })
         ),
         1 => (0..3u8).prop_map(|p| Mutation::RemovePrinter(
