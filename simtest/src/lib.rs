@@ -25,7 +25,7 @@ pub fn run_seed(seed: u64, verbose: bool) -> Result<Summary, String> {
 
 /// The command that replays `seed` with a step-by-step trace.
 pub fn replay_command(seed: u64) -> String {
-    format!("SIM_SEED={seed} cargo test -p simtest --test seeds -- --nocapture")
+    format!("SIM_SEED={seed} cargo test -p simtest --test seeds -- --exact seeds --nocapture")
 }
 
 /// Runs `seed` and panics with the seed and the replay command when an invariant breaks.

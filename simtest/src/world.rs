@@ -15,6 +15,7 @@ use gateway::machine::{
 use protocol::api::{
     ApiOp, ApiRequest, ApiResponse, ApiResult, BedClear, JobArgs, JobState, PrinterArgs, SubmitJob,
 };
+use protocol::command::{Command, CommandAction};
 use protocol::files::{ChunkErrorCode, FileChunkRequest, FileChunkResponse};
 use protocol::presence::{Firmware, Presence};
 use protocol::state::{JobStage, PrinterPhase};
@@ -300,12 +301,15 @@ pub struct World {
     healing: bool,
     heal_at: u64,
     faults: u64,
+    faults_replayed: u64,
     steps: u64,
     digest: u64,
     /// Job id → the gateway that accepted it (for "never on two printers").
     accepted_on: BTreeMap<JobId, usize>,
     /// Job ids whose print started somewhere (for "never runs twice").
     started: BTreeSet<JobId>,
+    /// `start_job` commands delivered to gateways (topic, payload), for the stale-replay fault.
+    starts_seen: Vec<(String, Vec<u8>)>,
     violation: Option<String>,
     converged_at: Option<u64>,
     submit_budget: u64,
@@ -418,10 +422,12 @@ impl World {
             healing: false,
             heal_at: 0,
             faults: 0,
+            faults_replayed: 0,
             steps: 0,
             digest: 0xcbf2_9ce4_8422_2325,
             accepted_on: BTreeMap::new(),
             started: BTreeSet::new(),
+            starts_seen: Vec::new(),
             violation: None,
             converged_at: None,
             submit_budget: 0,
@@ -854,6 +860,13 @@ impl World {
             self.broker.ack(c, d.conn, d.msg.id);
         }
         let Msg { topic, payload, .. } = d.msg;
+        if self.is_gw(c) && self.starts_seen.len() < 64 {
+            if let Ok(cmd) = Command::decode(&payload) {
+                if matches!(cmd.action, CommandAction::StartJob(_)) {
+                    self.starts_seen.push((topic.clone(), payload.clone()));
+                }
+            }
+        }
         if c == SUP {
             self.sup_input(SIn::Message { topic, payload });
         } else if self.is_gw(c) {
@@ -1449,6 +1462,27 @@ impl World {
                 let d = self.rng.range(1_000, 10_000);
                 self.log(|| format!("FAULT broker restart (amnesia), down {d} ms"));
                 self.broker_restart(d);
+            }
+            48..=51 if !self.starts_seen.is_empty() => {
+                // A stale start comes back under a new id (a late retry, a confused client
+                // replaying it): the printer's ledger must refuse a job that already ran.
+                let (topic, payload) =
+                    self.starts_seen[self.rng.index(self.starts_seen.len())].clone();
+                if let Ok(mut cmd) = Command::decode(&payload) {
+                    self.faults_replayed += 1;
+                    cmd.id = CommandId::new(format!("replay-{}", self.faults_replayed))
+                        .expect("valid id");
+                    self.log(|| format!("FAULT stale start replayed on {topic}"));
+                    let c = self.op_ix();
+                    self.client_send(
+                        c,
+                        Up::Publish {
+                            topic,
+                            payload: cmd.encode(),
+                            retain: false,
+                        },
+                    );
+                }
             }
             48..=55 => {
                 let d = self.rng.range(3_000, 30_000);

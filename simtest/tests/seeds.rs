@@ -2,7 +2,7 @@
 //!
 //! - `cargo test -p simtest --test seeds`: seeds `0..1000` (override with `SIM_SEEDS=n`, e.g.
 //!   `SIM_SEEDS=100000` for the long mode; `SIM_SEED_START` moves the window).
-//! - `SIM_SEED=1234 cargo test -p simtest --test seeds -- --nocapture`: replays one seed with a
+//! - `SIM_SEED=1234 cargo test -p simtest --test seeds -- --exact seeds --nocapture`: replays one seed with a
 //!   step-by-step trace.
 
 use std::time::Instant;
