@@ -308,8 +308,9 @@ pub struct World {
     accepted_on: BTreeMap<JobId, usize>,
     /// Job ids whose print started somewhere (for "never runs twice").
     started: BTreeSet<JobId>,
-    /// `start_job` commands delivered to gateways (topic, payload), for the stale-replay fault.
-    starts_seen: Vec<(String, Vec<u8>)>,
+    /// `start_job` commands delivered to gateways (gateway, job, topic, payload), for the
+    /// stale-start fault.
+    starts_seen: Vec<(usize, JobId, String, Vec<u8>)>,
     violation: Option<String>,
     converged_at: Option<u64>,
     submit_budget: u64,
@@ -862,8 +863,10 @@ impl World {
         let Msg { topic, payload, .. } = d.msg;
         if self.is_gw(c) && self.starts_seen.len() < 64 {
             if let Ok(cmd) = Command::decode(&payload) {
-                if matches!(cmd.action, CommandAction::StartJob(_)) {
-                    self.starts_seen.push((topic.clone(), payload.clone()));
+                if let CommandAction::StartJob(st) = &cmd.action {
+                    let g = Self::gw_of(c);
+                    self.starts_seen
+                        .push((g, st.job_id.clone(), topic.clone(), payload.clone()));
                 }
             }
         }
@@ -1464,11 +1467,14 @@ impl World {
                 self.broker_restart(d);
             }
             48..=51 if !self.starts_seen.is_empty() => {
-                // A stale start comes back under a new id (a late retry, a confused client
-                // replaying it): the printer's ledger must refuse a job that already ran.
-                let (topic, payload) =
+                // A late retry: a start the supervisor sent again under a new id reaches the
+                // printer that already took the job (and maybe printed it): the printer's
+                // ledger must refuse it. (A start reaching a printer that never took the job
+                // would be the supervisor's own decision, not a fault.)
+                let (g, job, topic, payload) =
                     self.starts_seen[self.rng.index(self.starts_seen.len())].clone();
-                if let Ok(mut cmd) = Command::decode(&payload) {
+                let took_it = self.accepted_on.get(&job) == Some(&g);
+                if let (true, Ok(mut cmd)) = (took_it, Command::decode(&payload)) {
                     self.faults_replayed += 1;
                     cmd.id = CommandId::new(format!("replay-{}", self.faults_replayed))
                         .expect("valid id");

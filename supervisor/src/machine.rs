@@ -185,8 +185,15 @@ const START_EXPIRY_SKEW_MS: u64 = 5_000;
 struct PendingStart {
     job: JobId,
     command: CommandId,
+    /// Earlier sends of the same start (retries replace `command`): an `ok` for any of them
+    /// means the printer has the job.
+    earlier: Vec<CommandId>,
     sent_mono: u64,
     expires_unix: u64,
+    /// The printer refused the latest send, at this `(epoch, at_ms)` of its own. The start is
+    /// only given up once a report made after that says the printer does not have the job:
+    /// an earlier send may have been accepted and the report saying so not be in yet.
+    refused: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -215,8 +222,10 @@ impl PrinterView {
         let pending = rec.start_sent.as_ref().map(|s| PendingStart {
             job: s.job.clone(),
             command: s.command.clone(),
+            earlier: Vec::new(),
             sent_mono: now.mono_ms,
             expires_unix: s.expires_at_ms,
+            refused: None,
         });
         Self {
             rec,
@@ -723,6 +732,18 @@ impl Supervisor {
         p.silent_since_mono = None;
         p.last_state_mono = Some(now.mono_ms);
         p.state = Some(s.clone());
+        // A refused start is settled by the first report made after the refusal.
+        if let Some(x) = &p.pending {
+            if x.refused
+                .is_some_and(|(e, at)| (s.epoch, s.at_ms) > (e, at))
+            {
+                let shows = s.job.as_ref().is_some_and(|j| j.job_id == x.job)
+                    || s.recent_jobs.iter().any(|e| e.job_id == x.job);
+                if !shows {
+                    p.pending = None;
+                }
+            }
+        }
         self.reconcile(now, &id, &s, out);
         self.queue_dirty = true;
     }
@@ -778,10 +799,13 @@ impl Supervisor {
         let Some(pending) = p.pending.clone() else {
             return;
         };
-        if pending.command != r.id {
+        let latest = pending.command == r.id;
+        if !latest && !pending.earlier.contains(&r.id) {
             return;
         }
         match r.status {
+            // Refusals of earlier sends say nothing: the latest one is still on its way.
+            ResultStatus::Expired | ResultStatus::Error if !latest => {}
             ResultStatus::Ok => {
                 tracing::info!(printer = %id, job = %pending.job, "start accepted");
                 p.pending = None;
@@ -799,12 +823,12 @@ impl Supervisor {
             ResultStatus::Duplicate => {}
             ResultStatus::Expired | ResultStatus::Error => {
                 tracing::warn!(printer = %id, job = %pending.job, status = ?r.status, reason = r.reason.as_deref().unwrap_or(""), "start refused");
-                p.pending = None;
-                // The printer's state tells the truth (a job that already ran shows in its
-                // ledger); a refused start leaves the job assigned and it is sent again when
-                // the printer is ready.
-                if let Some(s) = p.state.clone() {
-                    self.reconcile(now, &id, &s, out);
+                // The printer's next report tells the truth (an earlier send may have been
+                // accepted; a job that already ran shows in its ledger): until it comes, the
+                // start stays pending, so the job is not moved. Then it is sent again when
+                // the printer is ready, or moved if the printer shows it does not have it.
+                if let Some(x) = p.pending.as_mut() {
+                    x.refused = Some((r.epoch, r.at_ms));
                 }
             }
         }
@@ -1092,11 +1116,24 @@ impl Supervisor {
         }
         tracing::info!(printer = %id, job = %job_id, command = %cmd, "start sent");
         let p = self.printers.get_mut(id).expect("known");
+        let mut earlier = match p.pending.take() {
+            Some(old) if old.job == job_id => {
+                let mut e = old.earlier;
+                e.push(old.command);
+                e
+            }
+            _ => Vec::new(),
+        };
+        if earlier.len() > 16 {
+            earlier.remove(0);
+        }
         p.pending = Some(PendingStart {
             job: job_id,
             command: cmd,
+            earlier,
             sent_mono: now.mono_ms,
             expires_unix: now.unix_ms + self.cfg.command_ttl_ms,
+            refused: None,
         });
     }
 

@@ -631,6 +631,83 @@ fn a_deferred_job_stays_until_its_printer_reports_that_it_does_not_have_it() {
     );
 }
 
+fn refusal(id: &CommandId, at_ms: u64) -> Vec<u8> {
+    CommandResult {
+        v: Version,
+        id: id.clone(),
+        status: ResultStatus::Error,
+        reason: Some("job is already on this printer".into()),
+        epoch: 1,
+        at_ms,
+    }
+    .encode()
+}
+
+/// A start sent twice to p0 (no answer to the first): returns the job and the retry's id.
+fn start_sent_twice(h: &mut H) -> (JobId, CommandId) {
+    h.online("p0", 1);
+    h.report("p0", state(PrinterPhase::Ready, None));
+    h.store_file();
+    let (jobs, out) = h.submit(1);
+    let first = commands(&out, "p0")[0].id.clone();
+    let mut later = Vec::new();
+    for _ in 0..4 {
+        later.extend(h.advance(5_000));
+        h.report("p0", state(PrinterPhase::Ready, None));
+    }
+    let retry = commands(&later, "p0")
+        .last()
+        .expect("sent again")
+        .id
+        .clone();
+    assert_ne!(retry, first);
+    (jobs[0].clone(), retry)
+}
+
+#[test]
+fn a_refused_retry_does_not_free_the_job_until_a_later_report() {
+    // p0 accepted the first send; its refusal of the retry ("already on this printer") comes
+    // in before the report that shows the job. The job must not move meanwhile.
+    let mut h = H::new();
+    let (j, retry) = start_sent_twice(&mut h);
+    h.online("p1", 1);
+    let mut out = h.msg("printers/p0/cmd/result", refusal(&retry, 1_000));
+    out.extend(h.report("p1", state(PrinterPhase::Ready, None)));
+    // A report made before the refusal (at_ms 0): it cannot say whether p0 has the job.
+    out.extend(h.report("p0", state(PrinterPhase::Idle, None)));
+    assert!(
+        starts(&out, "p1").is_empty(),
+        "not moved on a refusal alone"
+    );
+    assert_eq!(h.job(&j).printer, Some(pid("p0")));
+    let mut st = state(
+        PrinterPhase::Preparing,
+        Some((j.as_str(), JobStage::Transferring)),
+    );
+    st.at_ms = 1_001;
+    h.report("p0", st);
+    assert_eq!(h.job(&j).state, JobState::Transferring);
+    assert_eq!(h.job(&j).printer, Some(pid("p0")));
+}
+
+#[test]
+fn a_refused_start_frees_the_job_once_a_later_report_shows_the_printer_without_it() {
+    let mut h = H::new();
+    let (j, retry) = start_sent_twice(&mut h);
+    h.online("p1", 1);
+    h.msg("printers/p0/cmd/result", refusal(&retry, 1_000));
+    let mut idle = state(PrinterPhase::Idle, None);
+    idle.at_ms = 1_001;
+    h.report("p0", idle);
+    let out = h.report("p1", state(PrinterPhase::Ready, None));
+    assert_eq!(
+        starts(&out, "p1").len(),
+        1,
+        "moved: p0 said it does not have it"
+    );
+    assert_eq!(h.job(&j).printer, Some(pid("p1")));
+}
+
 #[test]
 fn a_job_that_timed_out_before_it_started_starts_when_its_printer_is_back() {
     // Found by the simulation (seeds 209, 235): the job stayed timed out forever.
