@@ -792,7 +792,7 @@ impl Supervisor {
         }
     }
 
-    fn on_result(&mut self, now: Now, id: PrinterId, r: CommandResult, out: &mut Vec<Output>) {
+    fn on_result(&mut self, _now: Now, id: PrinterId, r: CommandResult, out: &mut Vec<Output>) {
         let Some(p) = self.printers.get_mut(&id) else {
             return;
         };
