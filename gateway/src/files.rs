@@ -93,22 +93,46 @@ impl FileCache {
     }
 }
 
-/// Counts the G-code lines a host sends for a file (what the link's `gcode_lines` yields).
+/// The longest line of a G-code file read into memory (comments included: slicers write long
+/// configuration comments). Longer lines make the file unprintable, whatever they hold.
+pub const MAX_FILE_LINE: usize = 1 << 20;
+
+/// Reads one line (with its `\n`, if any) into `buf`, at most [`MAX_FILE_LINE`] bytes: a longer
+/// line is an `InvalidData` error instead of an unbounded allocation. Returns the bytes read
+/// (0 at the end).
+pub fn read_gcode_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    buf.clear();
+    let read = reader
+        .take(MAX_FILE_LINE as u64 + 1)
+        .read_until(b'\n', buf)?;
+    if read > MAX_FILE_LINE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a line longer than {MAX_FILE_LINE} bytes"),
+        ));
+    }
+    Ok(read)
+}
+
+/// Counts the G-code lines a host sends for a file (what the link's `gcode_lines` yields), and
+/// checks that the printer can take every one of them: a file with a command the link would
+/// refuse fails its check, before anything is printed, instead of stopping mid-print.
 fn count_lines(path: &Path) -> Result<u64, String> {
     let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut n = 0u64;
     let mut reader = std::io::BufReader::new(f);
     let mut line = Vec::new();
+    let mut at = 0u64;
     loop {
-        line.clear();
-        let read = reader
-            .read_until(b'\n', &mut line)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        at += 1;
+        let read =
+            read_gcode_line(&mut reader, &mut line).map_err(|e| format!("line {at}: {e}"))?;
         if read == 0 {
             break;
         }
         let text = String::from_utf8_lossy(&line);
         if protocol::marlin::strip_comment(&text).is_some() {
+            crate::link::check_command(&text).map_err(|e| format!("line {at}: {e}"))?;
             n += 1;
         }
     }
@@ -143,5 +167,34 @@ mod tests {
             .contains("hashes to"));
         cache.remove(&other);
         assert!(cache.free_bytes().is_some_and(|b| b > 0));
+    }
+
+    fn check_of(file: &[u8]) -> Result<u64, String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = FileCache::open(dir.path()).expect("open");
+        let sha = Sha256Hex::digest(file);
+        cache.store_chunk(&sha, 0, file).expect("chunk");
+        cache.check(&sha)
+    }
+
+    #[test]
+    fn a_command_the_printer_cannot_take_fails_the_check_naming_its_line() {
+        let long = format!("G28\nM117 {}\nG1 X1\n", "x".repeat(200));
+        let err = check_of(long.as_bytes()).expect_err("refused");
+        assert!(err.starts_with("line 2: command too long"), "{err}");
+        // A long comment is fine: slicers write those.
+        let comment = format!("; {}\nG28 ; {}\n", "c".repeat(5000), "d".repeat(5000));
+        assert_eq!(check_of(comment.as_bytes()), Ok(1));
+    }
+
+    #[test]
+    fn a_line_past_the_memory_bound_fails_the_check() {
+        let mut file = b"G28\n; ".to_vec();
+        file.resize(MAX_FILE_LINE + 100, b'x');
+        let err = check_of(&file).expect_err("refused");
+        assert!(
+            err.contains("line 2") && err.contains("longer than"),
+            "{err}"
+        );
     }
 }

@@ -10,7 +10,6 @@
 //! - `ResetPrinter` closes the port and opens it again, which resets a Marlin board (DTR).
 
 use std::collections::VecDeque;
-use std::io::BufRead;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -278,9 +277,8 @@ async fn feed(
     let mut n = 0u64;
     let mut buf = Vec::new();
     loop {
-        buf.clear();
         // Reading a local file in small pieces: blocking for microseconds at a time is fine.
-        let read = match reader.read_until(b'\n', &mut buf) {
+        let read = match crate::files::read_gcode_line(&mut reader, &mut buf) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(%job, error = %e, "reading the job's file failed");
