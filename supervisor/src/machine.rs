@@ -1803,10 +1803,7 @@ impl Supervisor {
         b: BedClear,
         out: &mut Vec<Output>,
     ) -> Result<ApiResult, String> {
-        let p = self
-            .printers
-            .get(&b.printer_id)
-            .ok_or_else(|| format!("unknown printer {:?}", b.printer_id.as_str()))?;
+        let p = self.known(&b.printer_id)?;
         // The job the printer last reported, and whether it has ended: by the printer's own
         // state, or by its `job_ended` event, which can arrive before the next (rate-limited)
         // state does.
@@ -1884,15 +1881,25 @@ impl Supervisor {
         printer: &PrinterId,
         out: &mut Vec<Output>,
     ) -> Result<ApiResult, String> {
-        let p = self
-            .printers
-            .get_mut(printer)
-            .ok_or_else(|| format!("unknown printer {:?}", printer.as_str()))?;
+        let p = self.known_mut(printer)?;
         p.rec.held = false;
         p.rec.consecutive_failures = 0;
         out.push(Output::Persist(vec![Mutation::PutPrinter(p.rec.clone())]));
         tracing::info!(printer = %printer, "released by an operator");
         Ok(ApiResult::Done {})
+    }
+
+    /// The printer, or the API's "unknown printer" error.
+    fn known(&self, printer: &PrinterId) -> Result<&PrinterView, String> {
+        self.printers
+            .get(printer)
+            .ok_or_else(|| format!("unknown printer {:?}", printer.as_str()))
+    }
+
+    fn known_mut(&mut self, printer: &PrinterId) -> Result<&mut PrinterView, String> {
+        self.printers
+            .get_mut(printer)
+            .ok_or_else(|| format!("unknown printer {:?}", printer.as_str()))
     }
 
     /// `pause_printer` / `resume_printer`: checked against the printer's last state, then a
@@ -1904,10 +1911,7 @@ impl Supervisor {
         pause: bool,
         out: &mut Vec<Output>,
     ) -> Result<ApiResult, String> {
-        let p = self
-            .printers
-            .get(printer)
-            .ok_or_else(|| format!("unknown printer {:?}", printer.as_str()))?;
+        let p = self.known(printer)?;
         let (wanted, verb) = if pause {
             (PrinterPhase::Printing, "pause")
         } else {
@@ -1952,10 +1956,7 @@ impl Supervisor {
         printer: &PrinterId,
         out: &mut Vec<Output>,
     ) -> Result<ApiResult, String> {
-        let p = self
-            .printers
-            .get(printer)
-            .ok_or_else(|| format!("unknown printer {:?}", printer.as_str()))?;
+        let p = self.known(printer)?;
         if p.presence == Presence::Online && !p.stale {
             return Err(format!(
                 "printer {printer} is online: stop its gateway before forgetting it"
@@ -2059,10 +2060,7 @@ impl Supervisor {
 
     /// The request a press stands for, if it makes sense in the printer's phase.
     fn press_op(&self, printer: &PrinterId, action: PressAction) -> Result<ApiOp, String> {
-        let p = self
-            .printers
-            .get(printer)
-            .ok_or_else(|| format!("unknown printer {:?}", printer.as_str()))?;
+        let p = self.known(printer)?;
         let phase = p.phase().unwrap_or(PrinterPhase::Disconnected);
         let args = PrinterArgs {
             printer_id: printer.clone(),
