@@ -958,6 +958,23 @@ impl Supervisor {
             s.job.as_ref().is_some_and(|pj| &pj.job_id == job)
                 || s.recent_jobs.iter().any(|e| &e.job_id == job)
         };
+        // A printer still holding a job that has ended in the supervisor's books (cancelled
+        // while the printer could not hear of it, before it ever had it) and that its current
+        // report does not show: nothing will ever end it there, so the printer is free again.
+        let p = self.printers.get_mut(id).expect("known");
+        if let Some(job) = p.rec.assigned.clone() {
+            let ended = self.jobs.get(&job).is_none_or(|j| !active(j.state));
+            if ended
+                && p.pending.as_ref().is_none_or(|x| x.job != job)
+                && Self::surely_without(p, &job)
+            {
+                tracing::info!(printer = %id, job = %job, "reconciled: the printer never had the ended job; it is free");
+                p.rec.assigned = None;
+                self.counters.reconciliations += 1;
+                out.push(Output::Persist(vec![Mutation::PutPrinter(p.rec.clone())]));
+                self.queue_dirty = true;
+            }
+        }
         let p = &self.printers[id];
         if let Some(job) = p.rec.assigned.clone() {
             let stuck = p.reachable()

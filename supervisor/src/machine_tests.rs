@@ -737,6 +737,38 @@ fn a_job_that_timed_out_before_it_started_starts_when_its_printer_is_back() {
 }
 
 #[test]
+fn a_printer_whose_job_was_cancelled_before_it_had_it_is_freed_when_it_reports() {
+    // Found by the simulation's long mode (seeds 22880, 25124, …): a deferred job on a silent
+    // printer timed out and was cancelled; the printer came back without it and stayed
+    // assigned to the cancelled job for ever, taking no more work.
+    let mut h = H::new();
+    h.online("p0", 1);
+    h.report("p0", state(PrinterPhase::Idle, None));
+    h.store_file();
+    let (jobs, _) = h.submit(1);
+    let j = jobs[0].clone();
+    h.msg("printers/p0/status", Status::offline(1, 0, None).encode());
+    for _ in 0..40 {
+        h.advance(10_000);
+    }
+    assert_eq!(h.job(&j).state, JobState::TimedOut);
+    let (resp, _) = h.api(ApiOp::CancelJob(JobArgs { job_id: j.clone() }));
+    assert!(resp.error.is_none(), "{:?}", resp.error);
+    h.online("p0", 2);
+    let mut st = state(PrinterPhase::Ready, None);
+    st.epoch = 2;
+    h.seq.insert("p0".into(), 0);
+    h.report("p0", st);
+    assert_eq!(h.s.printers[&pid("p0")].rec.assigned, None, "free again");
+    let (more, _) = h.submit(1);
+    assert_eq!(
+        h.job(&more[0]).printer,
+        Some(pid("p0")),
+        "and takes new work"
+    );
+}
+
+#[test]
 fn an_assigned_job_no_printer_holds_goes_back_to_the_queue() {
     // Found by the simulation (seeds 130, 289, 757, 883): a job stayed assigned to a printer
     // that had been found running another job, and nothing would ever start it.
