@@ -71,7 +71,9 @@ fn seeds_130_235_757_883_1374() {
 /// Unit test: `a_printer_whose_job_was_cancelled_before_it_had_it_is_freed_when_it_reports`.
 #[test]
 fn seeds_22880_and_others_a_printer_is_freed_of_a_job_cancelled_before_it_had_it() {
-    for seed in [22880, 25124, 26629, 34154, 40245, 42467, 73355, 75752, 96784] {
+    for seed in [
+        22880, 25124, 26629, 34154, 40245, 42467, 73355, 75752, 96784,
+    ] {
         simtest::check_seed(seed, false);
     }
 }
