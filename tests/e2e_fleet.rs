@@ -11,7 +11,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,7 +22,12 @@ use protocol::state::{Event, EventKind, JobStage, PrinterPhase, StateSnapshot};
 use protocol::{JobId, Payload};
 use rumqttc::QoS;
 use testkit::{BrokerProcess, MosquittoGuard, TestClient};
-use tokio::net::{TcpListener, TcpStream};
+
+/// The chaos runner's loopback fault proxy (the binary crate has no library to import it from).
+#[path = "../src/chaos/proxy.rs"]
+#[allow(dead_code)]
+mod proxy;
+use proxy::{LinkMode, Proxy};
 
 /// The longest any one condition may take to come true.
 const WAIT: Duration = Duration::from_secs(60);
@@ -176,64 +180,6 @@ async fn start_recorder(port: u16, name: &str, record: Record) -> tokio::task::J
             });
         }
     })
-}
-
-/// A loopback TCP proxy in front of the broker: `cut` closes every connection through it and
-/// refuses new ones (a network partition of whoever is behind it); `restore` ends the cut.
-struct Proxy {
-    port: u16,
-    open: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(upstream: u16) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy binds");
-        let port = listener.local_addr().expect("addr").port();
-        let open = Arc::new(AtomicBool::new(true));
-        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let (o, c) = (open.clone(), conns.clone());
-        let task = tokio::spawn(async move {
-            while let Ok((mut down, _)) = listener.accept().await {
-                if !o.load(Ordering::SeqCst) {
-                    drop(down); // partitioned: the connection dies at once
-                    continue;
-                }
-                let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)).await else {
-                    continue;
-                };
-                let conn = tokio::spawn(async move {
-                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-                });
-                c.lock().expect("conns").push(conn);
-            }
-        });
-        Proxy {
-            port,
-            open,
-            conns,
-            task,
-        }
-    }
-
-    fn cut(&self) {
-        self.open.store(false, Ordering::SeqCst);
-        for conn in self.conns.lock().expect("conns").drain(..) {
-            conn.abort(); // drops both sockets: the broker sees the gateway's link die
-        }
-    }
-
-    fn restore(&self) {
-        self.open.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.task.abort();
-        self.cut();
-    }
 }
 
 /// Everything one scenario runs: broker, printers, gateways, supervisor, recorder.
@@ -1105,8 +1051,10 @@ async fn broker_restart_mid_print_on_mosquitto() {
 
 async fn finished_while_cut_off(kind: Kind) {
     let mut fleet = Fleet::new(kind, 1, 10.0).await;
-    let proxy = Proxy::start(fleet.broker.port()).await;
-    fleet.spawn_gateway(0, proxy.port);
+    let proxy = Proxy::start(fleet.broker.port())
+        .await
+        .expect("proxy starts");
+    fleet.spawn_gateway(0, proxy.port());
     fleet.spawn_supervisor();
     fleet.await_fleet_up().await;
     let file = gcode_path("cube20.gcode");
@@ -1129,7 +1077,7 @@ async fn finished_while_cut_off(kind: Kind) {
         .expect("seen")
         .epoch;
 
-    proxy.cut();
+    proxy.set(LinkMode::Cut);
     fleet
         .until_printers("p0 offline or stale to the supervisor", |ps| {
             ps.iter().any(|p| {
@@ -1146,7 +1094,7 @@ async fn finished_while_cut_off(kind: Kind) {
         "a job on a printer nobody hears from stays where it is"
     );
 
-    proxy.restore();
+    proxy.set(LinkMode::Pass);
     let j = fleet.until_job(&id, JobState::Finished).await;
     assert_eq!(j.printer_id.as_ref().map(|p| p.as_str()), Some("p0"));
     fleet
