@@ -345,15 +345,7 @@ fn restart_reconciles_a_job_that_finished_while_apart_without_starting_it_again(
         ),
     );
     // The supervisor restarts from its store (what it had persisted).
-    let snap = Snapshot {
-        epoch: h.s.epoch,
-        next_job: h.s.next_job,
-        jobs: h.s.jobs.values().cloned().collect(),
-        printers: h.s.printers.values().map(|p| p.rec.clone()).collect(),
-        files: h.s.files.values().cloned().collect(),
-        requests: vec![],
-    };
-    let mut h2 = H::from(snap);
+    let mut h2 = H::from(durable(&h));
     // The retained state: the job ended while the supervisor was down and the bed was cleared.
     let mut st = state(PrinterPhase::Ready, None);
     st.epoch = 2;
