@@ -154,8 +154,11 @@ pub async fn run(
                         shell.pending.push_back(Input::MqttConnected { session_present });
                     }
                     MqttEvent::Message { topic, payload } => shell.pending.push_back(Input::Message { topic, payload }),
-                    MqttEvent::Down { error, next_will } => {
-                        tracing::warn!(%error, "broker connection lost; the printer carries on");
+                    MqttEvent::Down { error, refused, next_will } => {
+                        // A refused login is logged by the transport, once, with its fix.
+                        if !refused {
+                            tracing::warn!(%error, "broker connection lost; the printer carries on");
+                        }
                         let out = machine.handle(now(start), Input::MqttDisconnected);
                         shell.execute(out, &mut printer)?;
                         let (muts, topic, will) = machine.prepare_connect(now(start));

@@ -141,6 +141,9 @@ pub enum MqttEvent {
     Down {
         /// What happened, for the log.
         error: String,
+        /// The broker refused the login (the transport has logged it, with the fix, and waits
+        /// [`refused_backoff`] before the next attempt).
+        refused: bool,
         /// Where to send the next will.
         next_will: oneshot::Sender<LastWill>,
     },
@@ -224,12 +227,56 @@ pub fn backoff(attempt: u32, max: Duration, seed: u64) -> Duration {
     capped.mul_f64(0.5 + jitter as f64 / 1000.0)
 }
 
+/// The reconnect delay after the broker refused our login `attempt` times in a row: 15 s,
+/// doubling to 2 min, less up to 25 % jitter. Retrying a refused login sooner cannot help (a
+/// person must fix a password or the registry) and only floods the broker's log: this keeps
+/// it to three attempts in the first minute and one every two minutes after that.
+pub fn refused_backoff(attempt: u32, seed: u64) -> Duration {
+    let base = Duration::from_secs(15).saturating_mul(1u32 << attempt.saturating_sub(1).min(3));
+    let capped = base.min(Duration::from_secs(120));
+    let mixed = seed
+        .wrapping_add(u64::from(attempt))
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let jitter = (mixed >> 33) % 250;
+    capped.mul_f64(1.0 - jitter as f64 / 1000.0)
+}
+
+/// Did the broker refuse our login? `before_connack`: the error came before any CONNACK of
+/// this connection attempt. Mosquitto answers a bad login with a CONNACK refusal; rumqttd
+/// (printloop's embedded broker) closes the socket without a CONNACK, which a client can only
+/// tell from the connection ending right after CONNECT.
+pub fn is_refusal(e: &rumqttc::ConnectionError, before_connack: bool) -> bool {
+    use rumqttc::{ConnectReturnCode as C, ConnectionError as E, StateError};
+    match e {
+        E::ConnectionRefused(C::BadUserNamePassword | C::NotAuthorized | C::BadClientId) => true,
+        E::MqttState(StateError::ConnectionAborted) => before_connack,
+        E::Io(io) => {
+            before_connack
+                && matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+                )
+        }
+        _ => false,
+    }
+}
+
 /// Says what to check when the broker refuses us.
 pub fn describe(e: &rumqttc::ConnectionError) -> String {
     match e {
         rumqttc::ConnectionError::ConnectionRefused(code) => format!(
-            "the broker refused the connection ({code:?}): check the user name, the password (PRINTLOOP_MQTT_PASSWORD) and the broker's ACL"
+            "the broker refused the login ({code:?}): check the user name, the password \
+             (PRINTLOOP_MQTT_PASSWORD or broker.password) and, on Mosquitto, the password file \
+             and ACL made by `printloop clients mosquitto`"
         ),
+        rumqttc::ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted) => {
+            "the broker closed the connection before answering the login: printloop's embedded \
+             broker does that for an unknown user, a wrong password or a gateway client id that \
+             is not its own; check the user name, the password (PRINTLOOP_MQTT_PASSWORD or \
+             broker.password) and that the printer is enrolled (`printloop printers add`)"
+                .to_owned()
+        }
         other => other.to_string(),
     }
 }
@@ -241,10 +288,17 @@ async fn run(
     seed: u64,
 ) {
     let mut failures = 0u32;
+    let mut refusals = 0u32;
+    let mut acked = false;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 failures = 0;
+                acked = true;
+                if refusals > 0 {
+                    tracing::info!(after = refusals, "the broker accepted the login");
+                    refusals = 0;
+                }
                 let ev = MqttEvent::Connected {
                     session_present: ack.session_present,
                 };
@@ -264,9 +318,26 @@ async fn run(
             Ok(_) => {}
             Err(rumqttc::ConnectionError::RequestsDone) => return,
             Err(e) => {
+                let refused = is_refusal(&e, !acked);
+                acked = false;
+                let error = describe(&e);
+                let delay = if refused {
+                    refusals += 1;
+                    let delay = refused_backoff(refusals, seed);
+                    if refusals == 1 {
+                        tracing::error!(next_try_in = ?delay, "{error}");
+                    } else {
+                        tracing::warn!(attempts = refusals, next_try_in = ?delay, "the broker still refuses the login");
+                    }
+                    delay
+                } else {
+                    failures += 1;
+                    backoff(failures, max_backoff, seed)
+                };
                 let (will_tx, will_rx) = oneshot::channel();
                 let ev = MqttEvent::Down {
-                    error: describe(&e),
+                    error,
+                    refused,
                     next_will: will_tx,
                 };
                 if tx.send(ev).await.is_err() {
@@ -278,8 +349,7 @@ async fn run(
                     }
                     Err(_) => return,
                 }
-                failures += 1;
-                tokio::time::sleep(backoff(failures, max_backoff, seed)).await;
+                tokio::time::sleep(delay).await;
             }
         }
     }
@@ -309,6 +379,54 @@ mod tests {
         ] {
             assert!(BrokerAddr::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_refused_login_is_retried_at_most_three_times_in_the_first_minute() {
+        for seed in 0..50 {
+            let mut at = Duration::ZERO;
+            let mut attempts_in_first_minute = 1; // the first attempt, at 0
+            for n in 1..20 {
+                at += refused_backoff(n, seed);
+                if at < Duration::from_secs(60) {
+                    attempts_in_first_minute += 1;
+                }
+                assert!(refused_backoff(n, seed) <= Duration::from_secs(120));
+                assert!(refused_backoff(n, seed) >= Duration::from_secs(11));
+            }
+            assert!(
+                attempts_in_first_minute <= 3,
+                "seed {seed}: {attempts_in_first_minute}"
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_are_told_apart_from_network_failures() {
+        use rumqttc::{ConnectReturnCode as C, ConnectionError as E, StateError};
+        assert!(is_refusal(&E::ConnectionRefused(C::NotAuthorized), false));
+        assert!(is_refusal(
+            &E::ConnectionRefused(C::BadUserNamePassword),
+            true
+        ));
+        assert!(!is_refusal(
+            &E::ConnectionRefused(C::ServiceUnavailable),
+            true
+        ));
+        assert!(is_refusal(
+            &E::MqttState(StateError::ConnectionAborted),
+            true
+        ));
+        // A connection that was up and then dropped is the network, not a refusal.
+        assert!(!is_refusal(
+            &E::MqttState(StateError::ConnectionAborted),
+            false
+        ));
+        let refused_tcp = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!is_refusal(&E::Io(refused_tcp), true));
+        assert!(
+            describe(&E::ConnectionRefused(C::NotAuthorized)).contains("PRINTLOOP_MQTT_PASSWORD")
+        );
     }
 
     #[test]
