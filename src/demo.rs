@@ -326,13 +326,16 @@ fn start_embedded_broker() -> anyhow::Result<transport::BrokerAddr> {
     )
     .context("the built-in broker.toml")?;
     let target = supervisor::run::BrokerTarget::Embedded(Box::new(config.clone()));
-    match supervisor::run::start_broker(&target) {
+    match supervisor::run::start_broker(&target, None) {
         Ok(a) => Ok(a),
         Err(e) => {
             tracing::warn!(error = %e, "the default broker ports are taken; using free ones");
             let moved = config.with_free_ports().context("finding free ports")?;
-            supervisor::run::start_broker(&supervisor::run::BrokerTarget::Embedded(Box::new(moved)))
-                .context("starting the embedded broker")
+            supervisor::run::start_broker(
+                &supervisor::run::BrokerTarget::Embedded(Box::new(moved)),
+                None,
+            )
+            .context("starting the embedded broker")
         }
     }
 }

@@ -50,6 +50,12 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// Whether clients must log in: every listener that is reachable from beyond loopback
+    /// (printloop refuses anonymous clients there, whatever `broker.toml` says).
+    pub fn requires_auth(&self) -> bool {
+        !self.addr.ip().is_loopback()
+    }
+
     /// The listener's path in `broker.toml`, e.g. `v4.1`.
     pub fn config_key(&self) -> String {
         format!("{}.{}", self.kind.section(), self.key)
@@ -74,6 +80,7 @@ impl fmt::Display for Listener {
 pub struct BrokerConfig {
     origin: String,
     config: rumqttd::Config,
+    authenticator: Option<std::sync::Arc<crate::clients::Authenticator>>,
 }
 
 impl BrokerConfig {
@@ -109,6 +116,7 @@ impl BrokerConfig {
         let config = BrokerConfig {
             origin: origin.to_owned(),
             config,
+            authenticator: None,
         };
         config.validate()?;
         Ok(config)
@@ -119,9 +127,22 @@ impl BrokerConfig {
         let config = BrokerConfig {
             origin: origin.to_owned(),
             config,
+            authenticator: None,
         };
         config.validate()?;
         Ok(config)
+    }
+
+    /// Checks logins with `auth` (the client registry): on every listener beyond loopback, and on
+    /// loopback listeners too when `everywhere`. Without an authenticator, listeners beyond
+    /// loopback still refuse anonymous clients (see [`Listener::requires_auth`]).
+    pub fn set_authenticator(&mut self, auth: std::sync::Arc<crate::clients::Authenticator>) {
+        self.authenticator = Some(auth);
+    }
+
+    /// The authenticator, if one was set.
+    pub fn authenticator(&self) -> Option<&std::sync::Arc<crate::clients::Authenticator>> {
+        self.authenticator.as_ref()
     }
 
     /// Where this configuration came from (a path, or a description).
@@ -143,6 +164,55 @@ impl BrokerConfig {
     /// The rumqttd configuration, by value.
     pub fn into_rumqttd(self) -> rumqttd::Config {
         self.config
+    }
+
+    /// The rumqttd configuration the broker runs: as loaded, plus a login check on every
+    /// listener beyond loopback (the registry's, or one that refuses everyone but the
+    /// listener's static `auth` map when no registry is set).
+    pub(crate) fn secured_rumqttd(&self) -> Result<rumqttd::Config, BrokerError> {
+        let mut config = self.config.clone();
+        let auth = match &self.authenticator {
+            Some(a) => a.clone(),
+            None => std::sync::Arc::new(
+                crate::clients::Authenticator::new(None, None)
+                    .map_err(|e| BrokerError::Stopped(e.to_string()))?,
+            ),
+        };
+        for (kind, servers) in [
+            (ListenerKind::V4, config.v4.as_mut()),
+            (ListenerKind::V5, config.v5.as_mut()),
+            (ListenerKind::Ws, config.ws.as_mut()),
+        ] {
+            for (key, server) in servers.into_iter().flatten() {
+                if server.listen.ip().is_loopback() {
+                    continue;
+                }
+                let listener = format!("{}.{key}", kind.section());
+                let statics = server.connections.auth.clone();
+                let auth = auth.clone();
+                tracing::info!(
+                    listener = %listener,
+                    addr = %server.listen,
+                    registry = %auth.file().map_or("none".into(), |p| p.display().to_string()),
+                    "listener is reachable beyond loopback: every client must log in"
+                );
+                server.connections.set_auth_handler(
+                    move |client_id: String, user: String, password: String| {
+                        let verdict = auth.check(&client_id, &user, &password, statics.as_ref());
+                        if let Err(reason) = &verdict {
+                            tracing::warn!(
+                                listener = %listener,
+                                client_id = ?client_id.chars().take(80).collect::<String>(),
+                                user = ?user.chars().take(80).collect::<String>(),
+                                "MQTT login refused: {reason}"
+                            );
+                        }
+                        std::future::ready(verdict.is_ok())
+                    },
+                );
+            }
+        }
+        Ok(config)
     }
 
     /// All MQTT listeners (v4, v5, websockets), sorted by their key in the file.

@@ -93,7 +93,7 @@ impl EmbeddedBroker {
     /// Validates the configuration and starts rumqttd's router (not its listeners yet).
     pub fn prepare(config: BrokerConfig) -> Result<PreparedBroker, BrokerError> {
         config.validate()?;
-        let broker = rumqttd::Broker::new(config.rumqttd().clone());
+        let broker = rumqttd::Broker::new(config.secured_rumqttd()?);
         Ok(PreparedBroker { config, broker })
     }
 

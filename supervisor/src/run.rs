@@ -9,7 +9,7 @@
 //! - `/metrics` reads a rendered snapshot, never the machine.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -24,6 +24,9 @@ use crate::machine::{Input, Now, Output, Supervisor, SupervisorConfig, UploadOut
 use crate::metrics::Metrics;
 use crate::model::Mutation;
 use crate::store::Store;
+
+/// The client registry's file name in the supervisor's data directory.
+pub const CLIENTS_FILE: &str = "clients.toml";
 
 /// Which broker to use.
 #[derive(Debug, Clone)]
@@ -63,6 +66,9 @@ pub enum RunError {
         /// Why.
         source: std::io::Error,
     },
+    /// The client registry cannot be read (or no random password made).
+    #[error("client registry: {0}")]
+    Clients(#[from] broker::clients::ClientsError),
     /// The embedded broker did not start.
     #[error("embedded broker: {0}")]
     Broker(#[from] broker::BrokerError),
@@ -100,24 +106,63 @@ pub struct Handle {
     pub metrics: Option<SocketAddr>,
 }
 
+/// The user name of the supervisor's own login to the broker it embeds. Its password is made
+/// at every start and lives only in memory; the '.' keeps it apart from every registry user.
+pub const INTERNAL_USER: &str = "printloop.supervisor";
+
 /// Starts the embedded broker (if configured) and returns where to connect.
-pub fn start_broker(target: &BrokerTarget) -> Result<BrokerAddr, RunError> {
+///
+/// The embedded broker checks logins against the client registry at `registry`
+/// (`<data_dir>/clients.toml`) on every listener beyond loopback; the supervisor itself
+/// connects to a loopback listener when there is one, else with its in-memory credential.
+pub fn start_broker(
+    target: &BrokerTarget,
+    registry: Option<&Path>,
+) -> Result<BrokerAddr, RunError> {
     match target {
         BrokerTarget::External(addr) => Ok(addr.clone()),
         BrokerTarget::Embedded(config) => {
-            let b = broker::EmbeddedBroker::start((**config).clone())?;
-            let addr = b
-                .addr(broker::ListenerKind::V4)
+            let mut config = (**config).clone();
+            let password = broker::clients::new_password()?;
+            let auth = broker::clients::Authenticator::new(
+                registry.map(Path::to_path_buf),
+                Some((INTERNAL_USER.to_owned(), password.clone())),
+            )?;
+            config.set_authenticator(Arc::new(auth));
+            let v4: Vec<broker::Listener> = config
+                .listeners()
+                .into_iter()
+                .filter(|l| l.kind == broker::ListenerKind::V4 && !l.tls)
+                .collect();
+            let listener = v4
+                .iter()
+                .find(|l| !l.requires_auth())
+                .or(v4.first())
+                .cloned()
                 .ok_or(broker::BrokerError::Invalid {
                     origin: config.origin().to_owned(),
                     key: "v4".into(),
-                    reason: "the supervisor needs an MQTT 3.1.1 listener".into(),
+                    reason: "the supervisor needs a plain MQTT 3.1.1 listener".into(),
                 })?;
+            let b = broker::EmbeddedBroker::start(config)?;
             // rumqttd has no shutdown API: it lives as long as the process.
             std::mem::forget(b);
+            let ip = listener.addr.ip();
+            let host = if ip.is_unspecified() {
+                if ip.is_ipv4() { "127.0.0.1" } else { "::1" }.to_owned()
+            } else {
+                ip.to_string()
+            };
+            let (username, password) = if listener.requires_auth() {
+                (Some(INTERNAL_USER.to_owned()), Some(password))
+            } else {
+                (None, None)
+            };
             Ok(BrokerAddr {
-                host: addr.ip().to_string(),
-                ..BrokerAddr::loopback(addr.port())
+                host,
+                username,
+                password,
+                ..BrokerAddr::loopback(listener.addr.port())
             })
         }
     }
@@ -171,7 +216,8 @@ pub async fn run(
 
     let broker_addr = {
         let target = settings.broker.clone();
-        tokio::task::spawn_blocking(move || start_broker(&target))
+        let registry = settings.data_dir.join(CLIENTS_FILE);
+        tokio::task::spawn_blocking(move || start_broker(&target, Some(&registry)))
             .await
             .map_err(|e| RunError::DataDir {
                 path: settings.data_dir.clone(),
@@ -272,8 +318,10 @@ pub async fn run(
                         shell.pending.push_back(Input::Connected);
                     }
                     MqttEvent::Message { topic, payload } => shell.pending.push_back(Input::Message { topic, payload }),
-                    MqttEvent::Down { error, next_will } => {
-                        tracing::warn!(%error, "broker connection lost");
+                    MqttEvent::Down { error, refused, next_will } => {
+                        if !refused {
+                            tracing::warn!(%error, "broker connection lost");
+                        }
                         let mut inputs: Vec<Input> = shell.pending.drain(..).collect();
                         inputs.push(Input::Disconnected);
                         let out = machine.handle_batch(now(start), inputs);
