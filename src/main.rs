@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod chaos;
 mod demo;
+mod enroll;
 mod ops;
 
 #[derive(Debug, Parser)]
@@ -42,6 +43,9 @@ enum Command {
     Printers(ops::cli::PrintersArgs),
     /// Confirm that a person cleared a printer's bed (`--failed`: the print was bad).
     BedClear(ops::cli::BedClearArgs),
+    /// The farm's MQTT logins: register Home Assistant, Node-RED, the supervisor or operators;
+    /// write Mosquitto's password file and ACL (printers: `printloop printers add`).
+    Clients(enroll::ClientsArgs),
     /// Let a printer held by the circuit breaker take work again.
     Release(ops::cli::ReleaseArgs),
     /// Watch the printers' progress live (from the retained MQTT topics).
@@ -100,6 +104,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Clients(args) => enroll::clients(args).map_err(anyhow::Error::from),
         Command::Jobs(args) => operator(ops::cli::jobs(args)),
         Command::Printers(args) => operator(ops::cli::printers(args)),
         Command::BedClear(args) => operator(ops::cli::bed_clear(args)),

@@ -149,6 +149,11 @@ enum PrintersCommand {
         /// The printer.
         printer: PrinterId,
     },
+    /// Enrol a printer (on the supervisor's host): register its gateway's MQTT login and
+    /// write the gateway's config with its password (for the Pi, or the image's boot file).
+    Add(crate::enroll::AddPrinterArgs),
+    /// Withdraw a printer's MQTT login (see also `forget`).
+    Revoke(crate::enroll::RevokeArgs),
 }
 
 /// `printloop bed-clear`
@@ -324,6 +329,8 @@ async fn jobs_add(conn: &ConnArgs, add: AddArgs) -> Result<(), OpsError> {
 /// `printloop printers`
 pub async fn printers(args: PrintersArgs) -> Result<(), OpsError> {
     match args.command {
+        Some(PrintersCommand::Add(a)) => return Ok(crate::enroll::add_printer(a)?),
+        Some(PrintersCommand::Revoke(a)) => return Ok(crate::enroll::revoke_printer(a)?),
         Some(PrintersCommand::Pause { printer }) => {
             let message = format!("{printer}: pause sent\n");
             let op = ApiOp::PausePrinter(PrinterArgs {

@@ -114,6 +114,9 @@ impl Endpoint {
 /// What went wrong talking to the supervisor or reading a file.
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {
+    /// Enrolment (`printers add`, `printers revoke`) failed.
+    #[error(transparent)]
+    Enroll(#[from] crate::enroll::EnrollError),
     /// `--broker` is not a broker URL.
     #[error("invalid broker URL {url:?}: {reason}")]
     BadBrokerUrl {

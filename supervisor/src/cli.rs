@@ -149,19 +149,39 @@ pub enum ConfigError {
     Broker(#[from] broker::BrokerError),
 }
 
+/// The data directory a supervisor with this config file and `--data-dir` would use (a flag
+/// wins over the file; default `printloop-data`), reading nothing else of the file.
+pub fn data_dir(
+    config: Option<&std::path::Path>,
+    flag: Option<PathBuf>,
+) -> Result<PathBuf, ConfigError> {
+    if let Some(dir) = flag {
+        return Ok(dir);
+    }
+    let file = match config {
+        Some(path) => read_file_config(path)?,
+        None => FileConfig::default(),
+    };
+    Ok(file
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from("printloop-data")))
+}
+
+fn read_file_config(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
 /// Resolves the settings from the file and the flags (a flag wins).
 pub fn settings(args: &SupervisorArgs) -> Result<Settings, ConfigError> {
     let file = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
-                path: path.clone(),
-                message: e.to_string(),
-            })?
-        }
+        Some(path) => read_file_config(path)?,
         None => FileConfig::default(),
     };
     let invalid = |key, message: String| ConfigError::Invalid { key, message };
