@@ -252,3 +252,222 @@ async fn the_tls_listener_of_the_production_example_serves_a_tls_handshake() {
         "no TLS handshake:\n{all}"
     );
 }
+
+// ----- the files `printloop clients mosquitto` writes from the registry -----
+
+fn gateway_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>")
+        .join("printloop-gateway");
+    assert!(
+        bin.is_file(),
+        "{} not found: run `cargo test --workspace`",
+        bin.display()
+    );
+    bin
+}
+
+fn secure_farm() -> testkit::SecureFarm {
+    testkit::SecureFarm::start(
+        Path::new(env!("CARGO_BIN_EXE_printloop")),
+        &testkit::SecureFarmSpec {
+            printers: vec!["p1".into(), "p2".into()],
+            clients: vec![
+                ("sup".into(), "supervisor".into()),
+                ("ha".into(), "homeassistant".into()),
+            ],
+        },
+    )
+    .unwrap_or_else(|e| panic!("the secured farm does not start: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generated_password_file_and_acl_confine_every_role() {
+    let farm = secure_farm();
+    let port = farm.mosquitto.port();
+    assert!(
+        TestClient::connect(port, "anonymous").await.is_err(),
+        "anonymous clients are refused"
+    );
+    let mut bad = mqtt_options("intruder", port);
+    bad.set_credentials("p1", "not-the-password");
+    assert!(
+        TestClient::connect_with(bad).await.is_err(),
+        "a wrong password is refused"
+    );
+
+    let mut sup = login_as(port, "printloop-supervisor", "sup", farm.password("sup")).await;
+    for filter in [
+        "printloop/v1/printers/+/state",
+        "printloop/v1/ha/printers/+/press",
+    ] {
+        sup.subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("the supervisor reads");
+    }
+
+    // Gateway p1 forges p2's state, then writes its own: only its own arrives.
+    let mut p1 = login_as(port, "printloop-gw-p1", "p1", farm.password("p1")).await;
+    p1.publish(
+        "printloop/v1/printers/p2/state",
+        QoS::AtLeastOnce,
+        true,
+        "forged by p1",
+    )
+    .await
+    .expect("Mosquitto acknowledges (and drops) a denied publish");
+    p1.publish(
+        "printloop/v1/printers/p1/state",
+        QoS::AtLeastOnce,
+        true,
+        "p1 idle",
+    )
+    .await
+    .expect("own state");
+    let got = sup.expect_message("p1's own state").await;
+    assert_eq!(
+        (got.topic.as_str(), text(&got.payload).as_str()),
+        ("printloop/v1/printers/p1/state", "p1 idle"),
+        "p1's forgery of p2's state must not reach the supervisor"
+    );
+
+    // p1 cannot read p2's commands, and cannot write its own.
+    let p2_cmd_refused = p1
+        .subscribe("printloop/v1/printers/p2/cmd", QoS::AtLeastOnce)
+        .await
+        .is_err();
+    p1.subscribe("printloop/v1/printers/p1/cmd", QoS::AtLeastOnce)
+        .await
+        .expect("own commands");
+    p1.publish(
+        "printloop/v1/printers/p1/cmd",
+        QoS::AtLeastOnce,
+        false,
+        "self-command by p1",
+    )
+    .await
+    .expect("acknowledged, dropped");
+    sup.publish(
+        "printloop/v1/printers/p2/cmd",
+        QoS::AtLeastOnce,
+        false,
+        "cmd for p2",
+    )
+    .await
+    .expect("publish");
+    sup.publish(
+        "printloop/v1/printers/p1/cmd",
+        QoS::AtLeastOnce,
+        false,
+        "cmd for p1",
+    )
+    .await
+    .expect("publish");
+    let got = p1.expect_message("p1's command").await;
+    assert_eq!(
+        text(&got.payload),
+        "cmd for p1",
+        "p1 must neither read p2's commands nor command itself"
+    );
+    eprintln!(
+        "MEASURED generated ACL: p1 subscribing to p2/cmd refused in SUBACK: {p2_cmd_refused}"
+    );
+
+    // Home Assistant presses a button but cannot write any printer's state.
+    let mut ha = login_as(port, "homeassistant-1", "ha", farm.password("ha")).await;
+    ha.publish(
+        "printloop/v1/printers/p1/state",
+        QoS::AtLeastOnce,
+        true,
+        "forged by ha",
+    )
+    .await
+    .expect("acknowledged, dropped");
+    ha.publish(
+        "printloop/v1/ha/printers/p1/press",
+        QoS::AtLeastOnce,
+        false,
+        "pause",
+    )
+    .await
+    .expect("press");
+    let got = sup.expect_message("Home Assistant's press").await;
+    assert_eq!(
+        (got.topic.as_str(), text(&got.payload).as_str()),
+        ("printloop/v1/ha/printers/p1/press", "pause"),
+        "Home Assistant's forged state must not reach the supervisor"
+    );
+
+    // A gateway's credential with another printer's client id is refused? Mosquitto cannot bind
+    // client ids to users (printloop's embedded broker does): the ACL still confines it, so a
+    // p1 login under p2's client id gets nothing of p2's.
+    let mut p1_as_p2 = login_as(port, "printloop-gw-p2", "p1", farm.password("p1")).await;
+    let _ = p1_as_p2
+        .subscribe("printloop/v1/printers/p2/cmd", QoS::AtLeastOnce)
+        .await;
+    sup.publish(
+        "printloop/v1/printers/p2/cmd",
+        QoS::AtLeastOnce,
+        false,
+        "cmd for p2",
+    )
+    .await
+    .expect("publish");
+    p1_as_p2
+        .expect_no_message(
+            Duration::from_secs(1),
+            "p1's login must not read p2's commands",
+        )
+        .await;
+}
+
+/// A gateway with a wrong password: one clear error that names the fix, then a capped back-off —
+/// at most 3 attempts in the first 40 s (the broker's own log counts them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_one_clear_error_and_at_most_three_attempts_in_40_s() {
+    let farm = secure_farm();
+    let data = tempfile::tempdir().expect("tempdir");
+    let log = data.path().join("gw.log");
+    let mut gw = std::process::Command::new(gateway_binary())
+        .arg("--config")
+        .arg(&farm.gateway_configs["p1"])
+        .arg("--ca-file")
+        .arg(&farm.ca)
+        .arg("--serial")
+        .arg(data.path().join("no-such-port"))
+        .arg("--data-dir")
+        .arg(data.path().join("state"))
+        .env("PRINTLOOP_MQTT_PASSWORD", "a-wrong-password")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("gateway starts");
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let _ = gw.kill();
+    let _ = gw.wait();
+    let broker_log = farm.mosquitto.log();
+    let attempts = broker_log
+        .lines()
+        // Mosquitto logs a refused login as "Client <unknown> disconnected, not authorised."; the
+        // gateway is the only client of this broker.
+        .filter(|l| l.contains("not authorised"))
+        .count();
+    let gw_log = std::fs::read_to_string(&log).expect("gateway log");
+    let errors: Vec<&str> = gw_log.lines().filter(|l| l.contains("ERROR")).collect();
+    eprintln!("MEASURED wrong password: {attempts} attempts in 40 s; gateway errors: {errors:#?}");
+    assert!(
+        (1..=3).contains(&attempts),
+        "{attempts} attempts in 40 s\nbroker log:\n{broker_log}\ngateway log:\n{gw_log}"
+    );
+    assert_eq!(errors.len(), 1, "one clear error:\n{gw_log}");
+    assert!(
+        errors[0].contains("PRINTLOOP_MQTT_PASSWORD") && errors[0].contains("refused"),
+        "the error names the fix: {}",
+        errors[0]
+    );
+}

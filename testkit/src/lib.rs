@@ -8,12 +8,15 @@
 //!   same ports.
 //! - [`TestBroker`]: one of the above chosen by [`BrokerKind`], so a test body runs on both.
 //! - [`TestClient`]: rumqttc 0.25 with bounded receives.
+//! - [`SecureFarm`]: Mosquitto secured the way an operator does it with `printloop printers add`,
+//!   `printloop clients mosquitto` and `scripts/farm-ca.sh` (password file, ACL, TLS).
 //!
 //! Every wait is bounded; a missing `mosquitto` binary is an error (tests fail, they never skip).
 mod client;
 mod embedded;
 mod mosquitto;
 mod process;
+mod secure;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -24,6 +27,7 @@ pub use client::{mqtt_options, TestClient, RECV_TIMEOUT};
 pub use embedded::{shipped_broker_toml, EmbeddedBroker};
 pub use mosquitto::{mosquitto_passwd, Mosquitto, MosquittoGuard, MosquittoOptions};
 pub use process::BrokerProcess;
+pub use secure::{SecureFarm, SecureFarmSpec};
 
 /// Loopback, where every test broker listens.
 pub const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
