@@ -98,6 +98,10 @@ fn tail(path: &Path, lines: usize) -> String {
 enum Kind {
     Rumqttd,
     Mosquitto,
+    /// Mosquitto secured as an operator does it (`printloop printers add`, `printloop clients
+    /// mosquitto`, `scripts/farm-ca.sh`): no anonymous client, the generated password file and
+    /// ACL, and the gateways and the supervisor on `mqtts://` with the farm's CA.
+    MosquittoTls,
 }
 
 /// A broker the test can kill and start again on the same port.
@@ -106,10 +110,12 @@ enum Broker {
     Rumqttd(BrokerProcess),
     /// Mosquitto with persistence off: it keeps nothing either.
     Mosquitto(MosquittoGuard),
+    /// Mosquitto with the farm's files and a TLS listener (persistence off).
+    Secure(Box<testkit::SecureFarm>),
 }
 
 impl Broker {
-    fn start(kind: Kind) -> Self {
+    fn start(kind: Kind, printers: usize) -> Self {
         match kind {
             Kind::Rumqttd => Broker::Rumqttd(
                 BrokerProcess::start(
@@ -121,6 +127,19 @@ impl Broker {
             Kind::Mosquitto => {
                 Broker::Mosquitto(testkit::Mosquitto::start().expect("mosquitto starts"))
             }
+            Kind::MosquittoTls => Broker::Secure(Box::new(
+                testkit::SecureFarm::start(
+                    Path::new(env!("CARGO_BIN_EXE_printloop")),
+                    &testkit::SecureFarmSpec {
+                        printers: (0..printers).map(|i| format!("p{i}")).collect(),
+                        clients: vec![
+                            ("sup".into(), "supervisor".into()),
+                            ("operator".into(), "operator".into()),
+                        ],
+                    },
+                )
+                .expect("the secured Mosquitto starts"),
+            )),
         }
     }
 
@@ -128,6 +147,7 @@ impl Broker {
         match self {
             Broker::Rumqttd(b) => b.v4_port(),
             Broker::Mosquitto(m) => m.port(),
+            Broker::Secure(f) => f.mosquitto.port(),
         }
     }
 
@@ -135,6 +155,7 @@ impl Broker {
         match self {
             Broker::Rumqttd(b) => b.kill(),
             Broker::Mosquitto(m) => m.kill(),
+            Broker::Secure(f) => f.mosquitto.kill(),
         }
     }
 
@@ -142,7 +163,22 @@ impl Broker {
         match self {
             Broker::Rumqttd(b) => b.start_again().expect("broker starts again"),
             Broker::Mosquitto(m) => m.start_again().expect("mosquitto starts again"),
+            Broker::Secure(f) => f.mosquitto.start_again().expect("mosquitto starts again"),
         }
+    }
+
+    /// The secured farm, if this is one.
+    fn secure(&self) -> Option<&testkit::SecureFarm> {
+        match self {
+            Broker::Secure(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// (user, password) for `user` on a secured broker.
+    fn login(&self, user: &str) -> Option<(String, String)> {
+        self.secure()
+            .map(|f| (user.to_owned(), f.password(user).to_owned()))
     }
 }
 
@@ -157,8 +193,17 @@ type Record = Arc<Mutex<Vec<Seen>>>;
 
 /// Subscribes to everything but file chunks and forwards what arrives into `record` until the
 /// connection ends (a broker restart): then [`Fleet::reconnect_recorder`] starts a new one.
-async fn start_recorder(port: u16, name: &str, record: Record) -> tokio::task::JoinHandle<()> {
-    let mut client = TestClient::connect(port, name)
+async fn start_recorder(
+    port: u16,
+    name: &str,
+    record: Record,
+    login: Option<(String, String)>,
+) -> tokio::task::JoinHandle<()> {
+    let mut options = testkit::mqtt_options(name, port);
+    if let Some((user, password)) = login {
+        options.set_credentials(user, password);
+    }
+    let mut client = TestClient::connect_with(options)
         .await
         .expect("recorder connects");
     for filter in [
@@ -201,7 +246,7 @@ struct Fleet {
 impl Fleet {
     /// Broker, recorder and `printers` simulated printers (no processes yet).
     async fn new(kind: Kind, printers: usize, speed: f64) -> Self {
-        let broker = Broker::start(kind);
+        let broker = Broker::start(kind, printers);
         let dir = tempfile::tempdir().expect("tempdir");
         let sims = (0..printers)
             .map(|i| {
@@ -219,7 +264,13 @@ impl Fleet {
             })
             .collect();
         let record = Record::default();
-        let recorder = start_recorder(broker.port(), "e2e-recorder-0", record.clone()).await;
+        let recorder = start_recorder(
+            broker.port(),
+            "e2e-recorder-0",
+            record.clone(),
+            broker.login("sup"),
+        )
+        .await;
         Fleet {
             kind,
             broker,
@@ -260,7 +311,20 @@ impl Fleet {
     }
 
     fn spawn_gateway(&mut self, i: usize, port: u16) {
-        let child = Command::new(gateway_binary())
+        let mut command = Command::new(gateway_binary());
+        match self.broker.secure() {
+            // The config `printloop printers add` wrote (mqtts:// URL, user, password); the CA
+            // is in the test's temp dir instead of /etc/printloop.
+            Some(farm) => command
+                .arg("--config")
+                .arg(&farm.gateway_configs[&format!("p{i}")])
+                .arg("--ca-file")
+                .arg(&farm.ca),
+            None => command
+                .arg("--broker")
+                .arg(format!("mqtt://127.0.0.1:{port}")),
+        };
+        let child = command
             .args([
                 "--id",
                 &format!("p{i}"),
@@ -269,8 +333,6 @@ impl Fleet {
                 "--keepalive",
                 "2",
             ])
-            .arg("--broker")
-            .arg(format!("mqtt://127.0.0.1:{port}"))
             .arg("--serial")
             .arg(self.sims[i].path())
             .arg("--data-dir")
@@ -289,10 +351,19 @@ impl Fleet {
     fn spawn_supervisor(&mut self) {
         let config = self.dir.path().join("supervisor.toml");
         std::fs::write(&config, SUPERVISOR_TOML).expect("write supervisor config");
-        let child = Command::new(env!("CARGO_BIN_EXE_printloop"))
-            .arg("supervisor")
-            .arg("--broker")
-            .arg(self.url())
+        let mut command = Command::new(env!("CARGO_BIN_EXE_printloop"));
+        command.arg("supervisor");
+        match self.broker.secure() {
+            Some(farm) => command
+                .arg("--broker")
+                .arg(format!("mqtts://localhost:{}", farm.tls_port))
+                .arg("--ca-file")
+                .arg(&farm.ca)
+                .args(["--username", "sup"])
+                .env("PRINTLOOP_MQTT_PASSWORD", farm.password("sup")),
+            None => command.arg("--broker").arg(self.url()),
+        };
+        let child = command
             .arg("--data-dir")
             .arg(self.dir.path().join("sup"))
             .arg("--config")
@@ -321,7 +392,11 @@ impl Fleet {
         let name = format!("e2e-recorder-{}", self.recorders);
         let deadline = Instant::now() + WAIT;
         loop {
-            match TestClient::connect(self.broker.port(), "e2e-probe").await {
+            let mut options = testkit::mqtt_options("e2e-probe", self.broker.port());
+            if let Some((user, password)) = self.broker.login("sup") {
+                options.set_credentials(user, password);
+            }
+            match TestClient::connect_with(options).await {
                 Ok(c) => {
                     let _ = c.disconnect().await;
                     break;
@@ -330,7 +405,13 @@ impl Fleet {
                 Err(_) => tokio::time::sleep(POLL).await,
             }
         }
-        self.recorder = start_recorder(self.broker.port(), &name, self.record.clone()).await;
+        self.recorder = start_recorder(
+            self.broker.port(),
+            &name,
+            self.record.clone(),
+            self.broker.login("sup"),
+        )
+        .await;
     }
 
     fn logs(&self) -> String {
@@ -475,6 +556,10 @@ impl Fleet {
             .args(["--timeout", "10"])
             .env("NO_COLOR", "1")
             .kill_on_drop(true);
+        if let Some((user, password)) = self.broker.login("operator") {
+            cmd.args(["--username", &user])
+                .env("PRINTLOOP_MQTT_PASSWORD", password);
+        }
         let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
             .await
             .map_err(|_| format!("printloop {args:?} did not finish in 30 s"))?
@@ -794,6 +879,13 @@ async fn nominal_on_rumqttd() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nominal_on_mosquitto() {
     nominal(Kind::Mosquitto).await;
+}
+
+/// The whole loop on a secured farm: every process logs in with the credentials enrolment made,
+/// Mosquitto enforces the generated ACL, and the gateways and the supervisor talk TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nominal_over_tls_with_the_generated_acl() {
+    nominal(Kind::MosquittoTls).await;
 }
 
 // ----- 2. deferred start -----
