@@ -567,7 +567,12 @@ impl Gateway {
             temps: self.temps,
             last_command: self.last_command.clone(),
             recent_jobs: self.recent_jobs.clone(),
-            error: self.error.clone(),
+            // While the printer is disconnected, the error says why (a port that cannot be
+            // opened names its fix), so Home Assistant and `printloop watch` show it.
+            error: self.error.clone().or_else(|| match &self.link {
+                LinkState::Down { reason } => Some(format!("serial: {reason}")),
+                _ => None,
+            }),
         }
     }
 

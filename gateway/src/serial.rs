@@ -366,6 +366,35 @@ fn open_port(path: &Path, baud: u32) -> Result<SerialStream, tokio_serial::Error
     Ok(port)
 }
 
+/// Why `path` cannot be opened, said so that an operator knows what to do. The three common
+/// causes on a Pi each name their fix: the device is missing (unplugged, powered off, or a
+/// wrong path), the service user may not open it (not in `dialout`), another program holds it.
+pub fn open_failure(path: &Path, e: &tokio_serial::Error) -> String {
+    use std::io::ErrorKind as Io;
+    use tokio_serial::ErrorKind as K;
+    let p = path.display();
+    let desc = e.description.to_lowercase();
+    if matches!(e.kind, K::Io(Io::NotFound)) || desc.contains("no such file") {
+        format!(
+            "{p} does not exist: is the printer plugged in and switched on, and is the path \
+             right? (`ls -l /dev/serial/by-id/` lists the connected printers by stable name)"
+        )
+    } else if matches!(e.kind, K::Io(Io::PermissionDenied)) || desc.contains("permission denied") {
+        format!(
+            "permission denied opening {p}: the gateway's user must be in the `dialout` group \
+             (the package's printloop-gateway user is; otherwise `sudo adduser <user> dialout` \
+             and restart the gateway)"
+        )
+    } else if desc.contains("busy") {
+        format!(
+            "{p} is busy: is another program holding it (OctoPrint, Klipper, a serial terminal, \
+             ModemManager, or a second gateway)?"
+        )
+    } else {
+        format!("cannot open {p}: {}", e.description)
+    }
+}
+
 /// A cheap jitter source without a random-number crate: the std hasher is randomly keyed.
 fn jitter(max: Duration) -> Duration {
     use std::hash::{BuildHasher, Hasher};
@@ -379,12 +408,16 @@ impl Task {
     async fn run(mut self) {
         self.events.max_info = self.cfg.max_pending_info;
         let mut backoff = self.cfg.reconnect_min;
+        // The last reason the port could not be opened: a new reason is a warning and an event
+        // (the printer's state then says why it is disconnected); the same one again is quiet.
+        let mut open_error: Option<String> = None;
         loop {
             if self.closing {
                 break;
             }
             match open_port(&self.path, self.baud) {
                 Ok(port) => {
+                    open_error = None;
                     self.sessions += 1;
                     info!(session = self.sessions, baud = self.baud, "port open");
                     backoff = self.cfg.reconnect_min;
@@ -400,7 +433,19 @@ impl Task {
                         }
                     }
                 }
-                Err(e) => debug!(error = %e, "cannot open the port yet"),
+                Err(e) => {
+                    let reason = open_failure(&self.path, &e);
+                    if open_error.as_deref() == Some(reason.as_str()) {
+                        debug!(%reason, "cannot open the port yet");
+                    } else {
+                        warn!("{reason}; trying again");
+                        self.publish_status(false);
+                        self.emit(LinkEvent::Disconnected {
+                            reason: reason.clone(),
+                        });
+                        open_error = Some(reason);
+                    }
+                }
             }
             self.publish_status(false);
             // Wait before the next attempt, still serving commands and the event outbox.
@@ -589,5 +634,44 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_that_cannot_be_opened_names_the_fix() {
+        let path = Path::new("/dev/ttyUSB7");
+        let missing = open_port(Path::new("/nonexistent/ttyUSB7"), 115_200).expect_err("missing");
+        let why = open_failure(Path::new("/nonexistent/ttyUSB7"), &missing);
+        assert!(
+            why.contains("does not exist") && why.contains("/dev/serial/by-id"),
+            "{why}"
+        );
+        for (kind, desc, expect) in [
+            (
+                tokio_serial::ErrorKind::Io(std::io::ErrorKind::PermissionDenied),
+                "Permission denied",
+                "dialout",
+            ),
+            (
+                tokio_serial::ErrorKind::NoDevice,
+                "Device or resource busy",
+                "another program",
+            ),
+            (
+                tokio_serial::ErrorKind::Unknown,
+                "Something odd",
+                "Something odd",
+            ),
+        ] {
+            let why = open_failure(path, &tokio_serial::Error::new(kind, desc));
+            assert!(
+                why.contains(expect) && why.contains("/dev/ttyUSB7"),
+                "{why}"
+            );
+        }
     }
 }

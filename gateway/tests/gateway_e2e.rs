@@ -826,7 +826,7 @@ async fn refused_credentials_are_reported_clearly_and_good_ones_connect() {
         || async {
             std::fs::read_to_string(dir.path().join("bad.log"))
                 .unwrap_or_default()
-                .contains("the broker refused the connection")
+                .contains("the broker refused the login")
         },
     )
     .await;
@@ -867,4 +867,70 @@ async fn refused_credentials_are_reported_clearly_and_good_ones_connect() {
     );
     let _ = good.kill();
     let _ = good.wait();
+}
+
+/// A port that cannot be opened is visible: one warning naming the fix, and the retained state
+/// says why the printer is disconnected (Home Assistant and `printloop watch` show `error`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_serial_port_is_a_warning_with_the_fix_and_the_state_says_why() {
+    let broker = TestBroker::start(BrokerKind::Embedded).expect("broker");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut obs = TestClient::connect(broker.port(), "obs")
+        .await
+        .expect("observer");
+    obs.subscribe("printloop/v1/printers/p9/state", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let log = dir.path().join("gw.log");
+    let port = dir.path().join("ttyUSB-gone");
+    let mut gw = Command::new(env!("CARGO_BIN_EXE_printloop-gateway"))
+        .args(["--id", "p9", "--heartbeat", "1"])
+        .arg("--broker")
+        .arg(format!("mqtt://127.0.0.1:{}", broker.port()))
+        .arg("--serial")
+        .arg(&port)
+        .arg("--data-dir")
+        .arg(dir.path().join("gw"))
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("gateway starts");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let state = loop {
+        let p = obs
+            .recv(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "no state saying why\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+        let s = StateSnapshot::decode(&p.payload).expect("state");
+        if s.error
+            .as_deref()
+            .is_some_and(|e| e.contains("does not exist"))
+        {
+            break s;
+        }
+    };
+    assert_eq!(state.phase, PrinterPhase::Disconnected);
+    assert!(
+        state
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("ttyUSB-gone")),
+        "{state:?}"
+    );
+    // Several retries later, still one warning (a repeated reason is not news).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _ = gw.kill();
+    let _ = gw.wait();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let warnings = text
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("does not exist"))
+        .count();
+    assert_eq!(warnings, 1, "{text}");
 }

@@ -185,7 +185,8 @@ pub struct StateSnapshot {
     /// reads when events were lost.
     #[serde(default)]
     pub recent_jobs: Vec<LedgerEntry>,
-    /// The error that put the printer in `error` or `halted`.
+    /// The error that put the printer in `error` or `halted`; while it is `disconnected`, why
+    /// (`serial: …`, e.g. a port that does not exist or that the gateway may not open, with the fix).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
