@@ -84,6 +84,15 @@ fn main() -> anyhow::Result<()> {
             .build()
             .context("starting the async runtime")?
             .block_on(supervisor::cli::run(args))
+            .or_else(|e| match e {
+                // EX_CONFIG: the unit's RestartPreventExitStatus=78 stops systemd from
+                // restarting a supervisor that cannot work until a person fixes its config.
+                supervisor::cli::CliError::Config(e) => {
+                    tracing::error!("configuration: {e}");
+                    std::process::exit(78)
+                }
+                other => Err(other),
+            })
             .context("supervisor failed"),
         Command::Demo(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()

@@ -189,6 +189,9 @@ fn settings(args: &Args) -> Result<Settings, ConfigError> {
     })
 }
 
+/// The exit status of a configuration error (sysexits' EX_CONFIG).
+const EX_CONFIG: i32 = 78;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -200,7 +203,15 @@ fn main() -> anyhow::Result<()> {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    let settings = settings(&args).context("configuration")?;
+    let settings = match settings(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            // EX_CONFIG: the unit's RestartPreventExitStatus=78 stops systemd from restarting a
+            // gateway that cannot work until a person fixes its config.
+            tracing::error!("configuration: {e}");
+            std::process::exit(EX_CONFIG);
+        }
+    };
     tracing::info!(
         printer = %settings.core.printer_id,
         broker = %format!("{}:{}", settings.broker.host, settings.broker.port),

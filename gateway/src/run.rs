@@ -134,6 +134,14 @@ pub async fn run(
     )?;
     shell.client = Some(client);
 
+    // systemd (Type=notify): ready once the state is loaded and the printer task runs (the
+    // broker may be away: a gateway serves its printer without it); the watchdog is fed from a
+    // timer arm of this loop only, so a wedged loop is restarted (transport::systemd).
+    let systemd = transport::systemd::Systemd::from_env();
+    systemd.ready(&format!("printer {printer_id}: serving"));
+    let mut feed = tokio::time::interval(systemd.feed_every());
+    feed.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
     tokio::pin!(shutdown);
     loop {
         while let Some(input) = shell.pending.pop_front() {
@@ -174,8 +182,10 @@ pub async fn run(
             }
             Some(input) = check_rx.recv() => shell.pending.push_back(input),
             _ = tokio::time::sleep_until(deadline.into()) => shell.pending.push_back(Input::Tick),
+            _ = feed.tick() => systemd.feed(),
         }
     }
+    systemd.stopping();
 
     // A clean goodbye: retained offline with a reason, then disconnect.
     if let Some(client) = &shell.client {

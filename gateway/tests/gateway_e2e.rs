@@ -934,3 +934,65 @@ async fn a_missing_serial_port_is_a_warning_with_the_fix_and_the_state_says_why(
         .count();
     assert_eq!(warnings, 1, "{text}");
 }
+
+/// Under systemd (`Type=notify`, `WatchdogSec=`): READY=1 once serving, then WATCHDOG=1 from the
+/// main loop at half the watchdog period; STOPPING=1 on SIGTERM. A real datagram socket plays
+/// systemd's NOTIFY_SOCKET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_the_gateway_says_ready_and_feeds_its_watchdog() {
+    let broker = TestBroker::start(BrokerKind::Embedded).expect("broker");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&socket).expect("bind");
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // systemd sets WATCHDOG_PID to the service's main PID: `exec` keeps the shell's PID.
+    let mut gw = Command::new("sh")
+        .args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_printloop-gateway"))
+        .args(["--id", "p8"])
+        .arg("--broker")
+        .arg(format!("mqtt://127.0.0.1:{}", broker.port()))
+        .arg("--serial")
+        .arg(dir.path().join("no-port"))
+        .arg("--data-dir")
+        .arg(dir.path().join("gw"))
+        .env("NOTIFY_SOCKET", &socket)
+        .env("WATCHDOG_USEC", "1000000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("gateway starts");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    let started = std::time::Instant::now();
+    while seen
+        .iter()
+        .filter(|m: &&String| m.contains("WATCHDOG=1"))
+        .count()
+        < 3
+    {
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no notification: {e}; seen {seen:?}"));
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let took = started.elapsed();
+    assert!(seen[0].contains("READY=1"), "{seen:?}");
+    // 3 pings at 0.5 s apart: not a busy loop, not a stalled one.
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(gw.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let stopping = loop {
+        let n = sock.recv(&mut buf).expect("STOPPING");
+        let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if !m.contains("WATCHDOG") {
+            break m;
+        }
+    };
+    assert!(stopping.contains("STOPPING=1"), "{stopping}");
+    let _ = gw.wait();
+}

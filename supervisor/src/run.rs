@@ -285,6 +285,13 @@ pub async fn run(
     };
     let mut metrics = metrics;
     let mut refresh = tokio::time::interval(Duration::from_secs(1));
+    // systemd (Type=notify): ready once the store is open, the broker (if embedded) serves and
+    // the MQTT task runs; the watchdog is fed from a timer arm of this loop only
+    // (transport::systemd), so a wedged loop is restarted.
+    let systemd = transport::systemd::Systemd::from_env();
+    systemd.ready("supervising");
+    let mut feed = tokio::time::interval(systemd.feed_every());
+    feed.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         // Everything waiting goes through the machine first; then one durable commit for all
@@ -339,8 +346,10 @@ pub async fn run(
                 let _ = metrics_tx.send(metrics.render(&machine, now(start)));
             }
             _ = tokio::time::sleep_until(deadline.into()) => shell.pending.push_back(Input::Tick),
+            _ = feed.tick() => systemd.feed(),
         }
     }
+    systemd.stopping();
     let bye = machine.goodbye(now(start));
     let _ = shell
         .client

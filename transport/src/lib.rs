@@ -7,6 +7,8 @@
 //! [`MqttEvent::Down`], waits a jittered, capped backoff, and reconnects. Publishing is the
 //! owner's business, with `try_publish`, so a full queue never blocks it.
 
+pub mod systemd;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
