@@ -431,5 +431,12 @@ mod tests {
         let text = gateway_config(&args, &made);
         let parsed = gateway::config::FileConfig::parse(&text).expect("valid");
         assert_eq!(parsed.broker.password.as_deref(), Some(made.as_str()));
+        // The same file, with its [system] section filled in, is the image's first-boot file.
+        let boot = text.replace("# [system]", "[system]").replace(
+            "# hostname = \"printloop-p1\"",
+            "hostname = \"printloop-p1\"",
+        );
+        let plan = gateway::firstboot::plan(&boot).expect("a valid first-boot file");
+        assert_eq!(plan.hostname, "printloop-p1");
     }
 }

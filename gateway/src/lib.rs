@@ -8,9 +8,11 @@
 //! - [`files`]: the file cache on disk.
 //! - [`run`]: the process: one loop that feeds the machine and carries out what it decides.
 //! - [`config`]: the TOML file and the broker URL.
+//! - [`firstboot`]: the Pi image's first-boot file (`printloop-gateway firstboot`).
 
 pub mod config;
 pub mod files;
+pub mod firstboot;
 pub mod link;
 pub mod machine;
 pub mod printer;

@@ -15,8 +15,14 @@ use protocol::{PrinterId, Topics};
 /// Settings come from `--config FILE` (TOML; see the gateway docs) and flags; a flag wins over
 /// the file. The MQTT password is read from the environment variable PRINTLOOP_MQTT_PASSWORD.
 #[derive(Debug, Parser)]
-#[command(name = "printloop-gateway", version)]
+#[command(
+    name = "printloop-gateway",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Sub>,
     /// TOML configuration file.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -57,6 +63,20 @@ struct Args {
     /// Log format on stderr (filter with RUST_LOG, default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Sub {
+    /// Apply the Pi image's first-boot file (`printloop-gateway.toml` on the boot partition):
+    /// the gateway's config, host name, time zone, Wi-Fi and ssh key (packaging/image/).
+    Firstboot {
+        /// The boot partition's file.
+        #[arg(long, default_value = "/boot/firmware/printloop-gateway.toml")]
+        boot_file: PathBuf,
+        /// The root of the system to configure (`/` on the Pi).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -202,6 +222,28 @@ fn main() -> anyhow::Result<()> {
     match args.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+    if let Some(Sub::Firstboot { boot_file, root }) = &args.command {
+        return match gateway::firstboot::run(boot_file, root) {
+            Ok(outcome) => {
+                for w in &outcome.warnings {
+                    tracing::warn!("{w}");
+                }
+                for f in &outcome.written {
+                    tracing::info!(file = %f.display(), "written");
+                }
+                tracing::info!(
+                    hostname = %outcome.hostname,
+                    applied = %outcome.applied.display(),
+                    "first-boot configuration applied"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!("first-boot configuration NOT applied: {e}");
+                std::process::exit(EX_CONFIG);
+            }
+        };
     }
     let settings = match settings(&args) {
         Ok(s) => s,
