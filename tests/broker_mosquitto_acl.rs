@@ -255,21 +255,6 @@ async fn the_tls_listener_of_the_production_example_serves_a_tls_handshake() {
 
 // ----- the files `printloop clients mosquitto` writes from the registry -----
 
-fn gateway_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>")
-        .join("printloop-gateway");
-    assert!(
-        bin.is_file(),
-        "{} not found: run `cargo test --workspace`",
-        bin.display()
-    );
-    bin
-}
-
 fn secure_farm() -> testkit::SecureFarm {
     testkit::SecureFarm::start(
         Path::new(env!("CARGO_BIN_EXE_printloop")),
@@ -431,7 +416,7 @@ async fn a_wrong_password_is_one_clear_error_and_at_most_three_attempts_in_40_s(
     let farm = secure_farm();
     let data = tempfile::tempdir().expect("tempdir");
     let log = data.path().join("gw.log");
-    let mut gw = std::process::Command::new(gateway_binary())
+    let mut gw = std::process::Command::new(testkit::gateway_binary())
         .arg("--config")
         .arg(&farm.gateway_configs["p1"])
         .arg("--ca-file")

@@ -71,23 +71,6 @@ fn gcode_lines(path: &Path) -> u64 {
         .count() as u64
 }
 
-/// `printloop-gateway` is a binary of the `gateway` package: it sits beside this test's
-/// executable's directory (target/debug/printloop-gateway).
-fn gateway_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/debug/deps/<test>");
-    let bin = dir.join("printloop-gateway");
-    assert!(
-        bin.is_file(),
-        "{} not found: run `cargo build -p gateway` (or `cargo test --workspace`) first",
-        bin.display()
-    );
-    bin
-}
-
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -311,7 +294,7 @@ impl Fleet {
     }
 
     fn spawn_gateway(&mut self, i: usize, port: u16) {
-        let mut command = Command::new(gateway_binary());
+        let mut command = Command::new(testkit::gateway_binary());
         match self.broker.secure() {
             // The config `printloop printers add` wrote (mqtts:// URL, user, password); the CA
             // is in the test's temp dir instead of /etc/printloop.

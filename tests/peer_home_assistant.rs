@@ -100,22 +100,6 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// `printloop-gateway` sits beside this test's executable's directory.
-fn gateway_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/debug/deps/<test>")
-        .join("printloop-gateway");
-    assert!(
-        bin.is_file(),
-        "{} not found: run `cargo build -p gateway` first",
-        bin.display()
-    );
-    bin
-}
-
 /// One HTTP/1.1 request to Home Assistant on 127.0.0.1 (`Connection: close`, body read to the
 /// end). Returns the status and the body.
 fn http(
@@ -425,7 +409,7 @@ fn home_assistant_sees_the_fleet_tracks_availability_and_pauses_a_print() {
     );
     let mut gw = Proc::spawn(
         "gateway-p9",
-        Command::new(gateway_binary())
+        Command::new(testkit::gateway_binary())
             .args(["--id", "p9", "--heartbeat", "1", "--keepalive", "2"])
             .arg("--broker")
             .arg(&broker_url)

@@ -93,22 +93,6 @@ fn node_red_program() -> PathBuf {
     path
 }
 
-/// `printloop-gateway` sits in the same target directory as this test's executable.
-fn gateway_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/debug/deps/<test>")
-        .join("printloop-gateway");
-    assert!(
-        bin.is_file(),
-        "{} not found: run `cargo build -p gateway` first (scripts/peer-node-red.sh does)",
-        bin.display()
-    );
-    bin
-}
-
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -219,7 +203,7 @@ impl Rig {
                 Some(&dir.path().join(format!("printer{i}"))),
             )
             .expect("simulator starts");
-            let gw = Command::new(gateway_binary())
+            let gw = Command::new(testkit::gateway_binary())
                 .args([
                     "--id",
                     &format!("p{i}"),

@@ -79,6 +79,23 @@ pub(crate) fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -
     move |source| Error::Io { what, source }
 }
 
+/// The `printloop-gateway` binary built beside the running test (`target/<profile>/`): the
+/// root package's integration tests cannot name another package's binary with `env!`.
+pub fn gateway_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let bin = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(|d| d.join("printloop-gateway"))
+        .unwrap_or_default();
+    assert!(
+        bin.is_file(),
+        "{} not found: run `cargo build -p gateway` (or `cargo test --workspace`) first",
+        bin.display()
+    );
+    bin
+}
+
 /// A loopback port that was free a moment ago (bind 127.0.0.1:0, read the port, close).
 ///
 /// Another process can take the port before the caller binds it; the kernel's round-robin
