@@ -180,7 +180,7 @@ build_deb() {
   {
     echo "$pkg ($ver) unstable; urgency=medium"
     echo
-    echo "  * Built from the printloop source tree, commit $commit, by scripts/package.sh."
+    echo "  * Built by scripts/package.sh from commit $commit."
     echo
     echo " -- $MAINTAINER  $(LC_ALL=C date -u -R -d "@$SOURCE_DATE_EPOCH")"
   } | gzip -9n >"$doc/changelog.gz"
