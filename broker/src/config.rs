@@ -190,6 +190,10 @@ impl BrokerConfig {
                 let listener = format!("{}.{key}", kind.section());
                 let statics = server.connections.auth.clone();
                 let auth = auth.clone();
+                // A hostile client can try a thousand logins a second: log the first refusal of
+                // each second and count the rest, so the log stays readable and bounded.
+                let quiet =
+                    std::sync::Arc::new(std::sync::Mutex::new((None::<std::time::Instant>, 0u64)));
                 tracing::info!(
                     listener = %listener,
                     addr = %server.listen,
@@ -199,11 +203,26 @@ impl BrokerConfig {
                 server.connections.set_auth_handler(
                     move |client_id: String, user: String, password: String| {
                         let verdict = auth.check(&client_id, &user, &password, statics.as_ref());
-                        if let Err(reason) = &verdict {
+                        let log = verdict.is_err()
+                            && quiet.lock().is_ok_and(|mut q| {
+                                let due = q.0.is_none_or(|t| t.elapsed().as_secs() >= 1);
+                                if due {
+                                    q.0 = Some(std::time::Instant::now());
+                                } else {
+                                    q.1 += 1;
+                                }
+                                due
+                            });
+                        if let (true, Err(reason)) = (log, &verdict) {
+                            let suppressed = quiet
+                                .lock()
+                                .map(|mut q| std::mem::take(&mut q.1))
+                                .unwrap_or(0);
                             tracing::warn!(
                                 listener = %listener,
                                 client_id = ?client_id.chars().take(80).collect::<String>(),
                                 user = ?user.chars().take(80).collect::<String>(),
+                                refusals_not_logged = suppressed,
                                 "MQTT login refused: {reason}"
                             );
                         }
