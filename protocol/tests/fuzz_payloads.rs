@@ -400,26 +400,52 @@ fn arb_byte_op() -> impl Strategy<Value = ByteOp> {
     ]
 }
 
-/// Every path in `v` (object keys and array indices), the root first.
-fn paths(v: &Value, here: &mut Vec<PathSeg>, out: &mut Vec<Vec<PathSeg>>) {
-    out.push(here.clone());
-    match v {
-        Value::Object(m) => {
-            for (k, child) in m {
-                here.push(PathSeg::Key(k.clone()));
-                paths(child, here, out);
-                here.pop();
+/// The deepest a mutated tree may get. Past serde_json's recursion limit (128) by far, which is
+/// what the deep cases test, but bounded: the harness itself (and serde_json's encoder and
+/// `Value`'s drop) recurse, and two `Nest(5000)` edits once overflowed the test thread's stack.
+const MAX_TREE_DEPTH: usize = 5_200;
+
+/// Every path in `v` (object keys and array indices), the root first. Iterative: the tree may
+/// be thousands of levels deep.
+fn paths(v: &Value) -> Vec<Vec<PathSeg>> {
+    let mut out = Vec::new();
+    let mut todo = vec![(v, Vec::new())];
+    while let Some((v, here)) = todo.pop() {
+        match v {
+            Value::Object(m) => {
+                for (k, child) in m {
+                    let mut p = here.clone();
+                    p.push(PathSeg::Key(k.clone()));
+                    todo.push((child, p));
+                }
             }
-        }
-        Value::Array(a) => {
-            for (i, child) in a.iter().enumerate() {
-                here.push(PathSeg::Index(i));
-                paths(child, here, out);
-                here.pop();
+            Value::Array(a) => {
+                for (i, child) in a.iter().enumerate() {
+                    let mut p = here.clone();
+                    p.push(PathSeg::Index(i));
+                    todo.push((child, p));
+                }
             }
+            _ => {}
         }
-        _ => {}
+        out.push(here);
     }
+    out
+}
+
+/// How many levels deep `v` goes (a scalar is 0).
+fn tree_depth(v: &Value) -> usize {
+    let mut deepest = 0;
+    let mut todo = vec![(v, 0usize)];
+    while let Some((v, d)) = todo.pop() {
+        deepest = deepest.max(d);
+        match v {
+            Value::Object(m) => todo.extend(m.values().map(|c| (c, d + 1))),
+            Value::Array(a) => todo.extend(a.iter().map(|c| (c, d + 1))),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 #[derive(Debug, Clone)]
@@ -441,8 +467,7 @@ fn node<'a>(v: &'a mut Value, path: &[PathSeg]) -> Option<&'a mut Value> {
 }
 
 fn apply_tree(v: &mut Value, pick: usize, op: &TreeOp) {
-    let mut all = Vec::new();
-    paths(v, &mut Vec::new(), &mut all);
+    let all = paths(v);
     let path = &all[pick % all.len()];
     match op {
         TreeOp::Replace(new) => {
@@ -451,9 +476,10 @@ fn apply_tree(v: &mut Value, pick: usize, op: &TreeOp) {
             }
         }
         TreeOp::Nest(depth) => {
+            let room = MAX_TREE_DEPTH.saturating_sub(tree_depth(v));
             if let Some(n) = node(v, path) {
                 let mut x = n.take();
-                for _ in 0..*depth {
+                for _ in 0..(*depth).min(room) {
                     x = Value::Array(vec![x]);
                 }
                 *n = x;
