@@ -55,6 +55,10 @@ pub struct SimArgs {
     /// Milliseconds from a port open (reset) to the `start` banner.
     #[arg(long, default_value_t = 0)]
     pub boot_ms: u64,
+    /// Simulate a Marlin build without EMERGENCY_PARSER: M108/M112/M410 act only when the main
+    /// loop reads their line, not the moment it arrives.
+    #[arg(long)]
+    pub no_emergency_parser: bool,
     /// Read fault commands from stdin, one per line: cable_pull, replug, thermal_runaway,
     /// hang, unhang, reset.
     #[arg(long)]
@@ -160,6 +164,7 @@ impl SimArgs {
             checksum_error_lines: self.checksum_error_lines.clone(),
             garble_rate: self.garble_rate,
             boot_time: Duration::from_millis(self.boot_ms),
+            emergency_parser: !self.no_emergency_parser,
             ..SimConfig::default()
         }
     }
@@ -237,6 +242,7 @@ mod tests {
             "0.001",
             "--motion-speed",
             "1000",
+            "--no-emergency-parser",
         ]);
         let c = cli.sim.config();
         assert_eq!(cli.sim.link, PathBuf::from("/tmp/printer0"));
@@ -246,9 +252,11 @@ mod tests {
         assert_eq!(c.checksum_error_lines, vec![5, 17]);
         assert_eq!((c.checksum_error_rate, c.garble_rate), (0.01, 0.001));
         assert_eq!(c.motion_speed, Some(1000.0));
+        assert!(!c.emergency_parser);
         assert!(c.validate().is_ok());
         let defaults = Cli::parse_from(["sim", "--link", "x"]).sim.config();
         assert_eq!(defaults, SimConfig::default());
+        assert!(defaults.emergency_parser);
         assert!(
             Cli::parse_from(["sim", "--link", "x", "--control-stdin"])
                 .sim

@@ -42,6 +42,11 @@ pub struct SimConfig {
     pub garble_rate: f64,
     /// Room temperature, °C.
     pub ambient: f64,
+    /// Marlin `EMERGENCY_PARSER` (on in most builds): `M108`, `M112` and `M410` act the moment
+    /// their line has arrived, even while the command queue is blocked (a dwell, a heat wait,
+    /// a full planner), and M115 reports `Cap:EMERGENCY_PARSER:1`. Off: they act only when
+    /// the main loop reads their line, as in a build without it.
+    pub emergency_parser: bool,
 }
 
 impl Default for SimConfig {
@@ -62,6 +67,7 @@ impl Default for SimConfig {
             checksum_error_lines: Vec::new(),
             garble_rate: 0.0,
             ambient: 20.0,
+            emergency_parser: true,
         }
     }
 }

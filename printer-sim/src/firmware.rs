@@ -5,11 +5,13 @@
 //! [`Firmware::next_deadline`].
 use std::collections::VecDeque;
 use std::f64::consts::TAU;
+use std::fmt;
 use std::time::Duration;
 
 use protocol::marlin;
 
 use crate::config::SimConfig;
+use crate::e_parser::{EmergencyCommand, EmergencyParser};
 use crate::gcode::Command;
 use crate::heater::{self, Heater};
 use crate::rng::SplitMix64;
@@ -32,6 +34,13 @@ const ARC_SEGMENT_MM: f64 = 1.0;
 /// Homing feedrates, mm/s (X, Y, Z), and the time of the bump and back-off per axis.
 const HOMING_FEEDRATE: [f64; 3] = [50.0, 50.0, 4.0];
 const HOMING_BUMP_SECS: f64 = 0.5;
+/// Marlin's `quick_stop()` refuses new blocks for `TEMP_TIMER_FREQUENCY` ticks of its ~1 kHz
+/// temperature interrupt, and `quickstop_stepper()` waits that out in `planner.synchronize()`
+/// (`Planner::busy()` counts the window): every M410 holds the main loop for about a second.
+/// A firmware timer, so `motion_speed` does not shorten it.
+const QUICKSTOP_PAUSE: Duration = Duration::from_secs(1);
+/// Emergency actions kept for [`Firmware::poll_emergency`]; beyond it the oldest are dropped.
+const MAX_EMERGENCY_LOG: usize = 32;
 
 /// The version string this firmware claims.
 pub const FIRMWARE_VERSION: &str = "Marlin 2.1.2.1";
@@ -41,6 +50,11 @@ pub const FIRMWARE_VERSION: &str = "Marlin 2.1.2.1";
 pub enum Fault {
     /// The main loop stops: nothing is answered, received bytes are discarded, the stepper
     /// interrupt keeps draining the planner. Cleared by [`Fault::Unhang`] or a reset.
+    ///
+    /// The serial receive interrupt still runs, so the emergency parser still sees every byte:
+    /// an `M108` clears the heat-wait flag at once, but `M112` and `M410` only set flags that
+    /// Marlin acts on in `idle()` (`Temperature::task()`), which a hung loop does not reach —
+    /// they take effect at [`Fault::Unhang`] (and are forgotten by a reset).
     Hang,
     /// Ends a [`Fault::Hang`].
     Unhang,
@@ -65,7 +79,8 @@ pub enum Phase {
     Heating,
     /// G28 running.
     Homing,
-    /// G4 dwell, or M400/M84 waiting for the planner to drain.
+    /// G4 dwell, M400/M84 waiting for the planner to drain, or the second an M410 quick stop
+    /// holds the main loop.
     Waiting,
     /// After kill(): silent until a reset.
     Halted,
@@ -150,8 +165,117 @@ pub struct Stats {
     pub commands_queued: usize,
     /// Resets (port opens, reset faults).
     pub resets: u64,
-    /// Logical position X Y Z E, mm.
+    /// Logical position X Y Z E, mm: where the head will be when the planned moves are done
+    /// (after an M410, where it stopped).
     pub position: [f64; 4],
+    /// `M108` lines the emergency parser caught (each one, whether or not a wait was running).
+    pub emergency_m108: u64,
+    /// `M112` lines the emergency parser caught.
+    pub emergency_m112: u64,
+    /// `M410` lines the emergency parser caught.
+    pub emergency_m410: u64,
+    /// The latest emergency action the firmware carried out (by the emergency parser, or by
+    /// the serial reader when the parser is off). Survives resets, like the counters.
+    pub last_emergency: Option<EmergencyAction>,
+}
+
+/// An emergency command the firmware carried out: what [`Firmware::poll_emergency`] hands the
+/// shell for its log, and [`Stats::last_emergency`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmergencyAction {
+    /// Core time at which the firmware acted.
+    pub at: Duration,
+    /// Core time at which the end of its line reached the board: earlier than `at` when the
+    /// main loop was hung or held by an earlier M410 when it arrived.
+    pub received: Duration,
+    /// The command.
+    pub command: EmergencyCommand,
+    /// True: caught by the emergency parser as the bytes arrived. False: the parser is off and
+    /// the main loop read the line (Marlin's early handling in `get_serial_commands`).
+    pub by_parser: bool,
+    /// What it did.
+    pub effect: EmergencyEffect,
+}
+
+/// What an [`EmergencyAction`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EmergencyEffect {
+    /// `M108` ended the M109 (`bed == false`) or M190 wait in progress; the target stays.
+    HeatWaitEnded {
+        /// Whether it was the bed's wait.
+        bed: bool,
+        /// The heater's target, °C.
+        target: f64,
+    },
+    /// `M108` while nothing waited for a temperature: no effect.
+    NoHeatWait,
+    /// `M112`: `kill()` — heaters off, planner dropped, steppers off, silent until a reset.
+    Killed {
+        /// Hotend target afterwards (0).
+        hotend_target: f64,
+        /// Bed target afterwards (0).
+        bed_target: f64,
+    },
+    /// `M410`: the planner was dropped and the head stopped where it was.
+    QuickStop {
+        /// Where the head stopped (X Y Z E, mm).
+        stopped_at: [f64; 4],
+        /// Planner blocks thrown away (the one being executed included).
+        dropped_blocks: usize,
+    },
+}
+
+impl fmt::Display for EmergencyAction {
+    /// One log line, e.g. `emergency parser: M112 at 12.345 s: heaters off (hotend target 0,
+    /// bed target 0), motion stopped`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let source = if self.by_parser {
+            "emergency parser"
+        } else {
+            "serial reader (no emergency parser)"
+        };
+        write!(
+            f,
+            "{source}: {} at {:.3} s: ",
+            self.command.as_str(),
+            self.at.as_secs_f64()
+        )?;
+        match &self.effect {
+            EmergencyEffect::HeatWaitEnded { bed, target } => {
+                let (wait, heater) = if *bed {
+                    ("M190", "bed")
+                } else {
+                    ("M109", "hotend")
+                };
+                write!(f, "{wait} wait ended ({heater} target {target} stays)")?;
+            }
+            EmergencyEffect::NoHeatWait => write!(f, "no heat wait to cancel")?,
+            EmergencyEffect::Killed {
+                hotend_target,
+                bed_target,
+            } => write!(
+                f,
+                "heaters off (hotend target {hotend_target}, bed target {bed_target}), motion \
+                 stopped, halted until reset"
+            )?,
+            EmergencyEffect::QuickStop {
+                stopped_at: [x, y, z, e],
+                dropped_blocks,
+            } => write!(
+                f,
+                "motion stopped at X:{x:.3} Y:{y:.3} Z:{z:.3} E:{e:.3}, {dropped_blocks} planner \
+                 blocks dropped"
+            )?,
+        }
+        if self.received != self.at {
+            write!(
+                f,
+                " (line received at {:.3} s)",
+                self.received.as_secs_f64()
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// A span of bytes on the wire: byte `k` arrives at `start + wire_time(k + 1)`.
@@ -262,11 +386,44 @@ struct Queued {
     text: String,
 }
 
+/// One planner block: a straight move from `from` to `to` (logical X Y Z E, mm, in the
+/// coordinates in force when it was planned) taking `time`.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    from: [f64; 4],
+    to: [f64; 4],
+    time: Duration,
+}
+
+impl Block {
+    /// Where the head is after `fraction` (0..=1) of the block.
+    fn at(&self, fraction: f64) -> [f64; 4] {
+        let k = fraction.clamp(0.0, 1.0);
+        std::array::from_fn(|i| self.from[i] + (self.to[i] - self.from[i]) * k)
+    }
+
+    /// The same move started from `from` instead, at the same speed.
+    fn rebased(self, from: [f64; 4]) -> Block {
+        let old = move_length(self.from, self.to);
+        let new = move_length(from, self.to);
+        let time = if old > 1e-12 {
+            secs_to_duration(self.time.as_secs_f64() * new / old)
+        } else {
+            self.time
+        };
+        Block {
+            from,
+            to: self.to,
+            time,
+        }
+    }
+}
+
 /// Why the executing command has not finished yet.
 #[derive(Debug, Clone)]
 enum Wait {
-    /// Move segments still to enter the planner (seconds each).
-    Planner(VecDeque<Duration>),
+    /// Move segments still to enter the planner.
+    Planner(VecDeque<Block>),
     /// Until the planner is empty, then the follow-up.
     Sync(AfterSync),
     /// Dwell or homing until a time.
@@ -336,7 +493,8 @@ pub struct Firmware {
     ring: VecDeque<Queued>,
     exec: Exec,
     next_busy: Duration,
-    planner: VecDeque<Duration>,
+    planner: VecDeque<Block>,
+    /// When the head block (the one the steppers execute) ends.
     head_end: Option<Duration>,
     booting_until: Option<Duration>,
     hung: bool,
@@ -351,6 +509,19 @@ pub struct Firmware {
     feed_percent: f64,
     fan: u32,
     checksum_error_lines: Vec<u32>,
+    /// The receive interrupt's emergency parser (fed only with `cfg.emergency_parser`).
+    e_parser: EmergencyParser,
+    /// Marlin `wait_for_heatup`: set when an M109/M190 wait starts, cleared by M108.
+    wait_for_heatup: bool,
+    /// Marlin `emergency_parser.killed_by_M112` / `quickstop_by_M410`: set by the receive
+    /// interrupt (here: the line's arrival time), acted on when the main loop next runs
+    /// `idle()` — at once, unless it is hung or held by an M410 already.
+    pending_kill: Option<Duration>,
+    pending_quickstop: Option<Duration>,
+    /// While the main loop sits in `quickstop_stepper()` after an M410 (see QUICKSTOP_PAUSE).
+    quickstop_until: Option<Duration>,
+    /// Emergency actions not yet collected by [`Firmware::poll_emergency`].
+    emergency_log: VecDeque<EmergencyAction>,
     stats: Stats,
 }
 
@@ -398,6 +569,12 @@ impl Firmware {
             feed_percent: 100.0,
             fan: 0,
             checksum_error_lines: cfg.checksum_error_lines.clone(),
+            e_parser: EmergencyParser::default(),
+            wait_for_heatup: false,
+            pending_kill: None,
+            pending_quickstop: None,
+            quickstop_until: None,
+            emergency_log: VecDeque::new(),
             stats: Stats::default(),
             cfg,
         })
@@ -469,7 +646,11 @@ impl Firmware {
         self.advance_to(now);
         match fault {
             Fault::Hang => self.hung = true,
-            Fault::Unhang => self.hung = false,
+            Fault::Unhang => {
+                self.hung = false;
+                // The loop's first idle() acts on what the parser flagged meanwhile.
+                self.service_emergency();
+            }
             Fault::ThermalRunaway => {
                 if !self.halted && self.booting_until.is_none() {
                     self.emit("Error:Thermal Runaway, system stopped! Heater_ID: 0");
@@ -478,6 +659,12 @@ impl Firmware {
             }
             Fault::Reset => self.reset(),
         }
+    }
+
+    /// The next emergency action not yet collected, oldest first (the shell logs them). At
+    /// most the latest 32 are kept.
+    pub fn poll_emergency(&mut self) -> Option<EmergencyAction> {
+        self.emergency_log.pop_front()
     }
 
     /// Probability per numbered line of a corrupted arrival (checksum mismatch).
@@ -531,15 +718,22 @@ impl Firmware {
         if self.booting_until.is_some() {
             return Phase::Booting;
         }
+        let held = self.in_quickstop();
         match &self.exec {
             Exec::Waiting(Wait::Heat { .. }) => Phase::Heating,
             Exec::Waiting(Wait::Until { homing: true, .. }) => Phase::Homing,
             Exec::Waiting(Wait::Sync(AfterSync::Home(_))) => Phase::Homing,
+            _ if held => Phase::Waiting,
             Exec::Waiting(Wait::Until { .. } | Wait::Sync(_)) => Phase::Waiting,
             Exec::Waiting(Wait::Planner(_)) => Phase::Moving,
             _ if !self.planner.is_empty() => Phase::Moving,
             _ => Phase::Idle,
         }
+    }
+
+    /// Whether the main loop is held in `quickstop_stepper()` after an M410.
+    fn in_quickstop(&self) -> bool {
+        self.quickstop_until.is_some_and(|t| t > self.now)
     }
 
     // ---- event loop -------------------------------------------------------------------
@@ -552,6 +746,14 @@ impl Firmware {
             return t;
         }
         t = min_opt(t, self.autoreport.map(|(_, next)| next));
+        if let Some(until) = self.quickstop_until {
+            // Only the keepalive of a command in progress goes on until the loop is released.
+            t = min_opt(t, Some(until));
+            if matches!(self.exec, Exec::Waiting(_)) {
+                t = min_opt(t, Some(self.next_busy));
+            }
+            return t;
+        }
         match &self.exec {
             Exec::Idle => {}
             Exec::Running { done_at } => t = min_opt(t, Some(*done_at)),
@@ -585,13 +787,14 @@ impl Firmware {
     /// Handles everything due at `self.now`.
     fn step(&mut self) {
         let now = self.now;
-        while let Some((at, b)) = self.wire_in.pop_arrived(now) {
-            self.on_byte(at, b);
-        }
+        // Blocks that end now are done before a byte arriving now can stop the head.
         while let Some(end) = self.head_end.filter(|e| *e <= now) {
             self.planner.pop_front();
             self.stats.moves_executed += 1;
-            self.head_end = self.planner.front().map(|d| end + *d);
+            self.head_end = self.planner.front().map(|b| end + b.time);
+        }
+        while let Some((at, b)) = self.wire_in.pop_arrived(now) {
+            self.on_byte(at, b);
         }
         if let Some(until) = self.booting_until {
             if until <= now {
@@ -600,6 +803,13 @@ impl Firmware {
             }
         }
         if self.hung || self.halted || self.booting_until.is_some() {
+            return;
+        }
+        if self.quickstop_until.is_some_and(|t| t <= now) {
+            self.quickstop_until = None;
+        }
+        self.service_emergency();
+        if self.halted {
             return;
         }
         if let Some((interval, next)) = self.autoreport {
@@ -612,10 +822,18 @@ impl Firmware {
         self.run();
     }
 
+    /// The serial receive interrupt, for one byte arriving at `at`.
     fn on_byte(&mut self, at: Duration, b: u8) {
         self.stats.bytes_in += 1;
         self.stats.first_byte_in_at.get_or_insert(at);
         self.stats.last_byte_in_at = Some(at);
+        // The emergency parser sees every byte, whether or not the ring buffer has room for
+        // it; not while booting (no firmware yet) or halted (kill() ends with interrupts off).
+        let parsed = if self.cfg.emergency_parser && !self.halted && self.booting_until.is_none() {
+            self.e_parser.update(b)
+        } else {
+            None
+        };
         if self.hung || self.halted || self.booting_until.is_some() {
             self.stats.bytes_ignored += 1;
         } else if self.rx.len() >= self.cfg.rx_buffer {
@@ -623,6 +841,130 @@ impl Firmware {
         } else {
             self.rx.push_back(b);
         }
+        if let Some(cmd) = parsed {
+            self.emergency_parsed(at, cmd);
+        }
+    }
+
+    /// The emergency parser recognised `cmd` in a line whose end arrived at `at`: what Marlin's
+    /// receive interrupt does (`EmergencyParser::update`), then, for M112 and M410, what the
+    /// main loop's next `idle()` does with the flags (`Temperature::task()`).
+    fn emergency_parsed(&mut self, at: Duration, cmd: EmergencyCommand) {
+        match cmd {
+            EmergencyCommand::M108 => {
+                self.stats.emergency_m108 += 1;
+                // `wait_for_heatup = wait_for_user = false`, right in the interrupt: a running
+                // M109/M190 wait ends the next time its loop looks (at once unless hung).
+                let effect = match &self.exec {
+                    Exec::Waiting(Wait::Heat { bed, .. }) if self.wait_for_heatup => {
+                        let heater = if *bed { &self.bed } else { &self.hotend };
+                        EmergencyEffect::HeatWaitEnded {
+                            bed: *bed,
+                            target: heater.target(),
+                        }
+                    }
+                    _ => EmergencyEffect::NoHeatWait,
+                };
+                self.wait_for_heatup = false;
+                self.log_emergency(at, cmd, true, effect);
+            }
+            EmergencyCommand::M112 => {
+                self.stats.emergency_m112 += 1;
+                self.pending_kill.get_or_insert(at);
+            }
+            EmergencyCommand::M410 => {
+                self.stats.emergency_m410 += 1;
+                self.pending_quickstop.get_or_insert(at);
+            }
+        }
+        self.service_emergency();
+    }
+
+    /// Marlin `Temperature::task()`'s emergency part, run from every `idle()`: kill on a
+    /// flagged M112, quick stop on a flagged M410. Not while the loop is hung, and not while it
+    /// sits in an earlier M410's `quickstop_stepper()` (the task does not re-enter itself).
+    fn service_emergency(&mut self) {
+        if self.hung || self.halted || self.booting_until.is_some() || self.in_quickstop() {
+            return;
+        }
+        if let Some(received) = self.pending_kill.take() {
+            self.kill();
+            self.log_kill(received, true);
+        } else if let Some(received) = self.pending_quickstop.take() {
+            let effect = self.quickstop();
+            self.log_emergency(received, EmergencyCommand::M410, true, effect);
+        }
+    }
+
+    fn log_kill(&mut self, received: Duration, by_parser: bool) {
+        let effect = EmergencyEffect::Killed {
+            hotend_target: self.hotend.target(),
+            bed_target: self.bed.target(),
+        };
+        self.log_emergency(received, EmergencyCommand::M112, by_parser, effect);
+    }
+
+    fn log_emergency(
+        &mut self,
+        received: Duration,
+        command: EmergencyCommand,
+        by_parser: bool,
+        effect: EmergencyEffect,
+    ) {
+        let action = EmergencyAction {
+            at: self.now,
+            received,
+            command,
+            by_parser,
+            effect,
+        };
+        if self.emergency_log.len() >= MAX_EMERGENCY_LOG {
+            self.emergency_log.pop_front();
+        }
+        self.emergency_log.push_back(action.clone());
+        self.stats.last_emergency = Some(action);
+    }
+
+    /// Marlin `quickstop_stepper()`: `planner.quick_stop()` drops every block and stops the
+    /// steppers where they are; `planner.synchronize()` then holds the main loop for the
+    /// cleaning window (QUICKSTOP_PAUSE); finally the position is taken from the steppers.
+    ///
+    /// A move that was waiting for a planner slot is not dropped: its `buffer_line()` gets the
+    /// slot once `quickstop_stepper()` returns (the cleaning window is over by then), so it runs
+    /// from where the head stopped to its own target — which stays the logical position, as
+    /// in Marlin's `prepare_line_to_destination()`.
+    fn quickstop(&mut self) -> EmergencyEffect {
+        let dropped_blocks = self.planner.len();
+        let stopped = self.head_position();
+        self.planner.clear();
+        self.head_end = None;
+        if let Some(at) = stopped {
+            match &mut self.exec {
+                Exec::Waiting(Wait::Planner(segments)) => {
+                    if let Some(first) = segments.front_mut() {
+                        *first = first.rebased(at);
+                    }
+                }
+                // G28 defines the position itself once the planner is empty.
+                Exec::Waiting(Wait::Sync(AfterSync::Home(_))) => {}
+                _ => self.position = at,
+            }
+        }
+        self.quickstop_until = Some(self.now + QUICKSTOP_PAUSE);
+        EmergencyEffect::QuickStop {
+            stopped_at: stopped.unwrap_or(self.position),
+            dropped_blocks,
+        }
+    }
+
+    /// Where the head is now, if a block is being executed.
+    fn head_position(&self) -> Option<[f64; 4]> {
+        let block = self.planner.front()?;
+        let end = self.head_end?;
+        let total = block.time.as_secs_f64();
+        let left = end.saturating_sub(self.now).as_secs_f64();
+        let fraction = if total > 0.0 { 1.0 - left / total } else { 1.0 };
+        Some(block.at(fraction))
     }
 
     /// Marlin's main loop at one instant: read serial while idle, run the head command, check
@@ -631,6 +973,15 @@ impl Firmware {
         let now = self.now;
         loop {
             if self.halted || self.hung {
+                return;
+            }
+            if self.in_quickstop() {
+                // Inside quickstop_stepper()'s synchronize(): idle() keeps a command's host
+                // keepalive going, nothing else moves on.
+                if matches!(self.exec, Exec::Waiting(_)) && self.next_busy <= now {
+                    self.emit("echo:busy: processing");
+                    self.next_busy = now + KEEPALIVE;
+                }
                 return;
             }
             match std::mem::replace(&mut self.exec, Exec::Idle) {
@@ -708,7 +1059,9 @@ impl Firmware {
             } => {
                 let f = self.motion_factor;
                 let heater = if bed { &self.bed } else { &self.hotend };
-                if heater.reached(now, f, TEMP_WINDOW, from_above) {
+                // An M108 (emergency parser) clears `wait_for_heatup`: the wait ends, ok follows.
+                if !self.wait_for_heatup || heater.reached(now, f, TEMP_WINDOW, from_above) {
+                    self.wait_for_heatup = false;
                     return None;
                 }
                 let until = match until {
@@ -760,14 +1113,14 @@ impl Firmware {
     }
 
     /// Puts one block into the planner if there is room.
-    fn plan(&mut self, duration: Duration) -> bool {
+    fn plan(&mut self, block: Block) -> bool {
         if self.planner_free() == 0 {
             return false;
         }
         if self.planner.is_empty() {
-            self.head_end = Some(self.now + duration);
+            self.head_end = Some(self.now + block.time);
         }
-        self.planner.push_back(duration);
+        self.planner.push_back(block);
         true
     }
 
@@ -775,7 +1128,7 @@ impl Firmware {
 
     /// Marlin `get_serial_commands`: move bytes from RX into lines while the queue has room.
     fn read_serial(&mut self) {
-        while self.ring.len() < self.cfg.bufsize && !self.halted {
+        while self.ring.len() < self.cfg.bufsize && !self.halted && !self.in_quickstop() {
             let Some(b) = self.rx.pop_front() else {
                 return;
             };
@@ -857,15 +1210,19 @@ impl Firmware {
             text = &cmd[..apos];
         }
         let text = String::from_utf8_lossy(text).trim().to_owned();
-        // Processed on arrival, as Marlin does without EMERGENCY_PARSER.
-        if text == "M112" || text.starts_with("M112 ") {
-            self.emit("Error:Printer halted. kill() called!");
-            self.kill();
-            return;
-        }
-        if text == "M410" || text.starts_with("M410 ") {
-            self.planner.clear();
-            self.head_end = None;
+        if !self.cfg.emergency_parser {
+            // Without EMERGENCY_PARSER, Marlin handles these when the line is read (and M410
+            // again when it executes). With it, the parser has acted on the bytes already.
+            let now = self.now;
+            if text == "M112" || text.starts_with("M112 ") {
+                self.kill();
+                self.log_kill(now, false);
+                return;
+            }
+            if text == "M410" || text.starts_with("M410 ") {
+                let effect = self.quickstop();
+                self.log_emergency(now, EmergencyCommand::M410, false, effect);
+            }
         }
         self.stats.lines_accepted += 1;
         self.ring.push_back(Queued { number, text });
@@ -1051,10 +1408,25 @@ impl Firmware {
                 }
                 Next::Ok
             }
-            ('M', Some(75..=78 | 80 | 81 | 108 | 111 | 117 | 119 | 121 | 120 | 201..=209)) => {
-                Next::Ok
+            // With EMERGENCY_PARSER these three are no-ops here (gcode.cpp `case 108: case 112:
+            // case 410: break;`): the parser acted when the line arrived. Without it, M108 has
+            // nothing to cancel by the time it runs (lines are read only between commands).
+            ('M', Some(108)) => Next::Ok,
+            ('M', Some(112)) if !self.cfg.emergency_parser => {
+                // A spelling the early check missed (`M0112`): Marlin's M112() kills too.
+                self.kill();
+                self.log_kill(now, false);
+                Next::NoOk
             }
-            ('M', Some(211 | 221 | 300 | 302 | 410 | 412 | 413 | 420 | 851 | 900 | 907 | 999)) => {
+            ('M', Some(410)) if !self.cfg.emergency_parser => {
+                // M410(): quickstop_stepper(), whose one-second hold delays this ok.
+                let effect = self.quickstop();
+                self.log_emergency(now, EmergencyCommand::M410, false, effect);
+                Next::Wait(Wait::Sync(AfterSync::Ok))
+            }
+            ('M', Some(112 | 410)) => Next::Ok,
+            ('M', Some(75..=78 | 80 | 81 | 111 | 117 | 119 | 121 | 120 | 201..=209)) => Next::Ok,
+            ('M', Some(211 | 221 | 300 | 302 | 412 | 413 | 420 | 851 | 900 | 907 | 999)) => {
                 Next::Ok
             }
             ('T', Some(0)) => Next::Ok,
@@ -1102,15 +1474,19 @@ impl Firmware {
         if let Some(f) = cmd.param('F').filter(|f| *f > 0.0) {
             self.feedrate = f;
         }
-        let delta: [f64; 4] = std::array::from_fn(|i| target[i] - self.position[i]);
+        let from = self.position;
+        let delta: [f64; 4] = std::array::from_fn(|i| target[i] - from[i]);
         self.position = target;
-        let xyz = (delta[0].powi(2) + delta[1].powi(2) + delta[2].powi(2)).sqrt();
-        let length = if xyz > 1e-9 { xyz } else { delta[3].abs() };
+        let length = move_length(from, target);
         if length < 1e-9 {
             return Next::Ok;
         }
-        let secs = self.move_secs(delta, length);
-        self.queue_segments(VecDeque::from([secs_to_duration(secs)]))
+        let time = secs_to_duration(self.move_secs(delta, length));
+        self.queue_segments(VecDeque::from([Block {
+            from,
+            to: target,
+            time,
+        }]))
     }
 
     fn arc_move(&mut self, cmd: &Command<'_>) -> Next {
@@ -1122,7 +1498,8 @@ impl Firmware {
         self.position = target;
         let (dx, dy) = (target[0] - start[0], target[1] - start[1]);
         let clockwise = cmd.is('G', 2);
-        let (radius, sweep) = match (cmd.param('I'), cmd.param('J'), cmd.param('R')) {
+        // (centre, radius, sweep in radians); no centre without I, J or R.
+        let (centre, radius, sweep) = match (cmd.param('I'), cmd.param('J'), cmd.param('R')) {
             (i, j, _) if i.is_some() || j.is_some() => {
                 let (i, j) = (i.unwrap_or(0.0), j.unwrap_or(0.0));
                 let (cx, cy) = (start[0] + i, start[1] + j);
@@ -1133,7 +1510,7 @@ impl Firmware {
                 if sweep < 1e-9 {
                     sweep = TAU;
                 }
-                (i.hypot(j), sweep)
+                (Some((cx, cy)), i.hypot(j), sweep)
             }
             (_, _, Some(r)) => {
                 let chord = dx.hypot(dy);
@@ -1142,9 +1519,20 @@ impl Firmware {
                 if r < 0.0 {
                     sweep = TAU - sweep;
                 }
-                (r_abs, sweep)
+                // Marlin's G2/G3 R: the centre beside the chord's midpoint, on the side that
+                // gives the short arc for R > 0 and the long one for R < 0.
+                let h = (r_abs * r_abs - chord * chord / 4.0).max(0.0).sqrt();
+                let (px, py) = if chord > 1e-9 {
+                    (-dy / chord, dx / chord)
+                } else {
+                    (0.0, 1.0)
+                };
+                let side = if clockwise != (r < 0.0) { -1.0 } else { 1.0 };
+                let cx = (start[0] + target[0]) / 2.0 + side * h * px;
+                let cy = (start[1] + target[1]) / 2.0 + side * h * py;
+                (Some((cx, cy)), r_abs, sweep)
             }
-            _ => (0.0, 0.0),
+            _ => (None, 0.0, 0.0),
         };
         let dz = target[2] - start[2];
         let length = (radius * sweep).hypot(dz);
@@ -1154,11 +1542,43 @@ impl Firmware {
         let segments = ((length / ARC_SEGMENT_MM).floor() as usize).clamp(1, 2000);
         let delta = [dx, dy, dz, target[3] - start[3]];
         let secs = self.move_secs(delta, length) / segments as f64;
-        let seg = secs_to_duration(secs);
-        self.queue_segments(std::iter::repeat_n(seg, segments).collect())
+        let time = secs_to_duration(secs);
+        let a0 = centre.map_or(0.0, |(cx, cy)| (start[1] - cy).atan2(start[0] - cx));
+        let turn = if clockwise { -sweep } else { sweep };
+        // The end of segment `k` of `segments` (the last one ends exactly at the target).
+        let point = |k: usize| -> [f64; 4] {
+            if k == 0 {
+                return start;
+            }
+            if k == segments {
+                return target;
+            }
+            let f = k as f64 / segments as f64;
+            let linear: [f64; 4] = std::array::from_fn(|i| start[i] + (target[i] - start[i]) * f);
+            match centre {
+                Some((cx, cy)) => {
+                    let a = a0 + turn * f;
+                    [
+                        cx + radius * a.cos(),
+                        cy + radius * a.sin(),
+                        linear[2],
+                        linear[3],
+                    ]
+                }
+                None => linear,
+            }
+        };
+        let blocks = (1..=segments)
+            .map(|k| Block {
+                from: point(k - 1),
+                to: point(k),
+                time,
+            })
+            .collect();
+        self.queue_segments(blocks)
     }
 
-    fn queue_segments(&mut self, segments: VecDeque<Duration>) -> Next {
+    fn queue_segments(&mut self, segments: VecDeque<Block>) -> Next {
         match self.check_wait(Wait::Planner(segments)) {
             None => Next::Ok,
             Some(wait) => Next::Wait(wait),
@@ -1192,6 +1612,7 @@ impl Firmware {
             return Next::Ok;
         }
         let until = heater.reach_time(now, f, TEMP_WINDOW, from_above);
+        self.wait_for_heatup = true;
         Next::Wait(Wait::Heat {
             bed,
             from_above,
@@ -1223,7 +1644,7 @@ impl Firmware {
             ("SOFTWARE_POWER", false),
             ("TOGGLE_LIGHTS", false),
             ("CASE_LIGHT_BRIGHTNESS", false),
-            ("EMERGENCY_PARSER", false),
+            ("EMERGENCY_PARSER", self.cfg.emergency_parser),
             ("HOST_ACTION_COMMANDS", true),
             ("PROMPT_SUPPORT", false),
             ("SDCARD", false),
@@ -1285,6 +1706,11 @@ impl Firmware {
         self.head_end = None;
         self.hung = false;
         self.halted = false;
+        self.e_parser = EmergencyParser::default();
+        self.wait_for_heatup = false;
+        self.pending_kill = None;
+        self.pending_quickstop = None;
+        self.quickstop_until = None;
         self.autoreport = None;
         self.hotend.switch_off(now, f);
         self.bed.switch_off(now, f);
@@ -1330,6 +1756,10 @@ impl Firmware {
         self.ring.clear();
         self.exec = Exec::Idle;
         self.autoreport = None;
+        self.wait_for_heatup = false;
+        self.pending_kill = None;
+        self.pending_quickstop = None;
+        self.quickstop_until = None;
     }
 
     /// Queues one output line (adds `\n`) on the wire to the host.
@@ -1367,6 +1797,18 @@ fn min_opt(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, None) => a,
         (None, b) => b,
+    }
+}
+
+/// Length of a move as Marlin's planner measures it: the XYZ distance, or the E distance for
+/// a move of the extruder alone.
+fn move_length(from: [f64; 4], to: [f64; 4]) -> f64 {
+    let d: [f64; 4] = std::array::from_fn(|i| to[i] - from[i]);
+    let xyz = (d[0].powi(2) + d[1].powi(2) + d[2].powi(2)).sqrt();
+    if xyz > 1e-9 {
+        xyz
+    } else {
+        d[3].abs()
     }
 }
 

@@ -55,6 +55,26 @@
 //! second. `echo:busy: processing` every 2 s while any command blocks. `M155 S<n>`
 //! auto-reports.
 //!
+//! **Emergency parser** (`emergency_parser`, on by default, as in most Marlin builds; M115
+//! says `Cap:EMERGENCY_PARSER:1`). Marlin 2.1.2's `EmergencyParser::update` state machine runs
+//! in the receive interrupt on every byte as it arrives — before the RX buffer, so a byte lost
+//! to an overflow is still parsed, and whatever the command queue is doing. It recognises
+//! `M108`, `M112` and `M410`, optionally after `N<n>`, and acts at the line's `\n`/`\r`
+//! (anything between the word and the line end is skipped: `N7 M112*38`, `M112 x` and even
+//! `M1123` act). M108 ends a running M109/M190 wait at once (its `ok` follows, the target
+//! stays); M112 is `kill()` at once, even during G4 or a heat wait; M410 drops the planner and
+//! stops the head where it is (the position becomes that point), then holds the main loop for
+//! Marlin's one-second cleaning window (`quickstop_stepper()`); a move that was waiting for a
+//! planner slot is not dropped but runs afterwards from where the head stopped. G4 is not cut
+//! short by M108 or M410. When such a line later reaches the command queue it is a no-op
+//! answered `ok`. While the main loop is hung the parser still sees the bytes, but M112 and
+//! M410 act only when the loop runs again (Marlin applies them in `idle()`); nothing is parsed
+//! while booting or halted. Every action is counted in [`Stats`], kept as
+//! [`Stats::last_emergency`] and handed to the shell ([`Firmware::poll_emergency`]), which logs
+//! one INFO line each (`emergency parser: M112 at 12.345 s: heaters off …`). With the parser
+//! off, M112 and M410 act only when the main loop reads their line (between commands; M410
+//! again when it executes), and M108 never interrupts anything.
+//!
 //! **Time scales.** The shell runs the core at `speed` × real time (wire, timers, motion,
 //! heat all scale). `motion_speed` overrides motion and heat only, relative to real time:
 //! `speed = 1, motion_speed = Some(1e6)` streams at the true wire rate with instant moves.
@@ -66,21 +86,24 @@
 //!
 //! **Faults** (config and [`SimControl`]), all random choices from a splitmix64 seeded by
 //! `seed`: checksum errors at a rate per line or at given line numbers (once each); `garble`
-//! rate per output line (1–2 bytes replaced); hang (nothing answered, input discarded, until
-//! unhang or reset); thermal runaway (`Error:Thermal Runaway, system stopped! Heater_ID: 0`,
-//! `Error:Printer halted. kill() called!`, then silence until a reset/reopen); reset (a
-//! `start` banner mid-stream); cable pull (the pty closes: the client reads end-of-file and
-//! writes fail; the link disappears like a USB device node) and replug (a fresh pty, the link
-//! re-pointed).
+//! rate per output line (1–2 bytes replaced); hang (nothing answered, input discarded — the
+//! emergency parser still sees it — until unhang or reset); thermal runaway (`Error:Thermal
+//! Runaway, system stopped! Heater_ID: 0`, `Error:Printer halted. kill() called!`, then
+//! silence until a reset/reopen); reset (a `start` banner mid-stream); cable pull (the pty
+//! closes: the client reads end-of-file and writes fail; the link disappears like a USB device
+//! node) and replug (a fresh pty, the link re-pointed).
 //!
 //! # What is simplified
 //!
 //! No acceleration, jerk or junction planning (moves are faster than a slicer's estimate); no
 //! delay before the first block; G20 inches ignored; one extruder; no SD card (`M27` says
-//! `Not SD printing`); no emergency parser (M112 and M410 act when read, M108 cannot interrupt
-//! a wait); TX never blocks the firmware (Marlin's blocking serial writes would slow
-//! processing a little); opening the port resets with no bootloader delay by default; a client
-//! that closes and reopens within one poll (5 ms) may not get a reset.
+//! `Not SD printing`); M410 does not interrupt homing (G28 is a timed wait, not planner moves);
+//! without the emergency parser, M112/M410 are caught when read even with a line number
+//! (Marlin's early check only sees unnumbered lines) and M108 never acts (Marlin would end a
+//! heat wait if it read the line in `idle()`); TX never blocks the firmware (Marlin's blocking
+//! serial writes would slow processing a little); opening the port resets with no bootloader
+//! delay by default; a client that closes and reopens within one poll (5 ms) may not get a
+//! reset.
 //!
 //! Commands understood: G0–G4, G20, G21, G28, G90–G92, M17, M18, M27, M31, M73, M75–M78,
 //! M80, M81, M82–M84, M104–M112, M114, M115, M117–M121, M140, M155, M190, M201–M209, M211,
@@ -88,6 +111,7 @@
 //! T0; anything else gets `echo:Unknown command: "<cmd>"` and `ok`.
 pub mod cli;
 mod config;
+mod e_parser;
 mod error;
 pub mod firmware;
 mod gcode;
@@ -96,7 +120,10 @@ mod rng;
 mod shell;
 
 pub use config::SimConfig;
+pub use e_parser::EmergencyCommand;
 pub use error::SimError;
-pub use firmware::{Fault, Firmware, Phase, Progress, Stats, TempStatus};
+pub use firmware::{
+    EmergencyAction, EmergencyEffect, Fault, Firmware, Phase, Progress, Stats, TempStatus,
+};
 pub use rng::SplitMix64;
 pub use shell::{SimControl, SimHandle, SimStats, Simulator};

@@ -405,6 +405,15 @@ impl Shell {
                     self.pending.extend_from_slice(&bytes);
                 }
             }
+            // Every core call since the last turn (input, faults, time) may have acted on an
+            // emergency command: one INFO line each, stamped with the core's time.
+            while let Some(action) = self.fw.poll_emergency() {
+                tracing::info!(
+                    command = action.command.as_str(),
+                    sim_time_s = action.at.as_secs_f64(),
+                    "{action}"
+                );
+            }
             // Publish first: a client that reads this output then sees stats at least as new.
             self.publish();
             self.write_pending();

@@ -4,7 +4,7 @@ mod common;
 use std::time::Duration;
 
 use common::bench::{ms, secs, Bench};
-use printer_sim::{Fault, Firmware, Phase, SimConfig};
+use printer_sim::{EmergencyCommand, EmergencyEffect, Fault, Firmware, Phase, SimConfig, Stats};
 use proptest::prelude::*;
 use protocol::marlin::{self, parse_response, Response};
 
@@ -322,6 +322,7 @@ fn m115_reports_firmware_and_capabilities_with_seeded_uuid() {
         "PROGRESS",
         "PRINT_JOB",
         "HOST_ACTION_COMMANDS",
+        "EMERGENCY_PARSER",
     ] {
         assert!(caps.contains(&(cap.to_owned(), true)), "{cap} missing");
     }
@@ -603,6 +604,380 @@ fn every_command_of_the_prusaslicer_samples_is_accepted() {
         assert_eq!(s.lines_accepted, u64::from(n) + 1, "{}", path.display());
         assert_eq!(s.progress.percent, Some(100), "{}", path.display());
     }
+}
+
+// ---- emergency parser (Marlin EMERGENCY_PARSER) ------------------------------------------
+
+fn without_parser() -> SimConfig {
+    SimConfig {
+        emergency_parser: false,
+        ..cfg()
+    }
+}
+
+/// Sends numbered moves from line `first` on while the main loop is blocked, until the 128-byte
+/// RX buffer has overflowed.
+fn fill_rx(b: &mut Bench, first: u32) {
+    let mut burst = String::new();
+    for n in first..first + 16 {
+        burst.push_str(&marlin::format_line(n, "G1 X1.234 Y5.678"));
+        burst.push('\n');
+    }
+    assert!(burst.len() > 2 * 128);
+    b.send_raw(burst.as_bytes());
+    b.run_for(ms(50));
+    assert!(
+        b.fw.stats().rx_overflow_bytes > 0,
+        "the RX buffer is not full"
+    );
+}
+
+/// kill() happened: heaters off, nothing planned or queued, silent.
+fn assert_killed(s: &Stats) {
+    assert_eq!(s.phase, Phase::Halted);
+    assert_eq!((s.hotend.target, s.bed.target), (0.0, 0.0));
+    assert_eq!((s.planner_queued, s.commands_queued), (0, 0));
+}
+
+#[test]
+fn m112_kills_at_once_during_a_dwell_with_lines_queued_and_the_rx_buffer_full() {
+    let mut b = Bench::new(cfg());
+    handshake(&mut b);
+    b.command(1, "M104 S200");
+    b.command(2, "M140 S60");
+    b.command(3, "G1 X50 F600"); // 5 s; the dwell first waits for it
+    b.send_line(4, "G4 S900");
+    fill_rx(&mut b, 5);
+    b.run_for(secs(2.0));
+    let s = b.fw.stats();
+    assert_eq!((s.phase, s.planner_queued), (Phase::Waiting, 1));
+    assert_eq!((s.hotend.target, s.bed.target), (200.0, 60.0));
+    let lost = s.rx_overflow_bytes;
+    let t0 = b.now;
+    b.send_plain("M112");
+    let got = b.wait_for("kill", ms(10), |l| l.contains("kill()"));
+    let kill = got.last().expect("line");
+    assert_eq!(kill.text, "Error:Printer halted. kill() called!");
+    assert!(kill.at - t0 < ms(2), "{:?}", kill.at - t0);
+    let s = b.fw.stats();
+    assert_killed(&s);
+    // The whole line fell on a full buffer: only the parser saw it.
+    assert_eq!(s.rx_overflow_bytes, lost + 5);
+    assert_eq!(s.emergency_m112, 1);
+    let a = s.last_emergency.expect("logged");
+    // The '\n' arrives 5 bytes (200 µs) after the write; the kill follows at that instant.
+    assert_eq!(a.at - t0, ms(0) + Duration::from_micros(200));
+    assert_eq!(
+        (a.command, a.by_parser, a.received),
+        (EmergencyCommand::M112, true, a.at)
+    );
+    assert_eq!(
+        a.effect,
+        EmergencyEffect::Killed {
+            hotend_target: 0.0,
+            bed_target: 0.0
+        }
+    );
+    let expected = format!(
+        "emergency parser: M112 at {:.3} s: heaters off (hotend target 0, bed target 0), motion \
+         stopped",
+        a.at.as_secs_f64()
+    );
+    assert!(a.to_string().starts_with(&expected), "{a}");
+    assert_eq!(b.fw.poll_emergency(), Some(a));
+    assert_eq!(b.fw.poll_emergency(), None);
+    // Silent until a reset.
+    b.run_for(secs(5.0));
+    assert!(b.take().is_empty());
+}
+
+#[test]
+fn m108_ends_an_m109_wait_and_the_next_queued_command_runs() {
+    let mut b = Bench::new(cfg());
+    handshake(&mut b);
+    b.send_line(1, "M109 S260");
+    b.send_line(2, "M104 S0");
+    b.run_for(secs(5.0));
+    let s = b.fw.stats();
+    assert_eq!((s.phase, s.hotend.target), (Phase::Heating, 260.0));
+    assert!(s.hotend.actual < 100.0, "{:?}", s.hotend);
+    let t0 = b.now;
+    b.send_plain("M108");
+    // M109's ok at once, then M104 S0 runs, then the M108 line itself is a no-op with its ok.
+    let oks: Vec<_> = (0..3)
+        .map(|_| {
+            b.wait_for("ok", ms(20), |l| l.starts_with("ok"))
+                .pop()
+                .expect("line")
+        })
+        .collect();
+    assert!(oks[0].at - t0 < ms(1), "{:?}", oks[0].at - t0);
+    assert!(oks[2].at - t0 < ms(5), "{:?}", oks[2].at - t0);
+    let s = b.fw.stats();
+    assert_eq!((s.phase, s.hotend.target), (Phase::Idle, 0.0));
+    assert!(
+        s.hotend.actual < 100.0,
+        "long before 260 °C: {:?}",
+        s.hotend
+    );
+    assert_eq!((s.emergency_m108, s.lines_accepted), (1, 4));
+    assert_eq!(
+        s.last_emergency.expect("logged").effect,
+        EmergencyEffect::HeatWaitEnded {
+            bed: false,
+            target: 260.0
+        }
+    );
+}
+
+#[test]
+fn m410_stops_a_long_move_where_the_head_is() {
+    let mut b = Bench::new(cfg());
+    handshake(&mut b);
+    b.command(1, "G1 X300 F60"); // 1 mm/s: 300 s, acknowledged once planned
+    b.run_for(secs(10.0));
+    assert_eq!(b.fw.stats().phase, Phase::Moving);
+    let t0 = b.now;
+    b.send_plain("M410");
+    b.run_for(ms(1));
+    let s = b.fw.stats();
+    assert_eq!(s.planner_queued, 0);
+    assert_ne!(s.phase, Phase::Moving);
+    let x = s.position[0];
+    assert!((10.0..10.001).contains(&x), "stopped at X {x}, not at 300");
+    assert_eq!(s.emergency_m410, 1);
+    let a = s.last_emergency.expect("logged");
+    assert!(a.at - t0 < ms(1));
+    assert_eq!(
+        a.effect,
+        EmergencyEffect::QuickStop {
+            stopped_at: s.position,
+            dropped_blocks: 1
+        }
+    );
+    assert!(a.to_string().contains("motion stopped at X:10.000"), "{a}");
+    // quickstop_stepper() holds the main loop for a second; then the M410 line is read and,
+    // the parser having acted, is a no-op.
+    let ok = b
+        .wait_for("ok of the M410 line", secs(2.0), |l| l.starts_with("ok"))
+        .pop()
+        .expect("line");
+    let held = ok.at - t0;
+    assert!(held > ms(1000) && held < ms(1005), "{held:?}");
+    assert_eq!(b.fw.stats().emergency_m410, 1);
+    // The head stays put and the position says so; the next move starts from there.
+    b.run_for(secs(5.0));
+    assert_eq!(b.fw.stats().position[0], x);
+    let t1 = b.now;
+    assert_eq!(
+        b.command(2, "M114")[0],
+        "X:10.00 Y:0.00 Z:0.00 E:0.00 Count X:800 Y:0 Z:0"
+    );
+    assert!(b.now - t1 < ms(10), "no second hold");
+    let t2 = b.now;
+    b.command(3, "G1 X20 F600");
+    b.command(4, "M400");
+    let took = b.now - t2;
+    assert!(took > ms(990) && took < ms(1010), "{took:?}");
+    let s = b.fw.stats();
+    assert_eq!((s.position[0], s.moves_executed), (20.0, 1));
+}
+
+#[test]
+fn m410_lets_the_move_waiting_for_a_slot_run_from_where_the_head_stopped() {
+    // One block fits: the second move waits for the slot, without its ok.
+    let mut b = Bench::new(SimConfig {
+        planner_blocks: 2,
+        ..cfg()
+    });
+    handshake(&mut b);
+    b.command(1, "G1 X100 F600"); // 10 mm/s: 10 s
+    b.send_line(2, "G1 X0");
+    b.run_for(secs(2.0));
+    assert!(b.take().is_empty());
+    let t0 = b.now;
+    b.send_plain("M410");
+    b.run_for(ms(1));
+    let s = b.fw.stats();
+    assert_eq!((s.phase, s.planner_queued), (Phase::Waiting, 0));
+    let Some(EmergencyEffect::QuickStop { stopped_at, .. }) = s.last_emergency.map(|a| a.effect)
+    else {
+        panic!("no quick stop");
+    };
+    assert!((stopped_at[0] - 20.0).abs() < 0.01, "{stopped_at:?}");
+    // Marlin's buffer_line() gets its slot once quickstop_stepper() returns, a second later:
+    // the move runs from X20 back to X0 (2 s at 10 mm/s), not from X100.
+    let ok = b
+        .wait_for("ok of the waiting move", secs(2.0), |l| l.starts_with("ok"))
+        .pop()
+        .expect("line");
+    let held = ok.at - t0;
+    assert!(held > ms(1000) && held < ms(1005), "{held:?}");
+    assert_eq!(b.fw.stats().phase, Phase::Moving);
+    b.wait_for("ok of the M410 line", ms(10), |l| l.starts_with("ok"));
+    b.command(3, "M400");
+    let took = b.now - t0;
+    assert!(took > ms(2990) && took < ms(3020), "{took:?}");
+    let s = b.fw.stats();
+    assert_eq!((s.position[0], s.moves_executed), (0.0, 1));
+}
+
+#[test]
+fn m410_in_the_middle_of_an_arc_stops_on_the_arc() {
+    // Clockwise quarter circles from (0, 0) around (10, 0) to (10, 10), 15.7 mm at 1 mm/s, as
+    // I/J and as R: stopped half way, the head is on the circle, at about 135°.
+    for arc in ["G2 X10 Y10 I10 J0 F60", "G2 X10 Y10 R10 F60"] {
+        let mut b = Bench::new(cfg());
+        handshake(&mut b);
+        assert_eq!(b.command(1, arc), vec!["ok"]);
+        b.run_for(ms(7850));
+        b.send_plain("M410");
+        b.run_for(ms(1));
+        let s = b.fw.stats();
+        assert_eq!(s.planner_queued, 0, "{arc}");
+        let [x, y, ..] = s.position;
+        let r = (x - 10.0).hypot(y);
+        assert!(
+            (9.98..10.001).contains(&r),
+            "{arc}: ({x}, {y}) is {r} from the centre"
+        );
+        assert!(
+            (x - 2.93).abs() < 0.5 && (y - 7.07).abs() < 0.5,
+            "{arc}: ({x}, {y})"
+        );
+    }
+}
+
+#[test]
+fn numbered_m112_with_a_checksum_kills_during_a_dwell() {
+    let mut b = Bench::new(cfg());
+    handshake(&mut b);
+    b.command(1, "M104 S200");
+    b.send_line(2, "G4 S900");
+    b.run_for(secs(1.0));
+    assert_eq!(b.fw.stats().phase, Phase::Waiting);
+    let t0 = b.now;
+    // N7 is out of sequence (the queue would ask for a resend): the parser does not care.
+    let line = format!("{}\n", marlin::format_line(7, "M112"));
+    assert!(line.starts_with("N7 M112*"), "{line}");
+    b.send_raw(line.as_bytes());
+    let kill = b
+        .wait_for("kill", ms(10), |l| l.contains("kill()"))
+        .pop()
+        .expect("line");
+    assert!(kill.at - t0 < ms(2), "{:?}", kill.at - t0);
+    assert_killed(&b.fw.stats());
+}
+
+#[test]
+fn without_the_emergency_parser_m112_waits_until_the_dwell_ends() {
+    let mut b = Bench::new(without_parser());
+    handshake(&mut b);
+    assert!(b
+        .command(1, "M115")
+        .contains(&"Cap:EMERGENCY_PARSER:0".to_owned()));
+    b.command(2, "M104 S200");
+    b.send_line(3, "G4 S5");
+    b.run_for(ms(100));
+    let t0 = b.now;
+    b.send_plain("M112");
+    b.run_for(secs(2.0));
+    let s = b.fw.stats();
+    assert_eq!((s.phase, s.hotend.target), (Phase::Waiting, 200.0));
+    // The main loop reads the line once the dwell is over, then kills.
+    let kill = b
+        .wait_for("kill", secs(10.0), |l| l.contains("kill()"))
+        .pop()
+        .expect("line");
+    let waited = kill.at - t0;
+    assert!(waited > ms(4800) && waited < secs(5.0), "{waited:?}");
+    let s = b.fw.stats();
+    assert_killed(&s);
+    assert_eq!(s.emergency_m112, 0);
+    let a = s.last_emergency.expect("logged");
+    assert!(!a.by_parser);
+    assert!(a
+        .to_string()
+        .starts_with("serial reader (no emergency parser): M112"));
+}
+
+#[test]
+fn a_line_lost_to_rx_overflow_is_still_parsed() {
+    let mut b = Bench::new(cfg());
+    handshake(&mut b);
+    b.send_line(1, "M109 S260");
+    b.run_for(secs(1.0));
+    fill_rx(&mut b, 2);
+    let lost = b.fw.stats().rx_overflow_bytes;
+    let t0 = b.now;
+    b.send_plain("M108");
+    let ok = b
+        .wait_for("M109's ok", ms(10), |l| l.starts_with("ok"))
+        .pop()
+        .expect("line");
+    assert!(ok.at - t0 < ms(1), "{:?}", ok.at - t0);
+    let s = b.fw.stats();
+    assert_eq!(s.rx_overflow_bytes, lost + 5, "all of M108\\n was dropped");
+    assert_eq!((s.emergency_m108, s.hotend.target), (1, 260.0));
+}
+
+#[test]
+fn m108_and_m410_do_not_cut_a_dwell_short() {
+    let mut b = Bench::new(cfg());
+    handshake(&mut b);
+    let t0 = b.now;
+    b.send_line(1, "G4 S5");
+    b.run_for(secs(1.0));
+    b.send_plain("M108");
+    b.run_for(secs(1.0));
+    b.send_plain("M410");
+    let ok = b
+        .wait_for("the dwell's ok", secs(10.0), |l| l.starts_with("ok"))
+        .pop()
+        .expect("line");
+    let took = ok.at - t0;
+    assert!(took > secs(5.0) && took < ms(5010), "{took:?}");
+    let s = b.fw.stats();
+    assert_eq!((s.emergency_m108, s.emergency_m410), (1, 1));
+    let effects: Vec<_> = std::iter::from_fn(|| b.fw.poll_emergency())
+        .map(|a| a.effect)
+        .collect();
+    assert_eq!(
+        effects,
+        vec![
+            EmergencyEffect::NoHeatWait,
+            EmergencyEffect::QuickStop {
+                stopped_at: [0.0; 4],
+                dropped_blocks: 0
+            }
+        ]
+    );
+}
+
+#[test]
+fn while_hung_m112_is_parsed_but_acts_when_the_loop_runs_again() {
+    let mut b = Bench::new(cfg());
+    handshake(&mut b);
+    b.command(1, "M104 S200");
+    b.fw.inject(b.now, Fault::Hang);
+    let t0 = b.now;
+    b.send_plain("M112");
+    b.run_for(secs(2.0));
+    let s = b.fw.stats();
+    assert_eq!((s.phase, s.hotend.target), (Phase::Hung, 200.0));
+    assert_eq!((s.emergency_m112, s.last_emergency), (1, None));
+    let t1 = b.now;
+    b.fw.inject(t1, Fault::Unhang);
+    let s = b.fw.stats();
+    assert_killed(&s);
+    let a = s.last_emergency.expect("logged");
+    assert_eq!(a.at, t1);
+    assert_eq!(a.received, t0 + Duration::from_micros(200));
+    assert!(a.to_string().contains("(line received at"), "{a}");
+    assert_eq!(
+        b.expect(ms(10), |l| l.contains("kill()")),
+        vec!["Error:Printer halted. kill() called!"]
+    );
 }
 
 fn scripted_run(seed: u64) -> Vec<u8> {

@@ -54,6 +54,7 @@ fn gcode() -> impl Strategy<Value = String> {
         Just("M104"),
         Just("M105"),
         Just("M106"),
+        Just("M108"),
         Just("M109"),
         Just("M110"),
         Just("M112"),
@@ -64,6 +65,7 @@ fn gcode() -> impl Strategy<Value = String> {
         Just("M190"),
         Just("M220"),
         Just("M400"),
+        Just("M410"),
         Just("M999"),
         Just("T0"),
         Just("X"),
@@ -126,9 +128,10 @@ proptest! {
     #[test]
     fn random_host_input(
         advanced_ok in any::<bool>(),
+        emergency_parser in any::<bool>(),
         steps in proptest::collection::vec(arb_step(), 1..60),
     ) {
-        let cfg = SimConfig { advanced_ok, speed: 1000.0, ..SimConfig::default() };
+        let cfg = SimConfig { advanced_ok, emergency_parser, speed: 1000.0, ..SimConfig::default() };
         let mut fw = Firmware::new(cfg).expect("valid config");
         let mut now = Duration::ZERO;
         fw.host_opened(now);
