@@ -89,28 +89,137 @@ pub enum DecodeError {
     Invalid(String),
 }
 
+/// A JSON object as parsed.
+pub type Object = serde_json::Map<String, serde_json::Value>;
+
 /// Parses `bytes` into a JSON object after checking its size and version.
-pub fn decode_object(
+pub fn decode_object(bytes: &[u8], max: usize) -> Result<Object, DecodeError> {
+    decode_object_keeping(bytes, max).map_err(|(_, e)| e)
+}
+
+/// Largest payload over its limit from which [`decode_envelope`] still reads the correlation
+/// fields (`id`), so that the sender gets an answer. Beyond it, nothing is parsed. Above the
+/// largest packet a printloop client reads (1 MiB and a little), so never the limit in practice.
+pub const MAX_ID_PROBE: usize = 2 * 1024 * 1024;
+
+/// [`decode_object`], but a payload with the wrong (or no) version, or over the limit, still
+/// yields the fields that could be read, for an answer to its sender.
+pub(crate) fn decode_object_keeping(
     bytes: &[u8],
     max: usize,
-) -> Result<serde_json::Map<String, serde_json::Value>, DecodeError> {
+) -> Result<Object, (Option<Object>, DecodeError)> {
     if bytes.len() > max {
-        return Err(DecodeError::TooLarge {
+        let too_large = DecodeError::TooLarge {
             len: bytes.len(),
             max,
-        });
+        };
+        return Err((probe_fields(bytes), too_large));
     }
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| DecodeError::Syntax(e.to_string()))?;
-    let serde_json::Value::Object(map) = value else {
-        return Err(DecodeError::NotAnObject);
+    let map = match strict_from_slice(bytes) {
+        Ok(serde_json::Value::Object(map)) => map,
+        Ok(_) => return Err((None, DecodeError::NotAnObject)),
+        Err(e) => return Err((None, DecodeError::Syntax(e))),
     };
     match map.get("v") {
-        None => Err(DecodeError::MissingVersion),
         Some(v) if v.as_u64() == Some(u64::from(PROTOCOL_VERSION)) => Ok(map),
-        Some(v) => Err(DecodeError::UnsupportedVersion {
-            found: v.to_string(),
-        }),
+        None => Err((Some(map), DecodeError::MissingVersion)),
+        Some(v) => {
+            let found = v.to_string();
+            Err((Some(map), DecodeError::UnsupportedVersion { found }))
+        }
+    }
+}
+
+/// The top-level string fields `id` and `client` of an oversized payload, read without
+/// keeping anything else (bounded by [`MAX_ID_PROBE`]).
+fn probe_fields(bytes: &[u8]) -> Option<Object> {
+    #[derive(Deserialize)]
+    struct Probe {
+        id: Option<String>,
+        client: Option<String>,
+    }
+    if bytes.len() > MAX_ID_PROBE {
+        return None;
+    }
+    let p: Probe = serde_json::from_slice(bytes).ok()?;
+    let mut map = Object::new();
+    for (k, v) in [("id", p.id), ("client", p.client)] {
+        if let Some(v) = v.filter(|v| v.len() <= 256) {
+            map.insert(k.to_owned(), serde_json::Value::String(v));
+        }
+    }
+    Some(map)
+}
+
+/// Parses JSON like `serde_json::from_slice::<Value>`, but an object with the same key twice
+/// is an error (serde_json would keep the last silently, so two readers of one payload could
+/// disagree about it).
+pub fn strict_from_slice(bytes: &[u8]) -> Result<serde_json::Value, String> {
+    serde_json::from_slice::<StrictValue>(bytes)
+        .map(|s| s.0)
+        .map_err(|e| e.to_string())
+}
+
+struct StrictValue(serde_json::Value);
+
+impl<'de> Deserialize<'de> for StrictValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Self::Value, E> {
+        Ok(b.into())
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<Self::Value, E> {
+        Ok(n.into())
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<Self::Value, E> {
+        Ok(n.into())
+    }
+    fn visit_f64<E>(self, n: f64) -> Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(n).map_or(serde_json::Value::Null, Into::into))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(s.into())
+    }
+    fn visit_string<E>(self, s: String) -> Result<Self::Value, E> {
+        Ok(s.into())
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(StrictValue(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(serde_json::Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = Object::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let StrictValue(v) = map.next_value()?;
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "duplicate field `{}`",
+                    key.escape_debug()
+                )));
+            }
+            out.insert(key, v);
+        }
+        Ok(serde_json::Value::Object(out))
     }
 }
 
@@ -202,7 +311,7 @@ pub(crate) fn decode_envelope<T: DeserializeOwned, A: DeserializeOwned>(
         EnvelopeError,
     ),
 > {
-    let mut map = decode_object(bytes, max).map_err(|e| (None, e.into()))?;
+    let mut map = decode_object_keeping(bytes, max).map_err(|(map, e)| (map, e.into()))?;
     let invalid = |m: String| EnvelopeError::Decode(DecodeError::Invalid(m));
     let known = |k: &str| k == "v" || k == spec.tag || k == "args" || spec.fields.contains(&k);
     if let Some(unknown) = map.keys().find(|k| !known(k)) {
@@ -285,6 +394,10 @@ mod tests {
             ),
             (b"{\"v\":1,\"n\":-1}", DecodeError::Invalid(String::new())),
             (&[b' '; 65], DecodeError::TooLarge { len: 65, max: 64 }),
+            (
+                b"{\"v\":1,\"n\":1,\"n\":2}",
+                DecodeError::Syntax(String::new()),
+            ),
         ];
         for (input, want) in cases {
             let got = Probe::decode(input).expect_err("must reject");

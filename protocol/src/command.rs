@@ -280,10 +280,27 @@ mod tests {
                 Some("d"),
                 "unknown field `x`",
             ),
+            // A version this build does not speak, or none: still answered (issue #10).
             (
                 r#"{"v":2,"id":"e","kind":"pause"}"#,
-                None,
+                Some("e"),
                 "unsupported protocol version",
+            ),
+            (
+                r#"{"id":"e2","kind":"pause"}"#,
+                Some("e2"),
+                "no protocol version",
+            ),
+            // The same key twice is refused (serde_json alone would keep the last one).
+            (
+                r#"{"v":1,"id":"h","kind":"pause","kind":"cancel"}"#,
+                None,
+                "duplicate field `kind`",
+            ),
+            (
+                r#"{"v":1,"id":"i","kind":"pause","args":{"job_id":"a","job_id":"b"}}"#,
+                None,
+                "duplicate field `job_id`",
             ),
             (r#"{"v":1,"kind":"pause"}"#, None, "missing field `id`"),
             (
@@ -308,6 +325,33 @@ mod tests {
             assert_eq!(r.id.as_ref().map(CommandId::as_str), *id, "{input}");
             assert!(r.to_string().contains(msg), "{input}: {r}");
         }
+    }
+
+    #[test]
+    fn an_oversized_command_keeps_its_id() {
+        let pad = "x".repeat(MAX_CONTROL_PAYLOAD);
+        let big = format!(r#"{{"v":1,"id":"big-1","kind":"pause","pad":"{pad}"}}"#);
+        let r = Command::decode(big.as_bytes()).expect_err("too large");
+        assert_eq!(r.id.as_ref().map(CommandId::as_str), Some("big-1"));
+        assert!(r.to_string().contains("exceeds"), "{r}");
+        // The id may come after the bulk, and a bad id is not answered.
+        let late = format!(r#"{{"v":1,"pad":"{pad}","kind":"pause","id":"late"}}"#);
+        let r = Command::decode(late.as_bytes()).expect_err("too large");
+        assert_eq!(r.id.as_ref().map(CommandId::as_str), Some("late"));
+        let bad = format!(r#"{{"v":1,"pad":"{pad}","id":"a b"}}"#);
+        assert_eq!(
+            Command::decode(bad.as_bytes()).expect_err("too large").id,
+            None
+        );
+        // Past the probe limit nothing is parsed at all.
+        let huge = format!(
+            r#"{{"id":"h","pad":"{}"}}"#,
+            "x".repeat(crate::codec::MAX_ID_PROBE)
+        );
+        assert_eq!(
+            Command::decode(huge.as_bytes()).expect_err("too large").id,
+            None
+        );
     }
 
     #[test]

@@ -128,7 +128,17 @@ enum Envelope {
 
 fn envelope(bytes: &[u8], max: usize) -> (Envelope, Option<serde_json::Map<String, Value>>) {
     if bytes.len() > max {
-        return (Envelope::TooLarge, None);
+        // Over the limit, a decoder may still read the id to answer, but only one it carries.
+        let m = serde_json::from_slice::<Value>(bytes)
+            .ok()
+            .and_then(|v| match v {
+                Value::Object(m) => Some(m),
+                _ => None,
+            });
+        return (Envelope::TooLarge, m);
+    }
+    if has_duplicate_keys(bytes) {
+        return (Envelope::Syntax, None);
     }
     match serde_json::from_slice::<Value>(bytes) {
         Err(_) => (Envelope::Syntax, None),
@@ -139,6 +149,61 @@ fn envelope(bytes: &[u8], max: usize) -> (Envelope, Option<serde_json::Map<Strin
         },
         Ok(_) => (Envelope::NotAnObject, None),
     }
+}
+
+/// Whether some object in `bytes` (valid JSON) has the same key twice. The oracle's own walk,
+/// independent of the codec's.
+fn has_duplicate_keys(bytes: &[u8]) -> bool {
+    use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+    struct Walk(bool);
+    impl<'de> Deserialize<'de> for Walk {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(WalkVisitor)
+        }
+    }
+    struct WalkVisitor;
+    impl<'de> Visitor<'de> for WalkVisitor {
+        type Value = Walk;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Walk, E> {
+            Ok(Walk(false))
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Walk, E> {
+            Ok(Walk(false))
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Walk, E> {
+            Ok(Walk(false))
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Walk, E> {
+            Ok(Walk(false))
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Walk, E> {
+            Ok(Walk(false))
+        }
+        fn visit_unit<E>(self) -> Result<Walk, E> {
+            Ok(Walk(false))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Walk, A::Error> {
+            let mut dup = false;
+            while let Some(Walk(d)) = a.next_element()? {
+                dup |= d;
+            }
+            Ok(Walk(dup))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Walk, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut dup = false;
+            while let Some(k) = a.next_key::<String>()? {
+                dup |= !seen.insert(k);
+                let Walk(d) = a.next_value()?;
+                dup |= d;
+            }
+            Ok(Walk(dup))
+        }
+    }
+    serde_json::from_slice::<Walk>(bytes).is_ok_and(|w| w.0)
 }
 
 fn kind_of(e: &DecodeError) -> Envelope {
