@@ -737,6 +737,108 @@ async fn after_a_halt_and_a_reset_the_next_print_runs_to_its_end() {
     }
 }
 
+/// Issue #10, item 1: one big message on `cmd` made the gateway reconnect twice a second for
+/// ever (its client read 256 KiB, the broker passed 1 MiB, and the persistent session
+/// redelivered the message at every connect). Now: a message the broker passes is read and
+/// refused once with its id; one over every client's limit (Mosquitto without a packet limit)
+/// costs one reconnect, with a clean session that drops it.
+async fn poison_messages(kind: BrokerKind) {
+    let mut rig = Rig::start(kind, fast_sim()).await;
+    rig.state("connected", |s| s.phase == PrinterPhase::Idle)
+        .await;
+    let connects = |rig: &Rig| rig.log().matches("connected to the broker").count();
+    let before = connects(&rig);
+    let mut hostile = TestClient::connect(rig.broker.port(), "hostile")
+        .await
+        .expect("hostile client connects");
+    let big = format!(
+        r#"{{"v":1,"id":"big","kind":"pause","pad":"{}"}}"#,
+        "x".repeat(900 * 1024)
+    );
+    hostile
+        .publish(
+            "printloop/v1/printers/p0/cmd",
+            QoS::AtLeastOnce,
+            false,
+            big.into_bytes(),
+        )
+        .await
+        .expect("publish 900 KiB");
+    let r = rig.result("big").await;
+    assert_eq!(r.status, ResultStatus::Error, "{r:?}");
+    assert!(
+        r.reason.as_deref().unwrap_or("").contains("exceeds"),
+        "{r:?}"
+    );
+    // Oversized on the gateway's other topics: ignored.
+    for topic in ["events", "file/chunk"] {
+        hostile
+            .publish(
+                &format!("printloop/v1/printers/p0/{topic}"),
+                QoS::AtLeastOnce,
+                false,
+                vec![b'{'; 300 * 1024],
+            )
+            .await
+            .expect("publish 300 KiB");
+    }
+    // Over every printloop client's limit: rumqttd refuses it (and drops the sender),
+    // Mosquitto without `max_packet_size` delivers it.
+    let huge = format!(
+        r#"{{"v":1,"id":"huge","kind":"pause","pad":"{}"}}"#,
+        "x".repeat(1900 * 1024)
+    );
+    let _ = hostile
+        .publish(
+            "printloop/v1/printers/p0/cmd",
+            QoS::AtLeastOnce,
+            false,
+            huge.into_bytes(),
+        )
+        .await;
+    if kind == BrokerKind::Mosquitto {
+        // Back online under a new epoch. (A command sent while it was away went with the
+        // dropped session: that is the price, stated in docs/broker.md.)
+        rig.until("online again", |t, p| {
+            t.ends_with("/status")
+                .then(|| Status::decode(p).ok())
+                .flatten()
+                .filter(|s| s.presence == Presence::Online && s.epoch >= 2)
+        })
+        .await;
+    }
+    let id = rig.cmd("\"kind\":\"bed_cleared\",\"args\":{}").await;
+    assert_eq!(rig.result(&id).await.status, ResultStatus::Ok);
+    let reconnects = connects(&rig) - before;
+    let log = rig.log();
+    match kind {
+        BrokerKind::Mosquitto => {
+            assert_eq!(reconnects, 1, "one reconnect drops the huge message\n{log}");
+            assert!(log.contains("over this client's limit"), "{log}");
+        }
+        _ => assert_eq!(reconnects, 0, "rumqttd never delivers it\n{log}"),
+    }
+    // Answered once: the redelivery of "big" (if any) is not answered again as a new command.
+    let mut again = 0;
+    while let Some(p) = rig.obs.recv(Duration::from_secs(1)).await {
+        if p.topic.ends_with("/cmd/result") {
+            let r = CommandResult::decode(&p.payload).expect("a result");
+            again += usize::from(r.id.as_str() == "big" && r.status == ResultStatus::Error);
+        }
+    }
+    assert_eq!(again, 0, "big was refused once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_on_rumqttd() {
+    poison_messages(BrokerKind::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_on_mosquitto() {
+    poison_messages(BrokerKind::Mosquitto).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_expired_malformed_and_unknown_commands_over_mqtt() {
     let mut rig = Rig::start(BrokerKind::Mosquitto, fast_sim()).await;

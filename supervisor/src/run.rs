@@ -231,7 +231,6 @@ pub async fn run(
         client_id: "printloop-supervisor".into(),
         clean_session: false,
         keepalive: settings.keepalive,
-        max_packet: 1024 * 1024,
         queue: 4096,
         ..Session::default()
     };

@@ -168,13 +168,22 @@ pub struct Session {
     pub queue: usize,
 }
 
+/// The largest MQTT packet printloop's brokers pass on: `max_payload_size` of the embedded
+/// broker (`broker.toml`) and `max_packet_size` of `docs/mosquitto.conf`, 1 MiB.
+pub const BROKER_MAX_PACKET: usize = 1024 * 1024;
+
+/// The largest packet a printloop client reads: the broker's limit plus room for the topic and
+/// header, so that anything a correctly configured broker delivers is read (and refused by the
+/// payload's own, smaller limit, with an answer) instead of breaking the connection.
+pub const MAX_PACKET: usize = BROKER_MAX_PACKET + 16 * 1024;
+
 impl Default for Session {
     fn default() -> Self {
         Self {
             client_id: "printloop".into(),
             clean_session: false,
             keepalive: Duration::from_secs(15),
-            max_packet: 256 * 1024,
+            max_packet: MAX_PACKET,
             max_backoff: Duration::from_secs(30),
             queue: 256,
         }
@@ -212,8 +221,18 @@ pub fn connect(
     let (client, eventloop) = AsyncClient::new(o, session.queue);
     let (tx, rx) = mpsc::channel(64);
     let seed = std::process::id() as u64 ^ (broker.port as u64) << 32;
-    let task = tokio::spawn(run(eventloop, tx, session.max_backoff, seed));
+    let task = tokio::spawn(run(eventloop, tx, session.clone(), seed));
     Ok((client, rx, task))
+}
+
+/// The size of an incoming packet that broke the connection for being over our limit.
+pub fn oversized(e: &rumqttc::ConnectionError) -> Option<usize> {
+    match e {
+        rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(len),
+        )) => Some(*len),
+        _ => None,
+    }
 }
 
 /// The reconnect delay after `attempt` failures: exponential from 250 ms, capped, with jitter
@@ -283,17 +302,52 @@ pub fn describe(e: &rumqttc::ConnectionError) -> String {
     }
 }
 
+/// Ends a connection whose only purpose was to drop the broker's session: a clean
+/// DISCONNECT (so no will is published) and the next connection asks for the configured
+/// session again, which the broker creates empty.
+async fn end_discarding_connection(eventloop: &mut rumqttc::EventLoop, session: &Session) {
+    if let Some(network) = eventloop.network.as_mut() {
+        let bye = async {
+            network.write(Packet::Disconnect).await?;
+            network.flush().await
+        };
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(2), bye)
+            .await
+            .unwrap_or(Ok(()))
+        {
+            tracing::debug!(error = %e, "DISCONNECT after the clean session not sent");
+        }
+    }
+    eventloop.network = None;
+    eventloop
+        .mqtt_options
+        .set_clean_session(session.clean_session);
+}
+
 async fn run(
     mut eventloop: rumqttc::EventLoop,
     tx: mpsc::Sender<MqttEvent>,
-    max_backoff: Duration,
+    session: Session,
     seed: u64,
 ) {
+    let max_backoff = session.max_backoff;
     let mut failures = 0u32;
     let mut refusals = 0u32;
     let mut acked = false;
+    // A message over our packet limit breaks every connection of a persistent session: the
+    // broker redelivers it each time. The only way out is a clean session, which drops it (with
+    // whatever else was queued for us), then the persistent session again.
+    let mut discarding = false;
     loop {
         match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) if discarding => {
+                discarding = false;
+                end_discarding_connection(&mut eventloop, &session).await;
+                tracing::warn!(
+                    "the broker's session was dropped with the oversized message; reconnecting \
+                     with a fresh session"
+                );
+            }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 failures = 0;
                 acked = true;
@@ -323,7 +377,24 @@ async fn run(
                 let refused = is_refusal(&e, !acked);
                 acked = false;
                 let error = describe(&e);
-                let delay = if refused {
+                let too_big = oversized(&e);
+                let delay = if let Some(len) = too_big {
+                    tracing::error!(
+                        len,
+                        limit = session.max_packet,
+                        "the broker delivered a message of {len} bytes, over this client's \
+                         limit of {} bytes; a persistent session would get it again at every \
+                         reconnect, so the next connection starts a clean session to drop it \
+                         (messages queued for this client while it was away go with it). Cap \
+                         the broker's packets at {BROKER_MAX_PACKET} bytes (docs/broker.md)",
+                        session.max_packet
+                    );
+                    discarding = !session.clean_session;
+                    if discarding {
+                        eventloop.mqtt_options.set_clean_session(true);
+                    }
+                    backoff(0, max_backoff, seed)
+                } else if refused {
                     refusals += 1;
                     let delay = refused_backoff(refusals, seed);
                     if refusals == 1 {
