@@ -1085,6 +1085,7 @@ impl Gateway {
     // ----- printer -----
 
     fn on_printer(&mut self, now: Now, ev: PrinterEvent, out: &mut Vec<Output>) {
+        let was_dirty = self.state_dirty;
         self.state_dirty = true;
         match ev {
             PrinterEvent::Ready { firmware } => {
@@ -1133,8 +1134,10 @@ impl Gateway {
             }
             PrinterEvent::Temperatures(t) => {
                 self.temps = Some(t);
-                // Temperatures alone do not make a state change worth publishing early.
-                self.state_dirty = false;
+                // Temperatures alone do not make a state change worth publishing early (but
+                // must not cancel one that is due: a job that just ended stayed `preparing`
+                // until the next heartbeat, issue #10).
+                self.state_dirty = was_dirty;
             }
             PrinterEvent::Fatal { message } => {
                 self.link = LinkState::Halted;
@@ -1363,6 +1366,13 @@ impl Gateway {
     }
 
     fn on_chunk_timeout(&mut self, now: Now, out: &mut Vec<Output>) {
+        self.retry_chunk(now, "file chunk timed out", out);
+    }
+
+    /// Asks for the current chunk again, or fails the job once `chunk_attempts` in a row went
+    /// wrong (timed out, corrupt, or not the chunk asked for): a server that keeps answering
+    /// wrongly must not keep the printer `preparing` for ever.
+    fn retry_chunk(&mut self, now: Now, why: &str, out: &mut Vec<Output>) {
         let Some(t) = &mut self.transfer else { return };
         t.attempts += 1;
         if t.attempts >= self.cfg.chunk_attempts {
@@ -1372,14 +1382,14 @@ impl Gateway {
                 now,
                 JobStage::Failed,
                 Some(format!(
-                    "file transfer stalled at byte {offset} after {attempts} attempts"
+                    "file transfer stalled at byte {offset} after {attempts} attempts ({why})"
                 )),
                 out,
             );
             return;
         }
         let (sha, size) = (t.sha256.clone(), t.size);
-        tracing::warn!(printer = %self.cfg.printer_id, sha = %sha, offset = t.received, attempt = t.attempts, "file chunk timed out; asking again");
+        tracing::warn!(printer = %self.cfg.printer_id, sha = %sha, offset = t.received, attempt = t.attempts, "{why}; asking again");
         self.request_chunk(now, &sha, size, out);
     }
 
@@ -1417,10 +1427,20 @@ impl Gateway {
                 data_b64,
                 ..
             } => {
-                if sha256 != t.sha256 || offset != t.received || total_size != t.size {
-                    tracing::warn!(%offset, expected = t.received, "file chunk does not match the request; asking again");
-                    let (sha, size) = (t.sha256.clone(), t.size);
-                    self.request_chunk(now, &sha, size, out);
+                if sha256 == t.sha256 && total_size != t.size {
+                    // The file server knows the file; the command's size was wrong. Asking
+                    // again cannot help.
+                    let reason = format!(
+                        "the file is {total_size} bytes, not the {} bytes start_job said",
+                        t.size
+                    );
+                    self.transfer = None;
+                    self.end_job(now, JobStage::Failed, Some(reason), out);
+                    return;
+                }
+                if sha256 != t.sha256 || offset != t.received {
+                    tracing::debug!(%offset, expected = t.received, "file chunk does not match the request");
+                    self.retry_chunk(now, "file chunk does not match the request", out);
                     return;
                 }
                 match verify_chunk(offset, total_size, &chunk_sha256, &data_b64) {
@@ -1433,10 +1453,7 @@ impl Gateway {
                         });
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "corrupt file chunk; asking again");
-                        t.attempts += 1;
-                        let (sha, size) = (t.sha256.clone(), t.size);
-                        self.request_chunk(now, &sha, size, out);
+                        self.retry_chunk(now, &format!("corrupt file chunk ({e})"), out);
                     }
                 }
             }

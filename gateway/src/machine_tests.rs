@@ -583,7 +583,8 @@ fn corrupt_and_stale_chunks_are_not_stored() {
         .pop()
         .expect("request");
     // Right request id, wrong bytes for the claimed digest.
-    let mut bad = FileChunkResponse::chunk(req.request_id.clone(), sha(), 0, 25, &FILE[..10]);
+    let total = FILE.len() as u64;
+    let mut bad = FileChunkResponse::chunk(req.request_id.clone(), sha(), 0, total, &FILE[..10]);
     if let FileChunkResponse::Ok { data_b64, .. } = &mut bad {
         *data_b64 = "QUFBQUFBQUFBQQ==".into();
     }
@@ -597,7 +598,7 @@ fn corrupt_and_stale_chunks_are_not_stored() {
         .expect("asks again");
     assert_eq!(again.offset, 0);
     // An answer to the old request id is stale.
-    let stale = FileChunkResponse::chunk(req.request_id, sha(), 0, 25, &FILE[..10]);
+    let stale = FileChunkResponse::chunk(req.request_id, sha(), 0, total, &FILE[..10]);
     let out = h.input(Input::Message {
         topic: "printloop/v1/printers/p0/file/chunk".into(),
         payload: stale.encode(),
@@ -777,4 +778,93 @@ fn the_cache_evicts_least_recently_used_files_and_refuses_what_cannot_fit() {
         PrinterPhase::Ready,
         "a refused start changes nothing"
     );
+}
+
+/// Issue #10, item 4: a job that ends (here: the file server has no such file) must be in the
+/// next state within the minimum interval, even when temperatures arrive in between. They used
+/// to clear the pending change, so `preparing` stayed retained until the heartbeat.
+#[test]
+fn a_refused_start_is_published_within_the_minimum_interval_despite_temperatures() {
+    let mut h = H::new();
+    h.connect();
+    h.ready_printer();
+    h.cmd(CommandAction::BedCleared(Empty {}));
+    let (_, out) = h.start("j1");
+    let req = published::<FileChunkRequest>(&out, "file/request")
+        .pop()
+        .expect("request");
+    let missing = FileChunkResponse::Error {
+        v: Version,
+        request_id: req.request_id,
+        sha256: sha(),
+        code: protocol::files::ChunkErrorCode::NotFound,
+        message: "no such file".into(),
+    };
+    let mut out = h.input(Input::Message {
+        topic: "printloop/v1/printers/p0/file/chunk".into(),
+        payload: missing.encode(),
+    });
+    assert!(
+        published::<StateSnapshot>(&out, "/state").is_empty(),
+        "rate limited: the start's own state just went out"
+    );
+    out.extend(h.input(Input::Printer(PrinterEvent::Temperatures(
+        Temperatures::default(),
+    ))));
+    out.extend(h.advance(h.g.cfg.state_min_interval_ms));
+    let states = published::<StateSnapshot>(&out, "/state");
+    assert_eq!(states.len(), 1, "published after the minimum interval");
+    assert_eq!(states[0].phase, PrinterPhase::Ready);
+}
+
+/// Issue #10, item 3: a `start_job` whose `size_bytes` is wrong looped for ever on "file chunk
+/// does not match the request". The file server's size wins: the job fails at once, saying
+/// why. Other wrong answers (another offset, another file) are retried a bounded number of times.
+#[test]
+fn a_wrong_size_fails_the_job_and_wrong_chunks_are_retried_a_bounded_number_of_times() {
+    let mut h = H::new();
+    h.connect();
+    h.ready_printer();
+    h.cmd(CommandAction::BedCleared(Empty {}));
+    let (_, out) = h.cmd(CommandAction::StartJob(StartJob {
+        job_id: jid("j1"),
+        file_sha256: sha(),
+        size_bytes: 1,
+        name: "f.gcode".into(),
+    }));
+    let req = published::<FileChunkRequest>(&out, "file/request")
+        .pop()
+        .expect("request");
+    let resp = FileChunkResponse::chunk(req.request_id, sha(), 0, FILE.len() as u64, &FILE[..1]);
+    let out = h.input(Input::Message {
+        topic: "printloop/v1/printers/p0/file/chunk".into(),
+        payload: resp.encode(),
+    });
+    let ended = events(&out).into_iter().find_map(|e| match e {
+        EventKind::JobEnded {
+            outcome: JobStage::Failed,
+            reason,
+            ..
+        } => reason,
+        _ => None,
+    });
+    let reason = ended.expect("the job fails at once");
+    assert!(reason.contains("not the 1 bytes"), "{reason}");
+    assert_eq!(h.g.phase(), PrinterPhase::Ready);
+
+    // A server that always answers with the wrong offset: bounded.
+    let (_, mut out) = h.start("j2");
+    let mut answers = 0;
+    while let Some(req) = published::<FileChunkRequest>(&out, "file/request").pop() {
+        answers += 1;
+        assert!(answers < 100, "the transfer gives up");
+        let wrong =
+            FileChunkResponse::chunk(req.request_id, sha(), 3, FILE.len() as u64, &FILE[3..6]);
+        out = h.input(Input::Message {
+            topic: "printloop/v1/printers/p0/file/chunk".into(),
+            payload: wrong.encode(),
+        });
+    }
+    assert_eq!(answers, h.g.cfg.chunk_attempts);
+    assert_eq!(h.g.phase(), PrinterPhase::Ready);
 }
