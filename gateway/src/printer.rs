@@ -5,7 +5,8 @@
 //!   in batches; the link's bounded queue back-pressures it, so memory stays flat whatever the
 //!   file size.
 //! - The link counts acknowledged print lines over its whole life; the task turns that into the
-//!   job's line count (`acked - acked at stream start`).
+//!   job's line count (`acked - acked at stream start`). Each stream ends with an `M400`, so
+//!   the file's last line counts only once the printer has finished moving.
 //! - `M73 P<pct> R<min>` lines in the file become progress when the firmware acknowledges them.
 //! - `ResetPrinter` closes the port and opens it again, which resets a Marlin board (DTR).
 
@@ -147,12 +148,10 @@ impl PrinterTask {
                             if let Some(old) = stream.take() {
                                 old.feeder.abort();
                             }
+                            // Make the printer safe at once: stop waiting and moving, heaters
+                            // and fan off, motors released; M112 if the firmware cannot.
                             let _ = link.clear().await;
-                            let _ = link.resume().await;
-                            // Make the printer safe: heaters and fan off, motors released.
-                            for cmd in ["M104 S0", "M140 S0", "M107", "M84"] {
-                                let _ = link.send_now(cmd).await;
-                            }
+                            let _ = link.make_safe().await;
                         }
                         PrinterCommand::ResetPrinter => {
                             if let Some(old) = stream.take() {
@@ -197,7 +196,10 @@ impl PrinterTask {
                                 if let Some((_, percent, remaining_min)) = progress {
                                     out.push(PrinterEvent::Progress { percent, remaining_min });
                                 }
-                                out.push(PrinterEvent::LinesAcked { count });
+                                // The stream ends with an M400 of ours, acknowledged once the
+                                // last move is done: the file's last line counts only then, so
+                                // a job is not `finished` while the printer still moves.
+                                out.push(PrinterEvent::LinesAcked { count: count.saturating_sub(1) });
                             }
                         }
                         LinkEvent::Reset { .. } | LinkEvent::Disconnected { .. } | LinkEvent::Timeout { .. } | LinkEvent::LinkError { .. } | LinkEvent::Fatal { .. } => {
@@ -294,6 +296,10 @@ async fn feed(
                 }
                 batch.push(cmd.to_owned());
             }
+        }
+        if read == 0 {
+            // Acknowledged when every move has been carried out (see the LinesAcked report).
+            batch.push("M400".to_owned());
         }
         if batch.len() >= BATCH || (read == 0 && !batch.is_empty()) {
             if let Err(e) = link.submit(std::mem::take(&mut batch)).await {

@@ -109,6 +109,7 @@ pub struct LinkStatus {
 enum Control {
     SendNow(String),
     EmergencyStop,
+    MakeSafe,
     Pause,
     Resume,
     Clear(oneshot::Sender<usize>),
@@ -197,6 +198,13 @@ impl SerialLink {
     /// Writes `M112` at once.
     pub async fn emergency_stop(&self) -> Result<(), SerialError> {
         self.ctl(Control::EmergencyStop).await
+    }
+
+    /// Drops the queued print lines and makes the printer safe at once (see
+    /// [`Link::make_safe`](crate::link::Link::make_safe)); call [`SerialLink::clear`] first to
+    /// drop the lines still on their way to the driver too.
+    pub async fn make_safe(&self) -> Result<(), SerialError> {
+        self.ctl(Control::MakeSafe).await
     }
 
     /// Stops taking print lines.
@@ -504,6 +512,7 @@ impl Task {
                 }
             }
             Control::EmergencyStop => self.link.emergency_stop(),
+            Control::MakeSafe => self.link.make_safe(Instant::now().into_std()),
             Control::Pause => self.link.pause_stream(),
             Control::Resume => self.link.resume_stream(),
             Control::Clear(reply) => {

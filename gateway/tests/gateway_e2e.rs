@@ -1098,3 +1098,125 @@ async fn under_systemd_the_gateway_says_ready_and_feeds_its_watchdog() {
     assert!(stopping.contains("STOPPING=1"), "{stopping}");
     let _ = gw.wait();
 }
+
+/// Issue #10, item 5: a cancel makes the printer safe at once, whatever the firmware is busy
+/// with: heater targets 0 and no motion within 1 s of simulated time.
+async fn cancel_is_safe_within_a_second(
+    file: &str,
+    busy: impl Fn(&printer_sim::Stats) -> bool,
+    emergency_stop: bool,
+) {
+    let sim = SimConfig {
+        speed: 5.0,
+        advanced_ok: true,
+        seed: 11,
+        ..SimConfig::default()
+    };
+    let mut rig = Rig::start(BrokerKind::Embedded, sim).await;
+    rig.ready_for_work().await;
+    let id = rig.start_job("j1", file.as_bytes(), "busy.gcode").await;
+    assert_eq!(rig.result(&id).await.status, ResultStatus::Ok);
+    rig.sim
+        .wait_for(WAIT, |s| busy(&s.firmware))
+        .await
+        .expect("the printer gets busy");
+    let t0 = rig.sim.stats().firmware.now;
+    let id = rig.cmd("\"kind\":\"cancel\",\"args\":{}").await;
+    let safe = rig
+        .sim
+        .wait_for(WAIT, |s| {
+            let f = &s.firmware;
+            f.hotend.target == 0.0
+                && f.bed.target == 0.0
+                && f.planner_queued == 0
+                && f.phase != printer_sim::Phase::Moving
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "the printer is not made safe ({e}): {:#?}\n{}",
+                rig.sim.stats().firmware,
+                rig.log()
+            )
+        });
+    let took = safe.firmware.now.saturating_sub(t0);
+    assert!(
+        took <= Duration::from_secs(1),
+        "safe after {took:?} of simulated time\n{}",
+        rig.log()
+    );
+    assert_eq!(rig.result(&id).await.status, ResultStatus::Ok);
+    let halted = safe.firmware.phase == printer_sim::Phase::Halted;
+    assert_eq!(
+        halted,
+        emergency_stop,
+        "M112 only when needed\n{}",
+        rig.log()
+    );
+    if emergency_stop {
+        let s = rig
+            .state("halted, saying why", |s| s.phase == PrinterPhase::Halted)
+            .await;
+        let error = s.error.unwrap_or_default();
+        assert!(error.contains("emergency stop"), "{error}");
+        // The operator clears the bed: the printer is reset and ready again.
+        let id = rig.cmd("\"kind\":\"bed_cleared\",\"args\":{}").await;
+        assert_eq!(rig.result(&id).await.status, ResultStatus::Ok);
+        rig.state("ready again", |s| s.phase == PrinterPhase::Ready)
+            .await;
+    }
+    eprintln!("safe after {took:?} (simulated), emergency stop: {halted}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_during_a_long_dwell_stops_the_heaters_within_a_second() {
+    cancel_is_safe_within_a_second(
+        "M104 S260\nM140 S115\nG4 S900\nG1 X10 F600\n",
+        |f| f.phase == printer_sim::Phase::Waiting && f.hotend.target == 260.0,
+        true,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_during_m109_heating_stops_the_heaters_within_a_second() {
+    // Short moves after the wait, as in a real print: once M108 ends the wait, the queue
+    // moves and the heaters go off through it; no M112.
+    let mut file = String::from("M140 S115\nM109 S260\n");
+    for i in 0..40 {
+        file.push_str(&format!("G1 X{} F6000\n", 1 + i % 2));
+    }
+    cancel_is_safe_within_a_second(
+        &file,
+        |f| f.phase == printer_sim::Phase::Heating && f.hotend.actual > 60.0,
+        false,
+    )
+    .await;
+}
+
+/// A few slow moves, all planned: the job is not `finished` while they run (the stream's final
+/// M400 waits for them), and the cancel stops them with the heaters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_during_a_long_move_stops_motion_and_heaters_within_a_second() {
+    cancel_is_safe_within_a_second(
+        "M104 S200\nG28\nG1 X200 F60\nG1 X0 F60\nG1 X200 F60\n",
+        |f| f.phase == printer_sim::Phase::Moving && f.position[0] > 1.0,
+        true,
+    )
+    .await;
+}
+
+/// The planner and the queue full of slow moves: nothing but M112 gets the heaters off in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_with_the_queue_blocked_by_slow_moves_uses_m112() {
+    let mut file = String::from("M104 S200\nG28\n");
+    for i in 0..40 {
+        file.push_str(&format!("G1 X{} F60\n", 10 + (i % 2) * 10));
+    }
+    cancel_is_safe_within_a_second(
+        &file,
+        |f| f.phase == printer_sim::Phase::Moving && f.commands_queued >= 3,
+        true,
+    )
+    .await;
+}

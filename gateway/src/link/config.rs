@@ -43,6 +43,10 @@ pub struct LinkConfig {
     /// Temperature report interval: `M155 S<secs>` when the firmware can auto-report, else
     /// `M105` polling at this interval. Zero disables both.
     pub temperature_interval: Duration,
+    /// After [`Link::make_safe`](super::Link::make_safe), how long the firmware has to
+    /// acknowledge `M104 S0` and `M140 S0` before the link sends `M112` (a firmware busy with a
+    /// long `G4`, or without an emergency parser, cannot be stopped any other way).
+    pub safe_within: Duration,
 }
 
 impl Default for LinkConfig {
@@ -58,6 +62,7 @@ impl Default for LinkConfig {
             blocking_timeout: Duration::from_secs(30 * 60),
             recovery_timeout: Duration::from_secs(1),
             temperature_interval: Duration::from_secs(2),
+            safe_within: Duration::from_millis(500),
         }
     }
 }
@@ -72,6 +77,7 @@ impl LinkConfig {
         self.blocking_timeout = f(self.blocking_timeout);
         self.recovery_timeout = f(self.recovery_timeout);
         self.temperature_interval = f(self.temperature_interval);
+        self.safe_within = f(self.safe_within);
         self
     }
 }

@@ -97,6 +97,9 @@ enum Kind {
     Print(u64),
     /// A `send_now` command.
     Urgent,
+    /// A line of [`Link::make_safe`]; `heaters_off` on the last heater line, whose
+    /// acknowledgement means both heaters are off.
+    Safety { heaters_off: bool },
     /// Handshake step.
     Handshake(Step),
     /// Temperature poll / timeout probe.
@@ -215,6 +218,11 @@ pub struct Link {
     last_progress: Option<Instant>,
     probes: u32,
     next_poll: Option<Instant>,
+    /// [`Link::make_safe`] waits for the heaters-off acknowledgement until this instant, then
+    /// sends `M112`.
+    safe_by: Option<Instant>,
+    /// The link sent `M112` itself: the firmware's kill message that follows is expected.
+    stopped_by_us: bool,
     // ---- output --------------------------------------------------------------------------
     transmit: VecDeque<Vec<u8>>,
     events: VecDeque<LinkEvent>,
@@ -250,6 +258,8 @@ impl Link {
             last_progress: None,
             probes: 0,
             next_poll: None,
+            safe_by: None,
+            stopped_by_us: false,
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             stats: LinkStats::default(),
@@ -285,6 +295,58 @@ impl Link {
     /// it is parsed). The firmware answers with a kill: expect [`LinkEvent::Fatal`].
     pub fn emergency_stop(&mut self) {
         self.transmit.push_front(b"M112\n".to_vec());
+    }
+
+    /// Writes `cmd` unnumbered ahead of everything, if the firmware has an emergency parser
+    /// (which acts on it as it arrives). The queue answers it later with an `ok`: with
+    /// ADVANCED_OK that names the last numbered line, which is harmless; without, it would be
+    /// taken for the oldest line's, so one `ok` is swallowed.
+    fn emergency_line(&mut self, cmd: &str) {
+        if !self.firmware.has("EMERGENCY_PARSER") {
+            return;
+        }
+        self.transmit.push_front(format!("{cmd}\n").into_bytes());
+        if !self.firmware.advanced_ok {
+            self.swallow_ok += 1;
+        }
+    }
+
+    /// Makes the printer safe at once (a cancel, a halt, a fault): drops the queued print
+    /// lines and queues `M104 S0`, `M140 S0`, `M107`, `M84` ahead of all else. On a firmware
+    /// with Marlin's emergency parser it first writes `M108`, which ends a temperature wait
+    /// even while the firmware's queue is blocked.
+    ///
+    /// - `M104 S0` and `M140 S0` acknowledged within [`LinkConfig::safe_within`]: the heaters
+    ///   are off, and `M410` (emergency parser) stops the moves still planned. (`M410` holds
+    ///   Marlin's queue for a second, so it is not sent before the heaters are off.)
+    /// - Not acknowledged in time (a long `G4` or a slow move blocks the queue): `M112`. The
+    ///   heaters and motors go off at once and the printer halts until it is reset;
+    ///   [`LinkEvent::Fatal`] says why.
+    ///
+    /// Without the emergency parser Marlin reads `M112` only when its queue has room, so a
+    /// blocking command ends first (the gateway warns about such firmware when it connects).
+    pub fn make_safe(&mut self, now: Instant) {
+        self.now = Some(now);
+        self.print_queue.clear();
+        self.paused = false;
+        self.urgent
+            .retain(|(k, _)| !matches!(k, Kind::Safety { .. }));
+        let lines = ["M104 S0", "M140 S0", "M107", "M84"];
+        for (i, cmd) in lines.into_iter().enumerate() {
+            let kind = Kind::Safety {
+                heaters_off: i == 1,
+            };
+            self.urgent.push_back((kind, cmd.to_owned()));
+        }
+        if self.state != State::Ready {
+            // Halted (killed), booting after a reset, or closed: the heaters are off already
+            // or nothing can be told; the lines above go first when the link is back.
+            return;
+        }
+        self.emergency_line("M108");
+        self.safe_by = Some(now + self.cfg.safe_within);
+        debug!("making the printer safe");
+        self.fill();
     }
 
     /// Print lines submitted but not yet written.
@@ -446,6 +508,22 @@ impl Link {
     /// The deadline from [`Link::next_deadline`] has passed (calling it early is harmless).
     pub fn on_timeout(&mut self, now: Instant) {
         self.now = Some(now);
+        if self.safe_by.is_some_and(|by| now >= by) {
+            self.safe_by = None;
+            if self.state == State::Ready {
+                let message = format!(
+                    "emergency stop (M112): the heaters were not confirmed off within {:?} of \
+                     the stop (the firmware was busy, e.g. in a long G4); reset the printer",
+                    self.cfg.safe_within
+                );
+                warn!("{message}");
+                self.emergency_stop();
+                self.stopped_by_us = true;
+                self.state = State::Halted;
+                self.events.push_back(LinkEvent::Fatal { message });
+                return;
+            }
+        }
         match self.state {
             State::Booting { until } if now >= until => {
                 debug!("no start banner; handshaking anyway");
@@ -499,13 +577,19 @@ impl Link {
             }
             _ => None,
         }
+        .into_iter()
+        .chain(self.safe_by)
+        .min()
     }
 
     // ---- handshake -----------------------------------------------------------------------
 
     fn reset_session(&mut self) {
         self.firmware = FirmwareInfo::default();
-        self.urgent.retain(|(k, _)| *k == Kind::Urgent);
+        self.urgent
+            .retain(|(k, _)| matches!(k, Kind::Urgent | Kind::Safety { .. }));
+        self.safe_by = None;
+        self.stopped_by_us = false;
         self.next_n = 0;
         self.history.clear();
         self.send_cursor = 0;
@@ -575,6 +659,13 @@ impl Link {
 
     fn become_ready(&mut self, now: Instant) {
         self.state = State::Ready;
+        if !self.firmware.has("EMERGENCY_PARSER") {
+            warn!(
+                "the firmware has no emergency parser (M115 Cap:EMERGENCY_PARSER): a cancel \
+                 cannot interrupt a long command (G4, M109, a slow move) and waits for it to \
+                 end; enable EMERGENCY_PARSER in Marlin's Configuration_adv.h"
+            );
+        }
         let interval = self.cfg.temperature_interval;
         if !interval.is_zero() && !self.firmware.has("AUTOREPORT_TEMP") {
             self.next_poll = Some(now + interval);
@@ -698,7 +789,12 @@ impl Link {
                     self.events.push_back(LinkEvent::Acked { seq });
                 }
                 Kind::Handshake(step) => self.handshake_step_done(now, step),
-                Kind::Urgent | Kind::Poll => {}
+                Kind::Safety { heaters_off: true } if self.safe_by.is_some() => {
+                    debug!("heaters off; stopping the moves still planned");
+                    self.safe_by = None;
+                    self.emergency_line("M410");
+                }
+                Kind::Urgent | Kind::Poll | Kind::Safety { .. } => {}
             }
         }
     }
@@ -715,6 +811,12 @@ impl Link {
 
     fn on_error(&mut self, now: Instant, message: String) {
         if marlin::is_fatal_error(&message) {
+            if self.stopped_by_us {
+                // The kill that our M112 asked for; LinkEvent::Fatal already said why.
+                debug!(%message, "the firmware halted after our emergency stop");
+                self.stopped_by_us = false;
+                return;
+            }
             warn!(%message, "fatal firmware error");
             if !matches!(self.state, State::Closed) {
                 self.state = State::Halted;
