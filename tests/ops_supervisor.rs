@@ -119,4 +119,33 @@ async fn operator_commands_work_with_the_real_supervisor() {
     let out = printloop(port, &["watch", "--once"]).await;
     let frame = stdout(&out, "watch --once");
     assert!(frame.starts_with("queue: 2 queued,"), "{frame}");
+
+    // Issue #10, item 12: a job name with a line break and terminal escapes forged lines in
+    // the supervisor's log. Now every control character is escaped, in the log and on the
+    // terminal.
+    let evil = "evil\n2026-01-01T00:00:00.000000Z ERROR forged: printer p0 on fire\x1b[2J\r";
+    let out = printloop(port, &["jobs", "add", path, "--name", evil]).await;
+    assert_eq!(stdout(&out, "jobs add evil").lines().count(), 1);
+    let out = printloop(port, &["jobs", "list"]).await;
+    let table = stdout(&out, "jobs list");
+    assert!(!table.contains(['\x1b', '\r']), "{table:?}");
+    assert!(
+        !table.lines().any(|l| l.starts_with("2026-01-01")),
+        "{table}"
+    );
+    let log = std::fs::read_to_string(dir.path().join("supervisor.log")).expect("log");
+    assert!(
+        log.contains("evil\\n2026-01-01"),
+        "the name is in the log, escaped:\n{log}"
+    );
+    for line in log.lines() {
+        assert!(
+            !line.starts_with("2026-01-01"),
+            "a forged log line: {line:?}"
+        );
+        assert!(
+            !line.contains(['\x1b', '\r']),
+            "a control character in the log: {line:?}"
+        );
+    }
 }

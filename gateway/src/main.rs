@@ -85,7 +85,7 @@ enum Mode {
     Pingpong,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -214,17 +214,7 @@ const EX_CONFIG: i32 = 78;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: journald, log files and the Pi's console get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match args.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    transport::logging::init(args.log_format == LogFormat::Json);
     if let Some(Sub::Firstboot { boot_file, root }) = &args.command {
         return match gateway::firstboot::run(boot_file, root) {
             Ok(outcome) => {

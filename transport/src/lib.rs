@@ -7,6 +7,7 @@
 //! [`MqttEvent::Down`], waits a jittered, capped backoff, and reconnects. Publishing is the
 //! owner's business, with `try_publish`, so a full queue never blocks it.
 
+pub mod logging;
 pub mod systemd;
 
 use std::path::PathBuf;
