@@ -23,7 +23,7 @@ use protocol::api::{
 use protocol::command::{
     Command, CommandAction, CommandResult, Empty, JobRef, ResultStatus, StartJob,
 };
-use protocol::files::FileChunkRequest;
+use protocol::files::{ChunkErrorCode, FileChunkRequest, FileChunkResponse};
 use protocol::presence::{Meta, Presence, Status};
 use protocol::state::{Event, EventKind, JobStage, PrinterPhase, StateSnapshot};
 use protocol::{
@@ -272,6 +272,8 @@ pub struct Counters {
     pub rebirths: u64,
     /// Messages that failed to decode.
     pub rejected_messages: u64,
+    /// File requests refused: the printer has no job waiting for that file.
+    pub refused_pulls: u64,
     /// Dispatch latencies (job queued → start command sent), milliseconds.
     pub dispatch_latency_ms: Vec<u64>,
 }
@@ -541,6 +543,34 @@ impl Supervisor {
         }
     }
 
+    /// Whether printer `p` may pull file `sha`: only for a job of its own that is on its way
+    /// to the printer (issue #10: any client could pull any stored G-code by asking under any
+    /// printer's name).
+    fn may_pull(&self, p: &PrinterId, sha: &Sha256Hex) -> bool {
+        self.jobs.values().any(|j| {
+            j.printer.as_ref() == Some(p)
+                && &j.sha256 == sha
+                && matches!(
+                    j.state,
+                    JobState::Assigned | JobState::Transferring | JobState::Starting
+                )
+        })
+    }
+
+    fn refuse_pull(&mut self, p: PrinterId, request: FileChunkRequest, out: &mut Vec<Output>) {
+        self.counters.refused_pulls += 1;
+        tracing::warn!(printer = %p, sha = %request.sha256, "file request refused: no job of this printer is waiting for that file");
+        let refusal = FileChunkResponse::Error {
+            v: Version,
+            request_id: request.request_id,
+            sha256: request.sha256,
+            code: ChunkErrorCode::NotFound,
+            message: "no job of this printer is waiting for that file".into(),
+        };
+        let topic = self.cfg.topics.format(&Topic::FileChunk(p));
+        self.publish(out, topic, refusal.encode(), false);
+    }
+
     fn on_connected(&mut self, now: Now, out: &mut Vec<Output>) {
         self.connected = true;
         let t = &self.cfg.topics;
@@ -635,10 +665,14 @@ impl Supervisor {
                 CommandResult::decode(payload).map(|r| self.on_result(now, p, r, out))
             }
             Topic::FileRequest(p) => FileChunkRequest::decode(payload).map(|request| {
-                out.push(Output::ServeChunk {
-                    printer: p,
-                    request,
-                });
+                if self.may_pull(&p, &request.sha256) {
+                    out.push(Output::ServeChunk {
+                        printer: p,
+                        request,
+                    });
+                } else {
+                    self.refuse_pull(p, request, out);
+                }
             }),
             Topic::ApiRequest => {
                 self.on_api(now, payload, out);

@@ -869,3 +869,54 @@ fn bed_clear_right_after_the_job_ended_event_is_accepted() {
 
 #[path = "machine_ha_tests.rs"]
 mod ha;
+
+/// Issue #10, item 10: any client could pull any stored G-code by asking under any printer's
+/// name. A file is served only to a printer with a job on its way that uses it.
+#[test]
+fn files_are_served_only_to_the_printer_whose_job_uses_them() {
+    let mut h = H::new();
+    h.online("p0", 1);
+    h.online("p1", 1);
+    h.report("p0", state(PrinterPhase::Ready, None));
+    h.store_file();
+    let request = |id: &str| FileChunkRequest {
+        v: Version,
+        request_id: CommandId::new(id).expect("id"),
+        sha256: sha(),
+        offset: 0,
+        len: 16,
+    };
+    let served = |out: &[Output]| out.iter().any(|o| matches!(o, Output::ServeChunk { .. }));
+    // Stored, but no job: refused, with an answer.
+    let out = h.msg("printers/p0/file/request", request("r1").encode());
+    assert!(!served(&out));
+    let refusal = published::<FileChunkResponse>(&out, "/p0/file/chunk")
+        .pop()
+        .expect("an answer");
+    assert!(matches!(
+        refusal,
+        FileChunkResponse::Error {
+            code: ChunkErrorCode::NotFound,
+            ..
+        }
+    ));
+    let (jobs, _) = h.submit(1);
+    assert_eq!(h.job(&jobs[0]).printer, Some(pid("p0")));
+    assert!(served(
+        &h.msg("printers/p0/file/request", request("r2").encode())
+    ));
+    // Another printer (or a stranger using its name) gets nothing.
+    let out = h.msg("printers/p1/file/request", request("r3").encode());
+    assert!(!served(&out));
+    // Once the job prints, the file is not served again.
+    h.report(
+        "p0",
+        state(
+            PrinterPhase::Printing,
+            Some((jobs[0].as_str(), JobStage::Printing)),
+        ),
+    );
+    assert!(!served(
+        &h.msg("printers/p0/file/request", request("r4").encode())
+    ));
+}
