@@ -845,6 +845,37 @@ mod tests {
         assert_eq!(Clients::load(&path).expect("load"), c);
     }
 
+    /// docs/mosquitto.acl is this generator's output for the documented example registry,
+    /// so the page cannot drift from what `printloop clients mosquitto` writes (issue #10,
+    /// item 14: the hand-written file let Home Assistant publish any printer's `cmd`).
+    #[test]
+    fn the_documented_acl_is_the_generated_one() {
+        let mut c = Clients::default();
+        for (name, role) in [
+            ("p1", Role::Gateway),
+            ("p2", Role::Gateway),
+            ("supervisor", Role::Supervisor),
+            ("homeassistant", Role::HomeAssistant),
+            ("nodered", Role::NodeRed),
+        ] {
+            c.add(name, role).expect("add");
+        }
+        let want = c.mosquitto_acl("printloop/v1", "homeassistant");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/mosquitto.acl");
+        let docs = std::fs::read_to_string(&path).expect("docs/mosquitto.acl");
+        if std::env::var_os("PRINTLOOP_BLESS").is_some() {
+            std::fs::write(&path, &want).expect("write docs/mosquitto.acl");
+            return;
+        }
+        assert_eq!(
+            docs, want,
+            "docs/mosquitto.acl is stale: PRINTLOOP_BLESS=1 cargo test -p broker documented_acl"
+        );
+        let ha = want.split("user homeassistant\n").nth(1).expect("ha block");
+        let ha = ha.split("\n\n").next().expect("block");
+        assert!(!ha.contains("/cmd\n") && !ha.contains("file/"), "{ha}");
+    }
+
     #[test]
     fn the_acl_confines_a_gateway_to_its_own_printer() {
         let mut c = Clients::default();
