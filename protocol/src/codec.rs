@@ -141,7 +141,9 @@ fn probe_fields(bytes: &[u8]) -> Option<Object> {
     if bytes.len() > MAX_ID_PROBE {
         return None;
     }
-    let p: Probe = serde_json::from_slice(bytes).ok()?;
+    // Valid UTF-8 throughout, like any JSON text (serde_json skips ignored keys unchecked).
+    let text = std::str::from_utf8(bytes).ok()?;
+    let p: Probe = serde_json::from_str(text).ok()?;
     let mut map = Object::new();
     for (k, v) in [("id", p.id), ("client", p.client)] {
         if let Some(v) = v.filter(|v| v.len() <= 256) {
