@@ -837,6 +837,12 @@ impl Gateway {
         s: StartJob,
         out: &mut Vec<Output>,
     ) -> Result<Vec<Mutation>, String> {
+        if s.printer_id != self.cfg.printer_id {
+            return Err(format!(
+                "this start_job is for printer {}, not {}",
+                s.printer_id, self.cfg.printer_id
+            ));
+        }
         if let Some(outcome) = self.ledger.get(&s.job_id) {
             return Err(match outcome {
                 Some(o) => format!(

@@ -95,6 +95,7 @@ impl H {
     fn start(&mut self, job: &str) -> (CommandResult, Vec<Output>) {
         self.cmd(CommandAction::StartJob(StartJob {
             job_id: jid(job),
+            printer_id: pid(),
             file_sha256: sha(),
             size_bytes: FILE.len() as u64,
             name: "f.gcode".into(),
@@ -828,6 +829,7 @@ fn a_wrong_size_fails_the_job_and_wrong_chunks_are_retried_a_bounded_number_of_t
     h.cmd(CommandAction::BedCleared(Empty {}));
     let (_, out) = h.cmd(CommandAction::StartJob(StartJob {
         job_id: jid("j1"),
+        printer_id: pid(),
         file_sha256: sha(),
         size_bytes: 1,
         name: "f.gcode".into(),
@@ -867,4 +869,33 @@ fn a_wrong_size_fails_the_job_and_wrong_chunks_are_retried_a_bounded_number_of_t
     }
     assert_eq!(answers, h.g.cfg.chunk_attempts);
     assert_eq!(h.g.phase(), PrinterPhase::Ready);
+}
+
+/// Issue #10, item 7: the supervisor's `start_job` for p0, replayed on p1's `cmd` under a new
+/// id, printed the job a second time on p1. A start names its printer; any other refuses it.
+#[test]
+fn a_start_for_another_printer_is_refused() {
+    let mut h = H::new();
+    h.connect();
+    h.ready_printer();
+    h.cmd(CommandAction::BedCleared(Empty {}));
+    let (r, out) = h.cmd(CommandAction::StartJob(StartJob {
+        job_id: jid("j1"),
+        printer_id: PrinterId::new("p1").expect("id"),
+        file_sha256: sha(),
+        size_bytes: FILE.len() as u64,
+        name: "f.gcode".into(),
+    }));
+    assert_eq!(r.status, ResultStatus::Error);
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("for printer p1, not p0"),
+        "{r:?}"
+    );
+    assert!(published::<FileChunkRequest>(&out, "file/request").is_empty());
+    assert_eq!(h.g.phase(), PrinterPhase::Ready);
+    // The job can still run where it belongs (nothing was recorded for it here).
+    assert_eq!(h.start("j1").0.status, ResultStatus::Ok);
 }

@@ -172,7 +172,7 @@ impl Rig {
     async fn start_job(&mut self, job: &str, file: &[u8], name: &str) -> String {
         let sha = self.offer(file);
         self.cmd(&format!(
-            "\"kind\":\"start_job\",\"args\":{{\"job_id\":\"{job}\",\"file_sha256\":\"{sha}\",\"size_bytes\":{},\"name\":\"{name}\"}}",
+            "\"kind\":\"start_job\",\"args\":{{\"job_id\":\"{job}\",\"printer_id\":\"p0\",\"file_sha256\":\"{sha}\",\"size_bytes\":{},\"name\":\"{name}\"}}",
             file.len()
         ))
         .await

@@ -11,7 +11,7 @@ use crate::codec::{
     decode_envelope, DecodeError, EnvelopeError, EnvelopeSpec, Payload, Version,
     MAX_CONTROL_PAYLOAD,
 };
-use crate::ids::{CommandId, JobId, Sha256Hex};
+use crate::ids::{CommandId, JobId, PrinterId, Sha256Hex};
 
 /// What a command asks the gateway to do. Serialised as `"kind"` + `"args"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -62,6 +62,9 @@ pub const COMMAND_KINDS: [&str; 6] = [
 pub struct StartJob {
     /// The job (assigned by the supervisor, never reused).
     pub job_id: JobId,
+    /// The printer the job was placed on: any other printer refuses the command, so a copy
+    /// replayed on another printer's `cmd` never prints the job twice.
+    pub printer_id: PrinterId,
     /// The file to print, by content.
     pub file_sha256: Sha256Hex,
     /// File size in bytes (the gateway checks free space first).
@@ -219,6 +222,7 @@ mod tests {
                 CommandId::new("c-1").expect("id"),
                 CommandAction::StartJob(StartJob {
                     job_id: JobId::new("j-1").expect("id"),
+                    printer_id: PrinterId::new("p0").expect("id"),
                     file_sha256: sha(),
                     size_bytes: 4,
                     name: "cube".into(),
