@@ -368,6 +368,8 @@ impl World {
         let sup_cfg = SupervisorConfig {
             topics: topics.clone(),
             step_timeout_ms: 60_000,
+            // Command ids from the seed, so that a seed replays exactly.
+            command_key: u128::from(cfg.seed).to_le_bytes(),
             ..SupervisorConfig::default()
         };
         let mut procs = vec![Proc::default()];

@@ -63,11 +63,29 @@ pub struct SupervisorConfig {
     pub rebirth_after_ms: u64,
     /// Home Assistant discovery and buttons.
     pub ha: HaConfig,
+    /// Secret that makes the supervisor's command ids unpredictable (random for each
+    /// configuration; a deterministic simulation sets its own). A client that could guess the
+    /// next id could send it first, and the real command would be answered `duplicate`.
+    pub command_key: [u8; 16],
+}
+
+/// 16 random bytes from the operating system (a clock-derived fallback if it has none: ids
+/// stay distinct, if less secret).
+fn random_key() -> [u8; 16] {
+    let mut key = [0u8; 16];
+    if getrandom::fill(&mut key).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        key = (t ^ u128::from(std::process::id())).to_le_bytes();
+    }
+    key
 }
 
 impl Default for SupervisorConfig {
     fn default() -> Self {
         Self {
+            command_key: random_key(),
             topics: Topics::default(),
             stale_heartbeats: 3,
             command_ttl_ms: 120_000,
@@ -274,6 +292,9 @@ pub struct Counters {
     pub rejected_messages: u64,
     /// File requests refused: the printer has no job waiting for that file.
     pub refused_pulls: u64,
+    /// Jobs seen on a printer other than the one they were placed on (counted once per printer
+    /// and job; each is logged once as an error).
+    pub foreign_jobs: u64,
     /// Dispatch latencies (job queued → start command sent), milliseconds.
     pub dispatch_latency_ms: Vec<u64>,
 }
@@ -294,6 +315,8 @@ pub struct Supervisor {
     queue_seq: u64,
     last_queue_mono: Option<u64>,
     counters: Counters,
+    /// (printer, job) pairs seen running where the job was not placed, logged once each.
+    foreign: BTreeSet<(PrinterId, JobId)>,
     /// Printers whose Home Assistant configs may need publishing.
     ha_dirty: BTreeSet<PrinterId>,
     /// The fleet device's configs need publishing.
@@ -366,6 +389,7 @@ impl Supervisor {
             queue_seq: 0,
             last_queue_mono: None,
             counters: Counters::default(),
+            foreign: BTreeSet::new(),
             ha_dirty: BTreeSet::new(),
             ha_fleet_dirty: false,
             ha_republish_mono: None,
@@ -945,7 +969,10 @@ impl Supervisor {
                     } else if j.state == JobState::Done
                         || j.printer.as_ref() != Some(id) && j.printer.is_some()
                     {
-                        tracing::error!(printer = %id, job = %pj.job_id, "printer runs a job the supervisor placed elsewhere; flagged");
+                        if self.foreign.insert((id.clone(), pj.job_id.clone())) {
+                            self.counters.foreign_jobs += 1;
+                            tracing::error!(printer = %id, job = %pj.job_id, "printer runs a job the supervisor placed elsewhere (a replayed start?); counted in printloop_foreign_jobs_total");
+                        }
                     } else {
                         let state = job_state_of(pj.stage);
                         let mut rec = j.clone();
@@ -1097,10 +1124,21 @@ impl Supervisor {
         self.queue_dirty = true;
     }
 
+    /// `sup-<epoch>-<n>-<tag>`: readable, unique, and not guessable from the ids seen so far
+    /// (the tag is a keyed digest of epoch and n).
     fn next_command_id(&mut self) -> CommandId {
+        use sha2::Digest as _;
         self.commands_sent += 1;
-        CommandId::new(format!("sup-{}-{}", self.epoch, self.commands_sent))
-            .expect("digits form a valid id")
+        let (epoch, n) = (self.epoch, self.commands_sent);
+        let mut h = sha2::Sha256::new();
+        h.update(self.cfg.command_key);
+        h.update(epoch.to_le_bytes());
+        h.update(n.to_le_bytes());
+        let tag: String = h.finalize()[..5]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        CommandId::new(format!("sup-{epoch}-{n}-{tag}")).expect("digits form a valid id")
     }
 
     fn send(
@@ -1154,6 +1192,7 @@ impl Supervisor {
         }
         let action = CommandAction::StartJob(StartJob {
             job_id: job.job_id.clone(),
+            printer_id: id.clone(),
             file_sha256: job.sha256.clone(),
             size_bytes: job.size_bytes,
             name: job.name.clone(),
@@ -1546,6 +1585,16 @@ impl Supervisor {
 
     fn on_api(&mut self, now: Now, payload: &[u8], out: &mut Vec<Output>) {
         let req = match ApiRequest::decode(payload) {
+            Ok(r) if r.client.as_str() == HA_CLIENT => {
+                // Home Assistant's presses are requests of this client with ids made from the
+                // printer's state; one from the network could claim such an id first and make
+                // the real press look like a repeat.
+                self.counters.rejected_messages += 1;
+                tracing::warn!(id = %r.id, "API request under Home Assistant's reserved client name refused");
+                let why = format!("the client name {HA_CLIENT:?} is reserved for Home Assistant's buttons; choose another");
+                self.answer(now, &r.client, &r.id, Err(why), false, out);
+                return;
+            }
             Ok(r) => r,
             Err(reject) => {
                 self.counters.rejected_messages += 1;

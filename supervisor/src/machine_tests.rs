@@ -920,3 +920,44 @@ fn files_are_served_only_to_the_printer_whose_job_uses_them() {
         &h.msg("printers/p0/file/request", request("r4").encode())
     ));
 }
+
+/// Issue #10, item 6: command ids were `sup-<epoch>-<n>`, so a client could send the next one
+/// first and the real start was answered `duplicate`. Now the id ends with a keyed digest.
+#[test]
+fn command_ids_cannot_be_guessed() {
+    let first_start = || {
+        let mut h = H::new();
+        h.online("p0", 1);
+        h.report("p0", state(PrinterPhase::Ready, None));
+        h.store_file();
+        let (_, out) = h.submit(1);
+        commands(&out, "p0").pop().expect("a start").id
+    };
+    let (a, b) = (first_start(), first_start());
+    assert_ne!(a, b, "two supervisors (two keys) never send the same ids");
+    let parts: Vec<&str> = a.as_str().split('-').collect();
+    assert_eq!(parts[..3], ["sup", "1", "1"], "{a}");
+    assert!(
+        parts[3].len() == 10 && parts[3].chars().all(|c| c.is_ascii_hexdigit()),
+        "{a}"
+    );
+}
+
+/// Home Assistant's presses are API requests of a reserved client whose ids come from the
+/// printer's state: a network client may not use that name (it could claim a press's id first).
+#[test]
+fn api_requests_under_home_assistants_reserved_client_are_refused() {
+    let mut h = H::new();
+    let req = ApiRequest {
+        v: Version,
+        id: CommandId::new("ha-p0-pause-7-1042").expect("id"),
+        client: ClientId::new(HA_CLIENT).expect("id"),
+        op: ApiOp::ListJobs(ListJobs::default()),
+    };
+    let out = h.msg("api/request", req.encode());
+    let resp = published::<ApiResponse>(&out, "/api/response/homeassistant")
+        .pop()
+        .expect("an answer");
+    assert!(!resp.ok);
+    assert!(resp.error.unwrap_or_default().contains("reserved"));
+}

@@ -164,6 +164,16 @@ impl Metrics {
                 "Messages that failed to decode.",
                 c.rejected_messages,
             ),
+            (
+                "printloop_refused_file_requests_total",
+                "File requests from a printer with no job waiting for that file.",
+                c.refused_pulls,
+            ),
+            (
+                "printloop_foreign_jobs_total",
+                "Jobs seen running on a printer other than the one they were placed on.",
+                c.foreign_jobs,
+            ),
         ] {
             let _ = writeln!(o, "# HELP {name} {help}");
             let _ = writeln!(o, "# TYPE {name} counter");
