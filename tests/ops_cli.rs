@@ -143,6 +143,7 @@ impl Fake {
                             progress_pct: Some(43.6),
                             held: false,
                             consecutive_failures: 0,
+                            enrolled: true,
                         },
                         PrinterSummary {
                             printer_id: PrinterId::new("p1").expect("id"),
@@ -153,6 +154,7 @@ impl Fake {
                             progress_pct: None,
                             held: true,
                             consecutive_failures: 3,
+                            enrolled: true,
                         },
                     ],
                 },

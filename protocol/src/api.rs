@@ -305,6 +305,14 @@ pub struct PrinterSummary {
     pub held: bool,
     /// Jobs failed in a row.
     pub consecutive_failures: u32,
+    /// In the farm's client registry (always, when the farm has none). A printer that is not
+    /// gets no work: its messages may come from anyone.
+    #[serde(default = "yes")]
+    pub enrolled: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What a successful request returns.

@@ -999,6 +999,7 @@ mod tests {
             progress_pct: None,
             held: false,
             consecutive_failures: 0,
+            enrolled: true,
         }
     }
 

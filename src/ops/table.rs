@@ -117,7 +117,14 @@ pub fn printers(printers: &[PrinterSummary]) -> String {
                     .as_ref()
                     .map_or_else(|| "-".to_owned(), ToString::to_string),
                 percent(p.progress_pct),
-                if p.held { "held" } else { "-" }.to_owned(),
+                if !p.enrolled {
+                    "unenrolled"
+                } else if p.held {
+                    "held"
+                } else {
+                    "-"
+                }
+                .to_owned(),
                 p.consecutive_failures.to_string(),
             ]
         })
@@ -180,6 +187,7 @@ mod tests {
             progress_pct: Some(100.0),
             held: true,
             consecutive_failures: 3,
+            enrolled: true,
         };
         assert_eq!(
             printers(&[p]),

@@ -193,6 +193,10 @@ pub enum Input {
     },
     /// Time passed.
     Tick,
+    /// The printers enrolled in the client registry (`clients.toml`, gateway role), read at
+    /// start and whenever the file changes; `None` when there is no registry (a loopback-only
+    /// farm, the demo): then every printer that reports is enrolled.
+    Enrolled(Option<BTreeSet<PrinterId>>),
 }
 
 /// How far a printer's clock may run behind the supervisor's when it judges a start
@@ -231,6 +235,8 @@ struct PrinterView {
     meta: Option<Meta>,
     /// A digest of the Home Assistant configs last published for it (none: not published).
     ha_published: Option<u64>,
+    /// In the client registry (or there is none): only then does it get work.
+    enrolled: bool,
 }
 
 impl PrinterView {
@@ -259,6 +265,7 @@ impl PrinterView {
             silent_since_mono: Some(now.mono_ms),
             meta: None,
             ha_published: None,
+            enrolled: true,
         }
     }
 
@@ -317,6 +324,8 @@ pub struct Supervisor {
     counters: Counters,
     /// (printer, job) pairs seen running where the job was not placed, logged once each.
     foreign: BTreeSet<(PrinterId, JobId)>,
+    /// The enrolled printers (`None`: no registry, every printer is).
+    enrolled: Option<BTreeSet<PrinterId>>,
     /// Printers whose Home Assistant configs may need publishing.
     ha_dirty: BTreeSet<PrinterId>,
     /// The fleet device's configs need publishing.
@@ -390,6 +399,7 @@ impl Supervisor {
             last_queue_mono: None,
             counters: Counters::default(),
             foreign: BTreeSet::new(),
+            enrolled: None,
             ha_dirty: BTreeSet::new(),
             ha_fleet_dirty: false,
             ha_republish_mono: None,
@@ -454,6 +464,7 @@ impl Supervisor {
             progress_pct: job.map(|j| j.progress_pct),
             held: p.rec.held,
             consecutive_failures: p.rec.consecutive_failures,
+            enrolled: p.enrolled,
         }
     }
 
@@ -550,7 +561,25 @@ impl Supervisor {
                 outcome,
             } => self.on_uploaded(now, client, id, outcome, out),
             Input::Tick => {}
+            Input::Enrolled(set) => self.on_enrolled(set),
         }
+    }
+
+    /// Only enrolled printers get work (issue #10: retained messages for an invented printer
+    /// `ghost` made the supervisor dispatch a real job to it). Others are listed, flagged.
+    fn on_enrolled(&mut self, set: Option<BTreeSet<PrinterId>>) {
+        for (id, p) in &mut self.printers {
+            let enrolled = set.as_ref().is_none_or(|s| s.contains(id));
+            if p.enrolled != enrolled {
+                if enrolled {
+                    tracing::info!(printer = %id, "printer enrolled: it gets work");
+                } else {
+                    tracing::warn!(printer = %id, "printer not in the client registry: it gets no work (`printloop printers add` enrols it)");
+                }
+                p.enrolled = enrolled;
+            }
+        }
+        self.enrolled = set;
     }
 
     fn topic(&self, t: Topic) -> String {
@@ -722,9 +751,15 @@ impl Supervisor {
                 start_sent: None,
             };
             out.push(Output::Persist(vec![Mutation::PutPrinter(rec.clone())]));
-            tracing::info!(printer = %id, "new printer");
+            let mut view = PrinterView::new(rec, now);
+            view.enrolled = self.enrolled.as_ref().is_none_or(|s| s.contains(id));
+            if view.enrolled {
+                tracing::info!(printer = %id, "new printer");
+            } else {
+                tracing::warn!(printer = %id, "a printer that is not in the client registry reports: it gets no work (`printloop printers add` enrols it)");
+            }
             self.ha_dirty.insert(id.clone());
-            self.printers.insert(id.clone(), PrinterView::new(rec, now));
+            self.printers.insert(id.clone(), view);
         }
         self.printers.get_mut(id).expect("inserted above")
     }
@@ -1376,7 +1411,12 @@ impl Supervisor {
 
     /// A printer that can take a job now (`ready`), or that will once its bed is cleared.
     fn is_free(p: &PrinterView, ready: bool) -> bool {
-        if !(p.reachable() && !p.rec.held && p.rec.assigned.is_none() && p.pending.is_none()) {
+        if !(p.enrolled
+            && p.reachable()
+            && !p.rec.held
+            && p.rec.assigned.is_none()
+            && p.pending.is_none())
+        {
             return false;
         }
         let Some(s) = p.state.as_ref() else {

@@ -961,3 +961,37 @@ fn api_requests_under_home_assistants_reserved_client_are_refused() {
     assert!(!resp.ok);
     assert!(resp.error.unwrap_or_default().contains("reserved"));
 }
+
+/// Issue #10, item 9: retained messages for an invented printer `ghost` made the supervisor
+/// dispatch a real job to it. With a client registry, only enrolled printers get work; the
+/// others are listed, flagged.
+#[test]
+fn only_enrolled_printers_get_work() {
+    let mut h = H::new();
+    h.input(Input::Enrolled(Some([pid("p0")].into_iter().collect())));
+    h.online("ghost", 1);
+    h.report("ghost", state(PrinterPhase::Ready, None));
+    h.store_file();
+    let (jobs, out) = h.submit(1);
+    assert!(
+        starts(&out, "ghost").is_empty(),
+        "no work for a printer nobody enrolled"
+    );
+    assert_eq!(h.job(&jobs[0]).state, JobState::Queued);
+    let (resp, _) = h.api(ApiOp::ListPrinters(Default::default()));
+    let Some(ApiResult::Printers { printers }) = resp.result else {
+        panic!("{resp:?}")
+    };
+    assert_eq!(printers.len(), 1);
+    assert!(!printers[0].enrolled);
+    // The real printer gets the job.
+    h.online("p0", 1);
+    let out = h.report("p0", state(PrinterPhase::Ready, None));
+    assert_eq!(starts(&out, "p0").len(), 1);
+    // Enrolling the other one later (`printloop printers add ghost`) lets it work too.
+    h.input(Input::Enrolled(Some(
+        [pid("p0"), pid("ghost")].into_iter().collect(),
+    )));
+    let (_, out) = h.submit(1);
+    assert_eq!(starts(&out, "ghost").len(), 1);
+}

@@ -8,6 +8,7 @@
 //! - publishes use `try_publish`: a full MQTT queue drops with a warning, never blocks;
 //! - `/metrics` reads a rendered snapshot, never the machine.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -225,6 +226,12 @@ pub async fn run(
             })??
     };
 
+    // Which printers may get work: the registry's gateways (re-read when it changes).
+    let mut enrolment = Enrolment::new(settings.data_dir.join(CLIENTS_FILE));
+    if let Some(set) = enrolment.changed() {
+        let _ = machine.handle(now(start), Input::Enrolled(set));
+    }
+
     let (muts, will_topic, will) = machine.prepare_connect(now(start));
     store.apply(&muts)?;
     let session = Session {
@@ -341,6 +348,9 @@ pub async fn run(
             }
             Some(input) = upload_rx.recv() => shell.pending.push_back(input),
             _ = refresh.tick() => {
+                if let Some(set) = enrolment.changed() {
+                    shell.pending.push_back(Input::Enrolled(set));
+                }
                 metrics.observe(machine.take_dispatch_latencies());
                 let _ = metrics_tx.send(metrics.render(&machine, now(start)));
             }
@@ -488,6 +498,47 @@ async fn serve_chunks(
             .await
         {
             tracing::warn!(%printer, error = %e, "file chunk not sent");
+        }
+    }
+}
+
+/// Watches the client registry for the set of enrolled printers.
+struct Enrolment {
+    path: PathBuf,
+    /// What the file looked like when last read (`None`: absent).
+    seen: Option<Option<(std::time::SystemTime, u64)>>,
+}
+
+impl Enrolment {
+    fn new(path: PathBuf) -> Self {
+        Self { path, seen: None }
+    }
+
+    /// The enrolled printers, when the file changed since the last call (`Some(None)`: there
+    /// is no registry). A file that cannot be read or parsed keeps the last good answer.
+    fn changed(&mut self) -> Option<Option<BTreeSet<PrinterId>>> {
+        let stamp = std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()));
+        if self.seen == Some(stamp) {
+            return None;
+        }
+        self.seen = Some(stamp);
+        if stamp.is_none() {
+            return Some(None);
+        }
+        match broker::clients::Clients::load(&self.path) {
+            Ok(clients) => Some(Some(
+                clients
+                    .iter()
+                    .filter(|c| c.role == broker::clients::Role::Gateway)
+                    .filter_map(|c| PrinterId::new(c.user.as_str()).ok())
+                    .collect(),
+            )),
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "client registry unreadable; keeping the printers enrolled before");
+                None
+            }
         }
     }
 }
