@@ -103,7 +103,9 @@ declare -A took
 [ "$(id -u)" -eq 0 ] || die "run as root: mmdebstrap builds the root file system in root mode (chroot, device nodes, owners)"
 
 # --- host tools ---------------------------------------------------------------------------------
-apt_install_missing mmdebstrap qemu-user-static binfmt-support mtools dosfstools fdisk e2fsprogs xz-utils bmap-tools file
+# arch-test: mmdebstrap refuses a foreign architecture without it (it is only a Recommends, and
+# package-test.sh may have installed mmdebstrap without recommends first).
+apt_install_missing mmdebstrap arch-test qemu-user-static binfmt-support mtools dosfstools fdisk e2fsprogs xz-utils bmap-tools file
 export MTOOLS_SKIP_CHECK=1
 
 # qemu-aarch64 must be registered with binfmt_misc so mmdebstrap can run arm64 maintainer scripts.
