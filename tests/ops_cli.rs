@@ -42,6 +42,7 @@ fn ok(id: &CommandId, result: ApiResult) -> ApiResponse {
         ok: true,
         result: Some(result),
         error: None,
+        retry_after_ms: None,
     }
 }
 
@@ -52,6 +53,7 @@ fn refuse(id: &CommandId, error: &str) -> ApiResponse {
         ok: false,
         result: None,
         error: Some(error.to_owned()),
+        retry_after_ms: None,
     }
 }
 

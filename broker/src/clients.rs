@@ -462,9 +462,11 @@ impl Clients {
                     vec![
                         // What it says: presence (and its will), identity, state, events,
                         // answers to commands, file requests. Never its own `cmd`.
-                        format!("topic write {p}/status"),
-                        format!("topic write {p}/meta"),
-                        format!("topic write {p}/state"),
+                        // Read too: the gateway re-asserts its own retained topics when anyone
+                        // else's message replaces them.
+                        format!("topic readwrite {p}/status"),
+                        format!("topic readwrite {p}/meta"),
+                        format!("topic readwrite {p}/state"),
                         format!("topic readwrite {p}/events"),
                         format!("topic write {p}/cmd/result"),
                         format!("topic write {p}/file/request"),

@@ -10,12 +10,14 @@ use std::collections::HashMap;
 
 use protocol::command::{Command, CommandAction, CommandResult, JobRef, ResultStatus, StartJob};
 use protocol::files::{verify_chunk, FileChunkRequest, FileChunkResponse, MAX_CHUNK_LEN};
-use protocol::presence::{BuildVolume, Firmware, Meta, Status};
+use protocol::limit::{Limiter, Rate};
+use protocol::presence::{BuildVolume, Firmware, Meta, Presence, Status};
 use protocol::state::{
     Event, EventKind, JobProgress, JobStage, LastCommand, LedgerEntry, PrinterPhase, StateSnapshot,
     Temperatures,
 };
 use protocol::{CommandId, JobId, Payload, PrinterId, Sha256Hex, Topic, Topics, Version};
+use transport::outgoing::Lane;
 
 use crate::store::{
     CommandRecord, CurrentJob, FileRecord, Flags, LedgerRecord, Mutation, Snapshot,
@@ -52,7 +54,15 @@ pub struct CoreConfig {
     pub cache_max_bytes: u64,
     /// The gateway's version string.
     pub gateway_version: String,
+    /// Commands admitted per client (a client over it is answered `busy`).
+    pub command_rate: Rate,
+    /// Re-publish events the broker has not echoed back after this long.
+    pub outbox_resend_ms: u64,
 }
+
+/// Commands a gateway admits per client: ten a second, twenty at once. The supervisor sends a
+/// printer a handful per job; a person pressing buttons, fewer.
+pub const COMMAND_RATE: Rate = Rate::new(10.0, 20.0);
 
 impl CoreConfig {
     /// Defaults for `printer_id`.
@@ -72,6 +82,8 @@ impl CoreConfig {
             checkpoint_lines: 200,
             cache_max_bytes: 2 * 1024 * 1024 * 1024,
             gateway_version: env!("CARGO_PKG_VERSION").into(),
+            command_rate: COMMAND_RATE,
+            outbox_resend_ms: 15_000,
         }
     }
 }
@@ -159,6 +171,8 @@ pub struct Publish {
     pub retain: bool,
     /// For events: their outbox key (for logs; the echo of the event acknowledges it).
     pub outbox_key: Option<u64>,
+    /// Its priority in the shell's outgoing queue.
+    pub lane: Lane,
 }
 
 /// What the shell must do.
@@ -297,7 +311,21 @@ pub struct Gateway {
     state_dirty: bool,
     last_state_ms: Option<u64>,
     last_checkpoint_line: u64,
+    /// Per-client admission of commands.
+    limiter: Limiter,
+    /// Commands answered `busy` since the start.
+    refused_commands: u64,
+    /// When the outbox was last (re-)published.
+    outbox_sent_ms: u64,
+    /// When our retained topics were last re-asserted (birth) after a contradiction.
+    reasserted_ms: Option<u64>,
+    /// A contradiction waits for its re-assertion.
+    reassert_due: bool,
 }
+
+/// Our retained topics are re-asserted at most this often (a client that keeps forging them
+/// cannot make the gateway flood the broker; that client needs the ACL, `docs/broker.md`).
+const REASSERT_EVERY_MS: u64 = 1_000;
 
 /// Upper bound of `recent_jobs` in the state snapshot.
 const RECENT_JOBS: usize = 16;
@@ -308,6 +336,7 @@ impl Gateway {
     /// is gone); the outputs returned record that durably and journal its event.
     pub fn new(cfg: CoreConfig, snap: Snapshot, now: Now) -> (Self, Vec<Output>) {
         let next_outbox_key = snap.outbox.last().map(|(k, _)| k + 1).unwrap_or(1);
+        let limiter = Limiter::new(cfg.command_rate);
         let mut g = Self {
             cfg,
             epoch: snap.epoch,
@@ -341,6 +370,11 @@ impl Gateway {
             state_dirty: true,
             last_state_ms: None,
             last_checkpoint_line: 0,
+            limiter,
+            refused_commands: 0,
+            outbox_sent_ms: now.mono_ms,
+            reasserted_ms: None,
+            reassert_due: false,
         };
         let mut out = Vec::new();
         if let Some(job) = g.current.clone() {
@@ -393,6 +427,7 @@ impl Gateway {
             payload: Status::offline(self.epoch, now.unix_ms, Some("shutdown".into())).encode(),
             retain: true,
             outbox_key: None,
+            lane: Lane::Control,
         }
     }
 
@@ -416,6 +451,11 @@ impl Gateway {
         }
     }
 
+    fn reassert_allowed(&self, now: Now) -> bool {
+        self.reasserted_ms
+            .is_none_or(|t| now.mono_ms >= t + REASSERT_EVERY_MS)
+    }
+
     /// When `handle(now, Tick)` should be called next (monotonic ms).
     pub fn next_deadline(&self) -> Option<u64> {
         let mut d: Option<u64> = None;
@@ -434,6 +474,12 @@ impl Gateway {
                 if t.request_id.is_some() {
                     at(t.deadline_ms);
                 }
+            }
+            if self.reassert_due {
+                at(self.reasserted_ms.map_or(0, |t| t + REASSERT_EVERY_MS));
+            }
+            if !self.outbox.is_empty() {
+                at(self.outbox_sent_ms + self.cfg.outbox_resend_ms);
             }
         }
         d
@@ -496,16 +542,18 @@ impl Gateway {
         out.push(Output::Subscribe(self.topic(Topic::Cmd(me.clone()))));
         out.push(Output::Subscribe(self.topic(Topic::FileChunk(me.clone()))));
         out.push(Output::Subscribe(self.topic(Topic::Events(me.clone()))));
+        // Our own retained topics too: this gateway holds their truth, and re-asserts it when
+        // anyone else's message replaces it (`on_own_retained`).
+        out.push(Output::Subscribe(self.topic(Topic::Status(me.clone()))));
+        out.push(Output::Subscribe(self.topic(Topic::Meta(me.clone()))));
+        out.push(Output::Subscribe(self.topic(Topic::State(me.clone()))));
         // What happened while we were away goes first, in order, with its original time.
-        for (key, payload) in &self.outbox {
-            out.push(Output::Publish(Publish {
-                topic: self.cfg.topics.format(&Topic::Events(me.clone())),
-                payload: payload.clone(),
-                retain: false,
-                outbox_key: Some(*key),
-            }));
-        }
+        self.publish_outbox(now, out);
         self.birth(now, out);
+        // The retained copies the broker sends back on subscribing are the last connection's:
+        // this birth replaces them.
+        self.reasserted_ms = Some(now.mono_ms);
+        self.reassert_due = false;
         // A transfer that was waiting for the broker asks again.
         if let Some(t) = &self.transfer {
             if !t.storing {
@@ -515,11 +563,25 @@ impl Gateway {
         }
     }
 
-    fn birth(&mut self, now: Now, out: &mut Vec<Output>) {
-        let me = self.cfg.printer_id.clone();
-        let meta = Meta {
+    /// Publishes every event the broker has not echoed back yet, oldest first.
+    fn publish_outbox(&mut self, now: Now, out: &mut Vec<Output>) {
+        let topic = self.topic(Topic::Events(self.cfg.printer_id.clone()));
+        for (key, payload) in &self.outbox {
+            out.push(Output::Publish(Publish {
+                topic: topic.clone(),
+                payload: payload.clone(),
+                retain: false,
+                outbox_key: Some(*key),
+                lane: Lane::Control,
+            }));
+        }
+        self.outbox_sent_ms = now.mono_ms;
+    }
+
+    fn meta(&self) -> Meta {
+        Meta {
             v: Version,
-            printer_id: me.clone(),
+            printer_id: self.cfg.printer_id.clone(),
             epoch: self.epoch,
             name: self.cfg.name.clone(),
             model: self.cfg.model.clone(),
@@ -527,12 +589,43 @@ impl Gateway {
             build_volume: self.cfg.build_volume,
             tags: self.cfg.tags.clone(),
             gateway_version: self.cfg.gateway_version.clone(),
+        }
+    }
+
+    /// A message on one of our own retained topics: our echo, or someone else's claim about
+    /// this printer (a forged or stale `status`, `state` or `meta`). A claim that contradicts
+    /// ours is answered by publishing the truth again, at most once a second.
+    fn on_own_retained(&mut self, topic: &Topic, payload: &[u8]) {
+        if !self.connected {
+            return;
+        }
+        let ours = match topic {
+            Topic::Status(_) => Status::decode(payload)
+                .is_ok_and(|s| s.presence == Presence::Online && s.epoch == self.epoch),
+            Topic::State(_) => StateSnapshot::decode(payload)
+                .is_ok_and(|s| s.epoch == self.epoch && s.seq <= self.seq),
+            Topic::Meta(_) => Meta::decode(payload).is_ok_and(|m| m == self.meta()),
+            _ => true,
         };
+        if !ours && !self.reassert_due {
+            tracing::warn!(
+                topic = %self.topic(topic.clone()),
+                "a retained message contradicts this printer's own (forged, or left by an old \
+                 connection): publishing the truth again"
+            );
+            self.reassert_due = true;
+        }
+    }
+
+    fn birth(&mut self, now: Now, out: &mut Vec<Output>) {
+        let me = self.cfg.printer_id.clone();
+        let meta = self.meta();
         out.push(Output::Publish(Publish {
             topic: self.topic(Topic::Meta(me.clone())),
             payload: meta.encode(),
             retain: true,
             outbox_key: None,
+            lane: Lane::Control,
         }));
         self.publish_state(now, out);
         out.push(Output::Publish(Publish {
@@ -540,6 +633,7 @@ impl Gateway {
             payload: Status::online(self.epoch, now.unix_ms).encode(),
             retain: true,
             outbox_key: None,
+            lane: Lane::Control,
         }));
     }
 
@@ -618,6 +712,7 @@ impl Gateway {
             payload: snap.encode(),
             retain: true,
             outbox_key: None,
+            lane: Lane::Control,
         }));
         self.state_dirty = false;
         self.last_state_ms = Some(now.mono_ms);
@@ -635,6 +730,20 @@ impl Gateway {
             };
             if due {
                 self.publish_state(now, out);
+            }
+            if self.reassert_due && self.reassert_allowed(now) {
+                self.reassert_due = false;
+                self.reasserted_ms = Some(now.mono_ms);
+                self.birth(now, out);
+            }
+            if !self.outbox.is_empty()
+                && now.mono_ms >= self.outbox_sent_ms + self.cfg.outbox_resend_ms
+            {
+                tracing::info!(
+                    events = self.outbox.len(),
+                    "events not echoed by the broker yet: publishing them again"
+                );
+                self.publish_outbox(now, out);
             }
             let timed_out = self.transfer.as_ref().is_some_and(|t| {
                 t.request_id.is_some() && !t.storing && now.mono_ms >= t.deadline_ms
@@ -657,6 +766,9 @@ impl Gateway {
         let key = self.next_outbox_key;
         self.next_outbox_key += 1;
         let payload = ev.encode();
+        if self.outbox.is_empty() {
+            self.outbox_sent_ms = now.mono_ms;
+        }
         self.outbox.push((key, payload.clone()));
         out.push(Output::Persist(vec![Mutation::PushOutbox(
             key,
@@ -668,6 +780,7 @@ impl Gateway {
                 payload,
                 retain: false,
                 outbox_key: Some(key),
+                lane: Lane::Control,
             }));
         }
         self.state_dirty = true;
@@ -680,6 +793,11 @@ impl Gateway {
             Ok(Topic::Cmd(p)) if p == self.cfg.printer_id => self.on_command(now, payload, out),
             Ok(Topic::FileChunk(p)) if p == self.cfg.printer_id => self.on_chunk(now, payload, out),
             Ok(Topic::Events(p)) if p == self.cfg.printer_id => self.on_own_event(payload, out),
+            Ok(t @ (Topic::Status(_) | Topic::State(_) | Topic::Meta(_)))
+                if t.printer() == Some(&self.cfg.printer_id) =>
+            {
+                self.on_own_retained(&t, payload)
+            }
             Ok(other) => tracing::warn!(?other, "message on a topic this gateway does not handle"),
             Err(e) => tracing::warn!(error = %e, "message on an unknown topic"),
         }
@@ -751,6 +869,7 @@ impl Gateway {
             reason,
             epoch: self.epoch,
             at_ms: now.unix_ms,
+            retry_after_ms: None,
         };
         if self.connected {
             out.push(Output::Publish(Publish {
@@ -758,7 +877,70 @@ impl Gateway {
                 payload: result.encode(),
                 retain: false,
                 outbox_key: None,
+                lane: Lane::Answer,
             }));
+        }
+    }
+
+    /// Answers `busy` to a command over its client's rate: nothing is carried out or stored
+    /// (a flood costs no disk write and no state publish), and the answer waits in the lowest
+    /// lane, behind state, events and real answers.
+    fn refuse_busy(
+        &mut self,
+        now: Now,
+        id: CommandId,
+        client: &str,
+        busy: protocol::limit::Busy,
+        out: &mut Vec<Output>,
+    ) {
+        self.refused_commands += 1;
+        if self.refused_commands.is_power_of_two() {
+            tracing::warn!(
+                client = %client,
+                refused = self.refused_commands,
+                "commands over their client's rate are answered busy and not carried out"
+            );
+        }
+        if !self.connected {
+            return;
+        }
+        let result = CommandResult {
+            v: Version,
+            id,
+            status: ResultStatus::Busy,
+            reason: Some(format!(
+                "client {client} sends more than {} commands a second: retry after {} ms",
+                self.cfg.command_rate.per_s, busy.retry_after_ms
+            )),
+            epoch: self.epoch,
+            at_ms: now.unix_ms,
+            retry_after_ms: Some(busy.retry_after_ms),
+        };
+        out.push(Output::Publish(Publish {
+            topic: self.topic(Topic::CmdResult(self.cfg.printer_id.clone())),
+            payload: result.encode(),
+            retain: false,
+            outbox_key: None,
+            lane: Lane::Refusal,
+        }));
+    }
+
+    /// Admits a command from `client` (`anonymous` when it names none), or answers `busy`.
+    fn admit(
+        &mut self,
+        now: Now,
+        id: &CommandId,
+        client: Option<&protocol::ClientId>,
+        out: &mut Vec<Output>,
+    ) -> bool {
+        let client = client.map_or("anonymous", |c| c.as_str());
+        match self.limiter.admit(client, now.mono_ms) {
+            Ok(()) => true,
+            Err(busy) => {
+                let client = client.to_owned();
+                self.refuse_busy(now, id.clone(), &client, busy, out);
+                false
+            }
         }
     }
 
@@ -767,6 +949,7 @@ impl Gateway {
             Ok(c) => c,
             Err(reject) => {
                 match reject.id {
+                    Some(id) if !self.admit(now, &id, reject.client.as_ref(), out) => {}
                     Some(id) => self.answer(
                         now,
                         id,
@@ -782,6 +965,9 @@ impl Gateway {
                 return;
             }
         };
+        if !self.admit(now, &cmd.id, cmd.client.as_ref(), out) {
+            return;
+        }
         if let Some(prev) = self.commands.get(&cmd.id) {
             let reason =
                 Some(format!("command already handled ({:?})", prev.status).to_lowercase());
@@ -1368,6 +1554,7 @@ impl Gateway {
             payload: req.encode(),
             retain: false,
             outbox_key: None,
+            lane: Lane::Answer,
         }));
     }
 

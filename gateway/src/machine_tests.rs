@@ -54,6 +54,15 @@ impl H {
         Self { g, now, n: 0 }
     }
 
+    /// Connected, the printer's link up and the bed cleared: `ready` for a job.
+    fn ready() -> Self {
+        let mut h = Self::new();
+        h.connect();
+        h.ready_printer();
+        h.cmd(CommandAction::BedCleared(Empty {}));
+        h
+    }
+
     fn advance(&mut self, ms: u64) -> Vec<Output> {
         self.now.mono_ms += ms;
         self.now.unix_ms += ms;
@@ -221,6 +230,9 @@ fn connect_bumps_epoch_and_births_in_order() {
             "printloop/v1/printers/p0/cmd",
             "printloop/v1/printers/p0/file/chunk",
             "printloop/v1/printers/p0/events",
+            "printloop/v1/printers/p0/status",
+            "printloop/v1/printers/p0/meta",
+            "printloop/v1/printers/p0/state",
             "printloop/v1/printers/p0/meta",
             "printloop/v1/printers/p0/state",
             "printloop/v1/printers/p0/status",
@@ -378,10 +390,7 @@ fn duplicate_expired_malformed_and_unknown_commands() {
 
 #[test]
 fn an_ended_job_id_never_runs_again() {
-    let mut h = H::new();
-    h.connect();
-    h.ready_printer();
-    h.cmd(CommandAction::BedCleared(Empty {}));
+    let mut h = H::ready();
     let (_, out) = h.start("j1");
     h.serve_file(out);
     h.input(Input::Printer(PrinterEvent::LinesAcked { count: 3 }));
@@ -473,10 +482,7 @@ fn restart_mid_print_reports_interrupted_and_never_restarts() {
 
 #[test]
 fn events_while_offline_are_journaled_and_published_in_order_after_reconnect() {
-    let mut h = H::new();
-    h.connect();
-    h.ready_printer();
-    h.cmd(CommandAction::BedCleared(Empty {}));
+    let mut h = H::ready();
     let (_, out) = h.start("j1");
     h.serve_file(out);
     h.input(Input::MqttDisconnected);
@@ -540,10 +546,7 @@ fn events_while_offline_are_journaled_and_published_in_order_after_reconnect() {
 
 #[test]
 fn chunk_timeouts_retry_then_fail_the_job() {
-    let mut h = H::new();
-    h.connect();
-    h.ready_printer();
-    h.cmd(CommandAction::BedCleared(Empty {}));
+    let mut h = H::ready();
     let (_, out) = h.start("j1");
     let first = published::<FileChunkRequest>(&out, "file/request")
         .pop()
@@ -575,10 +578,7 @@ fn chunk_timeouts_retry_then_fail_the_job() {
 
 #[test]
 fn corrupt_and_stale_chunks_are_not_stored() {
-    let mut h = H::new();
-    h.connect();
-    h.ready_printer();
-    h.cmd(CommandAction::BedCleared(Empty {}));
+    let mut h = H::ready();
     let (_, out) = h.start("j1");
     let req = published::<FileChunkRequest>(&out, "file/request")
         .pop()
@@ -648,10 +648,7 @@ fn transfer_resumes_from_the_last_stored_chunk_after_a_restart() {
 
 #[test]
 fn stale_cancel_does_not_hit_the_next_job_and_fatal_errors_halt() {
-    let mut h = H::new();
-    h.connect();
-    h.ready_printer();
-    h.cmd(CommandAction::BedCleared(Empty {}));
+    let mut h = H::ready();
     let (_, out) = h.start("j2");
     h.serve_file(out);
     let (r, out) = h.cmd(CommandAction::Cancel(JobRef {
@@ -760,10 +757,7 @@ fn the_cache_evicts_least_recently_used_files_and_refuses_what_cannot_fit() {
     assert!(published::<FileChunkRequest>(&out, "file/request").is_empty());
 
     // Not enough free disk either.
-    let mut h = H::new();
-    h.connect();
-    h.ready_printer();
-    h.cmd(CommandAction::BedCleared(Empty {}));
+    let mut h = H::ready();
     h.input(Input::DiskFree { bytes: 5 });
     let (r, _) = h.start("j3");
     assert_eq!(r.status, ResultStatus::Error);
@@ -786,10 +780,7 @@ fn the_cache_evicts_least_recently_used_files_and_refuses_what_cannot_fit() {
 /// to clear the pending change, so `preparing` stayed retained until the heartbeat.
 #[test]
 fn a_refused_start_is_published_within_the_minimum_interval_despite_temperatures() {
-    let mut h = H::new();
-    h.connect();
-    h.ready_printer();
-    h.cmd(CommandAction::BedCleared(Empty {}));
+    let mut h = H::ready();
     let (_, out) = h.start("j1");
     let req = published::<FileChunkRequest>(&out, "file/request")
         .pop()
@@ -823,10 +814,7 @@ fn a_refused_start_is_published_within_the_minimum_interval_despite_temperatures
 /// why. Other wrong answers (another offset, another file) are retried a bounded number of times.
 #[test]
 fn a_wrong_size_fails_the_job_and_wrong_chunks_are_retried_a_bounded_number_of_times() {
-    let mut h = H::new();
-    h.connect();
-    h.ready_printer();
-    h.cmd(CommandAction::BedCleared(Empty {}));
+    let mut h = H::ready();
     let (_, out) = h.cmd(CommandAction::StartJob(StartJob {
         job_id: jid("j1"),
         printer_id: pid(),
@@ -875,10 +863,7 @@ fn a_wrong_size_fails_the_job_and_wrong_chunks_are_retried_a_bounded_number_of_t
 /// id, printed the job a second time on p1. A start names its printer; any other refuses it.
 #[test]
 fn a_start_for_another_printer_is_refused() {
-    let mut h = H::new();
-    h.connect();
-    h.ready_printer();
-    h.cmd(CommandAction::BedCleared(Empty {}));
+    let mut h = H::ready();
     let (r, out) = h.cmd(CommandAction::StartJob(StartJob {
         job_id: jid("j1"),
         printer_id: PrinterId::new("p1").expect("id"),
@@ -898,4 +883,145 @@ fn a_start_for_another_printer_is_refused() {
     assert_eq!(h.g.phase(), PrinterPhase::Ready);
     // The job can still run where it belongs (nothing was recorded for it here).
     assert_eq!(h.start("j1").0.status, ResultStatus::Ok);
+}
+
+fn as_client(c: Command, client: &str) -> Vec<u8> {
+    c.from_client(protocol::ClientId::new(client).expect("client"))
+        .encode()
+}
+
+#[test]
+fn a_client_over_its_rate_is_answered_busy_without_a_write_and_others_are_served() {
+    let mut h = H::ready();
+    let mut busy = 0;
+    let mut ok = 0;
+    // A careless client: 1 000 harmless commands within 100 ms.
+    for i in 0..1_000 {
+        h.now.mono_ms += i % 10 / 9; // 100 ms in all
+        let c = Command::new(
+            CommandId::new(format!("flood-{i}")).expect("id"),
+            CommandAction::Rebirth(Empty {}),
+        );
+        let (r, out) = h.raw_cmd(&as_client(c, "careless"));
+        match r.status {
+            ResultStatus::Busy => {
+                busy += 1;
+                assert!(r.retry_after_ms.is_some_and(|ms| ms > 0 && ms <= 100));
+                assert!(persisted(&out).is_empty(), "a refusal writes nothing");
+                assert!(
+                    published::<StateSnapshot>(&out, "/state").is_empty(),
+                    "a refusal publishes no state"
+                );
+                assert!(out.iter().all(|o| match o {
+                    Output::Publish(p) => p.lane == Lane::Refusal,
+                    _ => true,
+                }));
+            }
+            ResultStatus::Ok => ok += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!((20..=22).contains(&ok), "{ok} admitted");
+    assert_eq!(busy + ok, 1_000, "every command is answered");
+    // The supervisor is not slowed down by it.
+    let c = Command::new(
+        CommandId::new("sup-1").expect("id"),
+        CommandAction::Rebirth(Empty {}),
+    );
+    let (r, _) = h.raw_cmd(&as_client(c, "supervisor"));
+    assert_eq!(r.status, ResultStatus::Ok);
+    // A malformed flood with a readable id is limited the same way (an `error` answer is a
+    // durable write).
+    let (r, out) = h.raw_cmd(br#"{"v":1,"id":"bad-1","client":"careless","kind":"nope"}"#);
+    assert_eq!(r.status, ResultStatus::Busy);
+    assert!(persisted(&out).is_empty());
+    // After the wait it asked for, the careless client is admitted again.
+    h.advance(r.retry_after_ms.expect("retry after"));
+    let c = Command::new(
+        CommandId::new("late-1").expect("id"),
+        CommandAction::Rebirth(Empty {}),
+    );
+    assert_eq!(
+        h.raw_cmd(&as_client(c, "careless")).0.status,
+        ResultStatus::Ok
+    );
+}
+
+fn own(h: &mut H, kind: &str, payload: &[u8]) -> Vec<Output> {
+    h.input(Input::Message {
+        topic: format!("printloop/v1/printers/p0/{kind}"),
+        payload: payload.to_vec(),
+    })
+}
+
+#[test]
+fn forged_retained_status_state_and_meta_are_corrected_at_most_once_a_second() {
+    let mut h = H::ready();
+    h.advance(2_000);
+    let epoch = h.g.epoch();
+    // Our own echoes are not contradictions.
+    let mine = h.g.snapshot(h.now).encode();
+    assert!(own(&mut h, "state", &mine).is_empty());
+    let online = Status::online(epoch, h.now.unix_ms).encode();
+    own(&mut h, "status", &online);
+    let meta = h.g.meta().encode();
+    own(&mut h, "meta", &meta);
+    assert!(h
+        .advance(500)
+        .iter()
+        .all(|o| !matches!(o, Output::Publish(p) if p.topic.ends_with("/status"))));
+
+    // A forged offline status with a huge epoch: the truth is published again.
+    let forged = Status::offline(epoch + 1_000, h.now.unix_ms, None).encode();
+    let out = own(&mut h, "status", &forged);
+    let out = [out, h.advance(0)].concat();
+    let st = published::<Status>(&out, "/status");
+    assert_eq!(st.len(), 1, "{out:?}");
+    assert_eq!((st[0].presence, st[0].epoch), (Presence::Online, epoch));
+    assert_eq!(published::<Meta>(&out, "/meta").len(), 1);
+    assert_eq!(published::<StateSnapshot>(&out, "/state").len(), 1);
+
+    // A state with an impossible seq and a meta that is not ours, at once: one more birth, a
+    // second later, not one per message.
+    let mut state = h.g.snapshot(h.now);
+    state.seq = u64::MAX;
+    let mut meta = h.g.meta();
+    meta.name = "evil".into();
+    let mut births = 0;
+    let mut metas = Vec::new();
+    for _ in 0..50 {
+        let out = [
+            own(&mut h, "state", &state.encode()),
+            own(&mut h, "meta", &meta.encode()),
+            own(&mut h, "status", b""),
+            h.advance(20),
+        ]
+        .concat();
+        births += published::<Status>(&out, "/status").len();
+        metas.extend(published::<Meta>(&out, "/meta"));
+    }
+    assert_eq!(births, 1, "re-asserted once in the second");
+    assert_eq!(metas.len(), 1);
+    assert_eq!(metas[0].name, "p0");
+    // Nothing more is contradicted: nothing more is published.
+    let out = h.advance(1_000);
+    assert!(published::<Meta>(&out, "/meta").is_empty());
+}
+
+#[test]
+fn an_event_the_broker_never_echoed_is_published_again() {
+    let mut h = H::ready();
+    let (_, out) = h.start("j1");
+    h.serve_file(out);
+    let ev = h.g.outbox.len();
+    assert!(ev > 0, "job_started is journaled");
+    // No echo comes back (the broker lost it): it is sent again after the resend period.
+    let out = h.advance(cfg().outbox_resend_ms - 1);
+    assert!(events(&out).is_empty());
+    let out = h.advance(1);
+    assert_eq!(events(&out).len(), ev);
+    assert!(out.iter().all(|o| match o {
+        Output::Publish(p) if p.topic.ends_with("/events") => p.lane == Lane::Control,
+        _ => true,
+    }));
 }

@@ -4,9 +4,10 @@
 //! Tasks and bulkheads:
 //! - the MQTT event loop runs in its own task and only forwards what it sees through a bounded
 //!   channel; nothing is ever published from that task (bytebeamio/rumqtt#263, #1025);
-//! - publishes use `try_publish`: a full request queue drops the message with a warning instead
-//!   of blocking (events are in the durable outbox and are re-sent; state is re-sent by the
-//!   heartbeat), so a slow or dead broker never stalls the printer;
+//! - publishes wait in the shell's [`Outgoing`] queue, by priority (state and events before
+//!   answers, answers before `busy` refusals), and are handed to rumqttc only as its request
+//!   queue has room: a slow broker or a flood of commands never stalls the printer and never
+//!   costs an event or a state;
 //! - the serial link runs in its own task ([`crate::serial`]) behind bounded channels;
 //! - hashing a file runs on the blocking pool.
 
@@ -18,6 +19,7 @@ use protocol::presence::Firmware;
 use protocol::state::{Heater, Temperatures};
 use rumqttc::{AsyncClient, LastWill, QoS};
 use tokio::sync::mpsc;
+use transport::outgoing::Outgoing;
 use transport::{BrokerAddr, MqttEvent, Session};
 
 use crate::files::FileCache;
@@ -111,6 +113,7 @@ pub async fn run(
         client: None,
         check_tx,
         pending: VecDeque::new(),
+        outgoing: Outgoing::default(),
     };
     if let Some(free) = shell.cache.free_bytes() {
         shell.pending.push_back(Input::DiskFree { bytes: free });
@@ -148,6 +151,10 @@ pub async fn run(
             let out = machine.handle(now(start), input);
             shell.execute(out, &mut printer)?;
         }
+        if let Some(client) = &shell.client {
+            shell.outgoing.drain(client);
+        }
+        let waiting = !shell.outgoing.is_empty();
         let deadline = machine
             .next_deadline()
             .map(|ms| start + Duration::from_millis(ms))
@@ -183,6 +190,8 @@ pub async fn run(
             Some(input) = check_rx.recv() => shell.pending.push_back(input),
             _ = tokio::time::sleep_until(deadline.into()) => shell.pending.push_back(Input::Tick),
             _ = feed.tick() => systemd.feed(),
+            // rumqttc's queue was full: try again shortly (its event loop is draining it).
+            _ = tokio::time::sleep(OUTGOING_RETRY), if waiting => {}
         }
     }
     systemd.stopping();
@@ -199,12 +208,16 @@ pub async fn run(
     Ok(())
 }
 
+/// How soon a publish that found rumqttc's queue full is tried again.
+const OUTGOING_RETRY: Duration = Duration::from_millis(5);
+
 struct Shell {
     store: Store,
     cache: FileCache,
     client: Option<AsyncClient>,
     check_tx: mpsc::Sender<Input>,
     pending: VecDeque<Input>,
+    outgoing: Outgoing,
 }
 
 impl Shell {
@@ -214,22 +227,8 @@ impl Shell {
         for o in outs {
             match o {
                 Output::Persist(m) => self.store.apply(&m)?,
-                Output::Subscribe(topic) => {
-                    if let Some(c) = &self.client {
-                        if let Err(e) = c.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
-                            tracing::warn!(%topic, error = %e, "subscribe not queued");
-                        }
-                    }
-                }
-                Output::Publish(p) => {
-                    if let Some(c) = &self.client {
-                        if let Err(e) =
-                            c.try_publish(p.topic.clone(), QoS::AtLeastOnce, p.retain, p.payload)
-                        {
-                            tracing::warn!(topic = %p.topic, error = %e, "publish dropped: the MQTT queue is full");
-                        }
-                    }
-                }
+                Output::Subscribe(topic) => self.outgoing.subscribe(topic, QoS::AtLeastOnce),
+                Output::Publish(p) => self.outgoing.push(p.lane, p.topic, p.payload, p.retain),
                 Output::Printer(cmd) => printer.command(cmd),
                 Output::StoreChunk {
                     sha256,

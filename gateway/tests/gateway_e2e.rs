@@ -1104,7 +1104,7 @@ async fn under_systemd_the_gateway_says_ready_and_feeds_its_watchdog() {
 async fn cancel_is_safe_within_a_second(
     file: &str,
     busy: impl Fn(&printer_sim::Stats) -> bool,
-    emergency_stop: bool,
+    emergency_stop: Option<bool>,
 ) {
     let sim = SimConfig {
         speed: 5.0,
@@ -1147,13 +1147,10 @@ async fn cancel_is_safe_within_a_second(
     );
     assert_eq!(rig.result(&id).await.status, ResultStatus::Ok);
     let halted = safe.firmware.phase == printer_sim::Phase::Halted;
-    assert_eq!(
-        halted,
-        emergency_stop,
-        "M112 only when needed\n{}",
-        rig.log()
-    );
-    if emergency_stop {
+    if let Some(expected) = emergency_stop {
+        assert_eq!(halted, expected, "M112 only when needed\n{}", rig.log());
+    }
+    if halted {
         let s = rig
             .state("halted, saying why", |s| s.phase == PrinterPhase::Halted)
             .await;
@@ -1173,7 +1170,7 @@ async fn cancel_during_a_long_dwell_stops_the_heaters_within_a_second() {
     cancel_is_safe_within_a_second(
         "M104 S260\nM140 S115\nG4 S900\nG1 X10 F600\n",
         |f| f.phase == printer_sim::Phase::Waiting && f.hotend.target == 260.0,
-        true,
+        Some(true),
     )
     .await;
 }
@@ -1189,19 +1186,21 @@ async fn cancel_during_m109_heating_stops_the_heaters_within_a_second() {
     cancel_is_safe_within_a_second(
         &file,
         |f| f.phase == printer_sim::Phase::Heating && f.hotend.actual > 60.0,
-        false,
+        Some(false),
     )
     .await;
 }
 
 /// A few slow moves, all planned: the job is not `finished` while they run (the stream's final
-/// M400 waits for them), and the cancel stops them with the heaters.
+/// M400 waits for them), and the cancel stops them with the heaters. Whether that takes M112
+/// depends on when the firmware gets to the heaters-off lines (a loaded machine answers
+/// later): either way is safe, and safe within the second is what is checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_during_a_long_move_stops_motion_and_heaters_within_a_second() {
     cancel_is_safe_within_a_second(
         "M104 S200\nG28\nG1 X200 F60\nG1 X0 F60\nG1 X200 F60\n",
         |f| f.phase == printer_sim::Phase::Moving && f.position[0] > 1.0,
-        true,
+        None,
     )
     .await;
 }
@@ -1216,7 +1215,7 @@ async fn cancel_with_the_queue_blocked_by_slow_moves_uses_m112() {
     cancel_is_safe_within_a_second(
         &file,
         |f| f.phase == printer_sim::Phase::Moving && f.commands_queued >= 3,
-        true,
+        Some(true),
     )
     .await;
 }

@@ -361,6 +361,11 @@ pub struct ApiResponse {
     /// Why it failed, when not `ok`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Set when the request was refused because its client sent more than its rate allows
+    /// (`docs/protocol.md`, "Rate limits"): nothing was done; send it again (a new id is fine)
+    /// after this many milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl Payload for ApiResponse {

@@ -11,7 +11,7 @@ use crate::codec::{
     decode_envelope, DecodeError, EnvelopeError, EnvelopeSpec, Payload, Version,
     MAX_CONTROL_PAYLOAD,
 };
-use crate::ids::{CommandId, JobId, PrinterId, Sha256Hex};
+use crate::ids::{ClientId, CommandId, JobId, PrinterId, Sha256Hex};
 
 /// What a command asks the gateway to do. Serialised as `"kind"` + `"args"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -102,6 +102,11 @@ pub struct Command {
     /// After this instant (Unix ms) the command is answered `expired` and not carried out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
+    /// Who sends it (`supervisor`, `homeassistant`, `nodered`, …): the gateway's rate limit is
+    /// per client, so a client in a loop is answered `busy` and the others are not slowed down.
+    /// Without it the command counts as the shared client `anonymous`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<ClientId>,
 }
 
 /// Why a command was rejected; carries its id when one could be read, so the gateway can
@@ -111,6 +116,8 @@ pub struct Command {
 pub struct CommandReject {
     /// The command's id, if the payload had a valid one.
     pub id: Option<CommandId>,
+    /// The sending client, if the payload named a valid one.
+    pub client: Option<ClientId>,
     /// What was wrong.
     pub error: EnvelopeError,
 }
@@ -118,7 +125,7 @@ pub struct CommandReject {
 const COMMAND_SPEC: EnvelopeSpec = EnvelopeSpec {
     tag: "kind",
     kinds: &COMMAND_KINDS,
-    fields: &["id", "expires_at"],
+    fields: &["id", "expires_at", "client"],
 };
 
 impl Command {
@@ -129,7 +136,14 @@ impl Command {
             id,
             action,
             expires_at: None,
+            client: None,
         }
+    }
+
+    /// The same command, sent as `client`.
+    pub fn from_client(mut self, client: ClientId) -> Self {
+        self.client = Some(client);
+        self
     }
 
     /// Whether the command has expired at `now_ms`.
@@ -140,13 +154,18 @@ impl Command {
     /// Strictly decodes a command, keeping its id when anything else is wrong.
     pub fn decode(bytes: &[u8]) -> Result<Command, CommandReject> {
         decode_envelope::<Command, CommandAction>(bytes, MAX_CONTROL_PAYLOAD, &COMMAND_SPEC)
-            .map_err(|(map, error)| CommandReject {
-                id: map
-                    .as_ref()
-                    .and_then(|m| m.get("id"))
-                    .and_then(|v| v.as_str())
-                    .and_then(|s| CommandId::new(s).ok()),
-                error,
+            .map_err(|(map, error)| {
+                let field = |name: &str| {
+                    map.as_ref()
+                        .and_then(|m| m.get(name))
+                        .and_then(|v| v.as_str())
+                        .map(str::to_owned)
+                };
+                CommandReject {
+                    id: field("id").and_then(|s| CommandId::new(s).ok()),
+                    client: field("client").and_then(|s| ClientId::new(s).ok()),
+                    error,
+                }
             })
     }
 
@@ -168,6 +187,9 @@ pub enum ResultStatus {
     Duplicate,
     /// Arrived after `expires_at`; nothing happened.
     Expired,
+    /// Its client sent more than its rate allows (`docs/protocol.md`, "Rate limits"): nothing
+    /// happened; send it again (a new id is fine) after `retry_after_ms`.
+    Busy,
 }
 
 /// The answer to one command. QoS 1, not retained.
@@ -187,6 +209,9 @@ pub struct CommandResult {
     pub epoch: u64,
     /// When it was answered (Unix ms).
     pub at_ms: u64,
+    /// For `busy`: when a retry will be admitted, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl Payload for CommandResult {

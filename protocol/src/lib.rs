@@ -10,6 +10,7 @@ pub mod codec;
 pub mod command;
 pub mod files;
 pub mod ids;
+pub mod limit;
 pub mod marlin;
 pub mod presence;
 pub mod schema;

@@ -103,8 +103,34 @@ impl ApiClient {
     }
 
     /// Sends one request and waits for its answer: the result if `ok`, else
-    /// [`OpsError::Refused`] with the supervisor's reason.
+    /// [`OpsError::Refused`] with the supervisor's reason. A `busy` answer (this client went
+    /// over its rate) is waited out and the request sent again, within the same timeout.
     pub async fn request(&mut self, op: ApiOp) -> Result<ApiResult, OpsError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            match self.request_once(op.clone(), deadline).await? {
+                Attempt::Done(result) => return result,
+                Attempt::Busy(wait) => {
+                    let at = tokio::time::Instant::now() + wait;
+                    if at >= deadline {
+                        let secs = self.timeout.as_secs().max(1);
+                        return Err(OpsError::NoAnswer {
+                            broker: self.link.broker.clone(),
+                            secs,
+                        });
+                    }
+                    tracing::debug!(?wait, "the supervisor is busy with this client: waiting");
+                    tokio::time::sleep_until(at).await;
+                }
+            }
+        }
+    }
+
+    async fn request_once(
+        &mut self,
+        op: ApiOp,
+        deadline: tokio::time::Instant,
+    ) -> Result<Attempt, OpsError> {
         self.next_id += 1;
         let name = op_name(&op);
         let id = CommandId::new(format!("{}-{}", self.link.client_id, self.next_id))
@@ -117,7 +143,6 @@ impl ApiClient {
         };
         let broker = self.link.broker.clone();
         let secs = self.timeout.as_secs().max(1);
-        let deadline = tokio::time::Instant::now() + self.timeout;
         let topic = self.topics.format(&Topic::ApiRequest);
         let sent = tokio::time::timeout_at(
             deadline,
@@ -165,17 +190,22 @@ impl ApiClient {
                 tracing::debug!(id = %response.id, "ignoring an answer to another request");
                 continue;
             }
-            return match (response.ok, response.result, response.error) {
-                (true, Some(result), _) => Ok(result),
-                (true, None, _) => Err(OpsError::UnexpectedAnswer {
-                    op: name,
-                    got: "ok without a result".into(),
-                }),
-                (false, _, error) => Err(OpsError::Refused {
-                    op: name,
-                    error: error.unwrap_or_else(|| "no reason given".into()),
-                }),
-            };
+            if let (false, Some(ms)) = (response.ok, response.retry_after_ms) {
+                return Ok(Attempt::Busy(Duration::from_millis(ms.clamp(1, 60_000))));
+            }
+            return Ok(Attempt::Done(
+                match (response.ok, response.result, response.error) {
+                    (true, Some(result), _) => Ok(result),
+                    (true, None, _) => Err(OpsError::UnexpectedAnswer {
+                        op: name,
+                        got: "ok without a result".into(),
+                    }),
+                    (false, _, error) => Err(OpsError::Refused {
+                        op: name,
+                        error: error.unwrap_or_else(|| "no reason given".into()),
+                    }),
+                },
+            ));
         }
     }
 
@@ -259,4 +289,12 @@ impl ApiClient {
     pub async fn close(self) {
         self.link.close().await;
     }
+}
+
+/// What one send of a request came to.
+enum Attempt {
+    /// Answered.
+    Done(Result<ApiResult, OpsError>),
+    /// Refused for the client's rate: send again after this long.
+    Busy(Duration),
 }

@@ -243,6 +243,7 @@ impl Fake {
             reason: reason.map(str::to_owned),
             epoch: self.epoch,
             at_ms: unix_ms(),
+            retry_after_ms: None,
         };
         self.last_cmd = Some(protocol::state::LastCommand { id, status });
         let _ = self.client.try_publish(

@@ -17,8 +17,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use protocol::api::{
-    ApiOp, ApiRequest, ApiResponse, ApiResult, BedClear, JobArgs, JobState, JobSummary, ListJobs,
-    PrinterArgs, PrinterSummary, QueueCounts, QueueSnapshot, SubmitJob, UploadChunk,
+    ApiOp, ApiReject, ApiRequest, ApiResponse, ApiResult, BedClear, JobArgs, JobState, JobSummary,
+    ListJobs, PrinterArgs, PrinterSummary, QueueCounts, QueueSnapshot, SubmitJob, UploadChunk,
 };
 use protocol::command::{
     Command, CommandAction, CommandResult, Empty, JobRef, ResultStatus, StartJob,
@@ -31,11 +31,16 @@ use protocol::{
     Version,
 };
 
+use protocol::limit::{Limiter, Rate};
+use transport::outgoing::Lane;
+
 use crate::ha::{self, HaConfig, PressAction};
 use crate::model::{FileRecord, JobRecord, Mutation, PrinterRecord, Snapshot, StartSent};
 
 /// The client id Home Assistant's button presses answer to (`api/response/homeassistant`).
 pub const HA_CLIENT: &str = "homeassistant";
+/// The client name on the supervisor's commands to gateways (their rate limit is per client).
+pub const SUPERVISOR_CLIENT: &str = "supervisor";
 
 /// Printers whose discovery configs go out in one round (13 messages each)...
 const HA_PRINTERS_PER_ROUND: usize = 25;
@@ -67,7 +72,13 @@ pub struct SupervisorConfig {
     /// configuration; a deterministic simulation sets its own). A client that could guess the
     /// next id could send it first, and the real command would be answered `duplicate`.
     pub command_key: [u8; 16],
+    /// API requests admitted per client (a client over it is answered busy).
+    pub api_rate: Rate,
 }
+
+/// API requests the supervisor admits per client: a hundred a second, two hundred at once
+/// (an upload is one request per 64 KiB chunk, so this still takes 6 MiB/s from one client).
+pub const API_RATE: Rate = Rate::new(100.0, 200.0);
 
 /// 16 random bytes from the operating system (a clock-derived fallback if it has none: ids
 /// stay distinct, if less secret).
@@ -95,6 +106,7 @@ impl Default for SupervisorConfig {
             queue_min_interval_ms: 250,
             rebirth_after_ms: 5_000,
             ha: HaConfig::default(),
+            api_rate: API_RATE,
         }
     }
 }
@@ -117,6 +129,8 @@ pub struct Publish {
     pub payload: Vec<u8>,
     /// Retained?
     pub retain: bool,
+    /// Its priority in the shell's outgoing queue.
+    pub lane: Lane,
 }
 
 /// What the shell must do.
@@ -216,6 +230,15 @@ struct PendingStart {
     /// only given up once a report made after that says the printer does not have the job:
     /// an earlier send may have been accepted and the report saying so not be in yet.
     refused: Option<(u64, u64)>,
+    /// The printer answered the latest send `busy`: send it again at this instant.
+    busy_retry_mono: Option<u64>,
+}
+
+impl PendingStart {
+    /// When a start still without a sign of life is sent again.
+    fn retry_at(&self, retry_ms: u64) -> u64 {
+        self.busy_retry_mono.unwrap_or(self.sent_mono + retry_ms)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -237,9 +260,49 @@ struct PrinterView {
     ha_published: Option<u64>,
     /// In the client registry (or there is none): only then does it get work.
     enrolled: bool,
+    /// Reports that contradict the marks above (a `state` not newer than the one held, or
+    /// one of an epoch below an `offline` status): a stream of them is the live printer.
+    behind: Option<Behind>,
 }
 
+/// A stream of reports from below the supervisor's marks for a printer.
+#[derive(Debug, Clone)]
+struct Behind {
+    epoch: u64,
+    seq: u64,
+    since_mono: u64,
+    count: u32,
+}
+
+/// Reports in a row, over at least one heartbeat, that make a stream below the marks the live
+/// one. A lone old copy (a retained message from before a restart, a late redelivery) never
+/// makes a stream: its `seq` does not go on increasing.
+const BEHIND_REPORTS: u32 = 3;
+
 impl PrinterView {
+    /// Counts `s` into the stream below the marks; true when that stream is the live printer.
+    fn behind_is_live(&mut self, s: &StateSnapshot, now: Now) -> bool {
+        match &mut self.behind {
+            Some(b) if b.epoch == s.epoch && s.seq > b.seq => {
+                b.seq = s.seq;
+                b.count += 1;
+            }
+            Some(b) if b.epoch == s.epoch && s.seq == b.seq => {}
+            _ => {
+                self.behind = Some(Behind {
+                    epoch: s.epoch,
+                    seq: s.seq,
+                    since_mono: now.mono_ms,
+                    count: 1,
+                })
+            }
+        }
+        let heartbeat_ms = u64::from(s.heartbeat_s.max(1)) * 1000;
+        self.behind.as_ref().is_some_and(|b| {
+            b.count >= BEHIND_REPORTS && now.mono_ms >= b.since_mono + heartbeat_ms
+        })
+    }
+
     fn new(rec: PrinterRecord, now: Now) -> Self {
         // A start sent before a restart is still on its way as far as anyone knows: it is
         // retried (or expires) from now on, and the job is not moved meanwhile.
@@ -250,6 +313,7 @@ impl PrinterView {
             sent_mono: now.mono_ms,
             expires_unix: s.expires_at_ms,
             refused: None,
+            busy_retry_mono: None,
         });
         Self {
             rec,
@@ -259,6 +323,7 @@ impl PrinterView {
             last_state_mono: None,
             online_since_mono: now.mono_ms,
             last_event: (0, 0),
+            behind: None,
             stale: false,
             pending,
             last_rebirth_mono: None,
@@ -302,6 +367,13 @@ pub struct Counters {
     /// Jobs seen on a printer other than the one they were placed on (counted once per printer
     /// and job; each is logged once as an error).
     pub foreign_jobs: u64,
+    /// API requests answered busy: their client sent more than its rate.
+    pub busy_requests: u64,
+    /// Commands a gateway answered busy.
+    pub busy_commands: u64,
+    /// Printers whose reports went backwards for good (a forged or impossible epoch or seq had
+    /// been taken): the supervisor followed the live reports again.
+    pub report_resets: u64,
     /// Dispatch latencies (job queued → start command sent), milliseconds.
     pub dispatch_latency_ms: Vec<u64>,
 }
@@ -334,7 +406,16 @@ pub struct Supervisor {
     ha_republish_mono: Option<u64>,
     /// When the last round of printer configs went out.
     ha_round_mono: Option<u64>,
+    /// Per-client admission of API requests.
+    api_limiter: Limiter,
+    /// When our retained status was last re-asserted after a contradiction.
+    status_reasserted_mono: Option<u64>,
+    /// A contradiction of our status waits for its re-assertion.
+    status_reassert_due: bool,
 }
+
+/// Our retained status is re-asserted at most this often.
+const STATUS_REASSERT_EVERY_MS: u64 = 1_000;
 
 fn job_state_of(stage: JobStage) -> JobState {
     match stage {
@@ -365,6 +446,7 @@ fn active(state: JobState) -> bool {
 impl Supervisor {
     /// Builds the supervisor from its durable snapshot.
     pub fn new(cfg: SupervisorConfig, snap: Snapshot, now: Now) -> Self {
+        let api_rate = cfg.api_rate;
         let mut queued_since = HashMap::new();
         for j in &snap.jobs {
             if j.state == JobState::Queued {
@@ -404,6 +486,9 @@ impl Supervisor {
             ha_fleet_dirty: false,
             ha_republish_mono: None,
             ha_round_mono: None,
+            api_limiter: Limiter::new(api_rate),
+            status_reasserted_mono: None,
+            status_reassert_due: false,
         }
     }
 
@@ -423,6 +508,7 @@ impl Supervisor {
             topic: self.cfg.topics.format(&Topic::SupervisorStatus),
             payload: Status::offline(self.epoch, now.unix_ms, Some("shutdown".into())).encode(),
             retain: true,
+            lane: Lane::Control,
         }
     }
 
@@ -472,6 +558,9 @@ impl Supervisor {
     pub fn next_deadline(&self) -> Option<u64> {
         let mut d: Option<u64> = None;
         let mut at = |t: u64| d = Some(d.map_or(t, |x: u64| x.min(t)));
+        if let Some(t) = self.status_reassert_at().filter(|_| self.connected) {
+            at(t);
+        }
         if self.queue_dirty {
             at(self
                 .last_queue_mono
@@ -486,7 +575,7 @@ impl Supervisor {
                 }
             }
             if let Some(pending) = &p.pending {
-                at(pending.sent_mono + self.cfg.command_retry_ms);
+                at(pending.retry_at(self.cfg.command_retry_ms));
             }
             if let Some(since) = p.silent_since_mono {
                 if p.rec.assigned.is_some() {
@@ -587,11 +676,23 @@ impl Supervisor {
     }
 
     fn publish(&self, out: &mut Vec<Output>, topic: String, payload: Vec<u8>, retain: bool) {
+        self.publish_in(Lane::Control, out, topic, payload, retain);
+    }
+
+    fn publish_in(
+        &self,
+        lane: Lane,
+        out: &mut Vec<Output>,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    ) {
         if self.connected {
             out.push(Output::Publish(Publish {
                 topic,
                 payload,
                 retain,
+                lane,
             }));
         }
     }
@@ -670,6 +771,12 @@ impl Supervisor {
                 self.ha_dirty.insert(id.clone());
             }
         }
+        // Our own presence too: we hold its truth, and re-assert it when anyone else's message
+        // replaces it (`on_own_status`).
+        out.push(Output::Subscribe {
+            filter: t.format(&Topic::SupervisorStatus),
+            qos0: true,
+        });
         // Then our own birth.
         self.publish(
             out,
@@ -677,6 +784,9 @@ impl Supervisor {
             Status::online(self.epoch, now.unix_ms).encode(),
             true,
         );
+        // The retained copy the broker sends back on subscribing is the last connection's.
+        self.status_reasserted_mono = Some(now.mono_ms);
+        self.status_reassert_due = false;
         self.queue_dirty = true;
         self.last_queue_mono = None;
         for p in self.printers.values_mut() {
@@ -702,6 +812,10 @@ impl Supervisor {
             if self.cfg.ha.enabled {
                 self.on_press(now, p, payload, out);
             }
+            return;
+        }
+        if parsed == Topic::SupervisorStatus {
+            self.on_own_status(payload);
             return;
         }
         if payload.is_empty() {
@@ -808,10 +922,42 @@ impl Supervisor {
 
     fn on_state(&mut self, now: Now, id: PrinterId, s: StateSnapshot, out: &mut Vec<Output>) {
         let p = self.printer_mut(now, &id, out);
-        if let Some(have) = &p.state {
-            if (s.epoch, s.seq) <= (have.epoch, have.seq) {
-                return; // not newer: a duplicate or an old retained copy
+        let not_newer = p
+            .state
+            .as_ref()
+            .is_some_and(|have| (s.epoch, s.seq) <= (have.epoch, have.seq));
+        let below_offline = s.epoch < p.status_epoch && p.presence == Presence::Offline;
+        if not_newer || below_offline {
+            // A duplicate, an old retained copy, a late report of a dead connection — or the
+            // live printer, below a mark that was forged (a `state` with a huge `seq`, an
+            // `offline` with a huge epoch) or is otherwise impossible. A stream of them is the
+            // live printer: follow it again, without a restart.
+            if !p.behind_is_live(&s, now) {
+                if not_newer {
+                    return;
+                }
+            } else {
+                tracing::warn!(
+                    printer = %id,
+                    epoch = s.epoch,
+                    seq = s.seq,
+                    held_epoch = p.state.as_ref().map_or(p.status_epoch, |h| h.epoch).max(p.status_epoch),
+                    "this printer's live reports are below what was taken for its latest (a forged or \
+                     impossible epoch or seq): following the live reports again"
+                );
+                self.counters.report_resets += 1;
+                let p = self.printers.get_mut(&id).expect("known");
+                p.behind = None;
+                p.state = None;
+                p.status_epoch = s.epoch;
+                p.presence = Presence::Online;
+                p.online_since_mono = now.mono_ms;
+                p.last_event = p.last_event.min((s.epoch, s.seq));
             }
+        }
+        let p = self.printers.get_mut(&id).expect("known");
+        if !not_newer && !below_offline {
+            p.behind = None;
         }
         if s.epoch > p.status_epoch {
             // A state of a newer connection is proof of life even before its status arrives.
@@ -885,7 +1031,7 @@ impl Supervisor {
         }
     }
 
-    fn on_result(&mut self, _now: Now, id: PrinterId, r: CommandResult, out: &mut Vec<Output>) {
+    fn on_result(&mut self, now: Now, id: PrinterId, r: CommandResult, out: &mut Vec<Output>) {
         let Some(p) = self.printers.get_mut(&id) else {
             return;
         };
@@ -914,6 +1060,16 @@ impl Supervisor {
                 }
             }
             ResultStatus::Duplicate => {}
+            ResultStatus::Busy => {
+                // Nothing happened on the printer: send it again when it says.
+                self.counters.busy_commands += 1;
+                if latest {
+                    let wait = r.retry_after_ms.unwrap_or(1_000).clamp(10, 60_000);
+                    if let Some(x) = p.pending.as_mut() {
+                        x.busy_retry_mono = Some(now.mono_ms + wait);
+                    }
+                }
+            }
             ResultStatus::Expired | ResultStatus::Error => {
                 tracing::warn!(printer = %id, job = %pending.job, status = ?r.status, reason = r.reason.as_deref().unwrap_or(""), "start refused");
                 // The printer's next report tells the truth (an earlier send may have been
@@ -1003,11 +1159,9 @@ impl Supervisor {
                         );
                     } else if j.state == JobState::Done
                         || j.printer.as_ref() != Some(id) && j.printer.is_some()
+                        || j.printer.is_none() && !self.is_enrolled(id)
                     {
-                        if self.foreign.insert((id.clone(), pj.job_id.clone())) {
-                            self.counters.foreign_jobs += 1;
-                            tracing::error!(printer = %id, job = %pj.job_id, "printer runs a job the supervisor placed elsewhere (a replayed start?); counted in printloop_foreign_jobs_total");
-                        }
+                        self.note_foreign(id, &pj.job_id);
                     } else {
                         let state = job_state_of(pj.stage);
                         let mut rec = j.clone();
@@ -1094,6 +1248,18 @@ impl Supervisor {
         self.push_start(now, id, out);
     }
 
+    fn is_enrolled(&self, id: &PrinterId) -> bool {
+        self.enrolled.as_ref().is_none_or(|s| s.contains(id))
+    }
+
+    /// A printer reports a job that was not placed on it: counted and logged once per pair.
+    fn note_foreign(&mut self, printer: &PrinterId, job: &JobId) {
+        if self.foreign.insert((printer.clone(), job.clone())) {
+            self.counters.foreign_jobs += 1;
+            tracing::error!(printer = %printer, job = %job, "a printer reports a job the supervisor placed elsewhere (a replayed start or a forged report?); ignored, counted in printloop_foreign_jobs_total");
+        }
+    }
+
     /// Records how a job ended on `printer`.
     #[allow(clippy::too_many_arguments)]
     fn apply_outcome(
@@ -1110,6 +1276,12 @@ impl Supervisor {
             return;
         };
         if !active(j.state) && j.state != JobState::Cancelled {
+            return;
+        }
+        if j.printer.as_ref() != Some(printer) {
+            // Only the printer a job was placed on says how it ended: an outcome from any other
+            // (a forged `job_ended`, an invented printer) changes nothing.
+            self.note_foreign(printer, job_id);
             return;
         }
         let new_state = job_state_of(stage);
@@ -1187,6 +1359,7 @@ impl Supervisor {
         let id = self.next_command_id();
         let cmd = Command {
             expires_at: expires.map(|ttl| now.unix_ms + ttl),
+            client: Some(ClientId::new(SUPERVISOR_CLIENT).expect("a valid client id")),
             ..Command::new(id.clone(), action)
         };
         self.publish(
@@ -1216,8 +1389,7 @@ impl Supervisor {
             return;
         }
         if let Some(pending) = &p.pending {
-            if pending.job == job_id && now.mono_ms < pending.sent_mono + self.cfg.command_retry_ms
-            {
+            if pending.job == job_id && now.mono_ms < pending.retry_at(self.cfg.command_retry_ms) {
                 return; // on its way
             }
             self.counters.command_retries += 1;
@@ -1259,6 +1431,7 @@ impl Supervisor {
             sent_mono: now.mono_ms,
             expires_unix: now.unix_ms + self.cfg.command_ttl_ms,
             refused: None,
+            busy_retry_mono: None,
         });
     }
 
@@ -1433,7 +1606,36 @@ impl Supervisor {
         }
     }
 
+    /// A message on `supervisor/status`: our echo, or someone else's claim (a forged `offline`,
+    /// a cleared topic). A contradiction is answered with our presence again, at most once a
+    /// second.
+    fn on_own_status(&mut self, payload: &[u8]) {
+        let ours = Status::decode(payload)
+            .is_ok_and(|s| s.presence == Presence::Online && s.epoch == self.epoch);
+        if self.connected && !ours && !self.status_reassert_due {
+            tracing::warn!("a retained supervisor status contradicts ours (forged, or left by an old connection): publishing it again");
+            self.status_reassert_due = true;
+        }
+    }
+
+    fn status_reassert_at(&self) -> Option<u64> {
+        self.status_reassert_due.then(|| {
+            self.status_reasserted_mono
+                .map_or(0, |t| t + STATUS_REASSERT_EVERY_MS)
+        })
+    }
+
     fn on_time(&mut self, now: Now, out: &mut Vec<Output>) {
+        if self.connected && self.status_reassert_at().is_some_and(|t| now.mono_ms >= t) {
+            self.status_reassert_due = false;
+            self.status_reasserted_mono = Some(now.mono_ms);
+            self.publish(
+                out,
+                self.topic(Topic::SupervisorStatus),
+                Status::online(self.epoch, now.unix_ms).encode(),
+                true,
+            );
+        }
         // Only printers with something due (a superset of what the body below acts on): this
         // runs after every message, so it must not clone every printer id each time.
         let ids: Vec<PrinterId> = self
@@ -1522,7 +1724,7 @@ impl Supervisor {
                 {
                     let p = self.printers.get_mut(&id).expect("listed");
                     p.pending = None;
-                } else if now.mono_ms >= pending.sent_mono + self.cfg.command_retry_ms {
+                } else if now.mono_ms >= pending.retry_at(self.cfg.command_retry_ms) {
                     self.push_start(now, &id, out);
                 }
             }
@@ -1596,6 +1798,7 @@ impl Supervisor {
                 ok: true,
                 result: Some(r),
                 error: None,
+                retry_after_ms: None,
             },
             Err(e) => ApiResponse {
                 v: Version,
@@ -1603,6 +1806,7 @@ impl Supervisor {
                 ok: false,
                 result: None,
                 error: Some(e),
+                retry_after_ms: None,
             },
         };
         let payload = resp.encode();
@@ -1615,7 +1819,8 @@ impl Supervisor {
                 at_ms: now.unix_ms,
             }]));
         }
-        self.publish(
+        self.publish_in(
+            Lane::Answer,
             out,
             self.topic(Topic::ApiResponse(client.clone())),
             payload,
@@ -1623,8 +1828,52 @@ impl Supervisor {
         );
     }
 
+    /// Admits a request of `client`, or answers it busy (nothing done, nothing stored, in the
+    /// lowest lane) and says no.
+    fn admit_api(
+        &mut self,
+        now: Now,
+        client: &ClientId,
+        id: &CommandId,
+        out: &mut Vec<Output>,
+    ) -> bool {
+        let Err(busy) = self.api_limiter.admit(client.as_str(), now.mono_ms) else {
+            return true;
+        };
+        self.counters.busy_requests += 1;
+        if self.counters.busy_requests.is_power_of_two() {
+            tracing::warn!(%client, refused = self.counters.busy_requests, "API requests over their client's rate are answered busy and not carried out");
+        }
+        let resp = ApiResponse {
+            v: Version,
+            id: id.clone(),
+            ok: false,
+            result: None,
+            error: Some(format!(
+                "busy: client {client} sends more than {} requests a second; nothing was done, \
+                 retry after {} ms",
+                self.cfg.api_rate.per_s, busy.retry_after_ms
+            )),
+            retry_after_ms: Some(busy.retry_after_ms),
+        };
+        self.publish_in(
+            Lane::Refusal,
+            out,
+            self.topic(Topic::ApiResponse(client.clone())),
+            resp.encode(),
+            false,
+        );
+        false
+    }
+
     fn on_api(&mut self, now: Now, payload: &[u8], out: &mut Vec<Output>) {
         let req = match ApiRequest::decode(payload) {
+            Ok(r) if !self.admit_api(now, &r.client, &r.id, out) => return,
+            Err(ApiReject {
+                client: Some(client),
+                id: Some(id),
+                ..
+            }) if !self.admit_api(now, &client, &id, out) => return,
             Ok(r) if r.client.as_str() == HA_CLIENT => {
                 // Home Assistant's presses are requests of this client with ids made from the
                 // printer's state; one from the network could claim such an id first and make
@@ -2174,7 +2423,10 @@ impl Supervisor {
             .map_or((0, 0), |s| (s.epoch, s.seq));
         let id = press_id(&printer, action, seen);
         if self.answers.contains_key(&format!("{client}/{id}")) {
-            tracing::info!(printer = %printer, action = action.as_str(), "Home Assistant press repeated: done once");
+            tracing::debug!(printer = %printer, action = action.as_str(), "Home Assistant press repeated: done once");
+            return;
+        }
+        if !self.admit_api(now, &client, &id, out) {
             return;
         }
         let op = match self.press_op(&printer, action) {

@@ -631,6 +631,7 @@ fn refusal(id: &CommandId, at_ms: u64) -> Vec<u8> {
         reason: Some("job is already on this printer".into()),
         epoch: 1,
         at_ms,
+        retry_after_ms: None,
     }
     .encode()
 }
@@ -994,4 +995,213 @@ fn only_enrolled_printers_get_work() {
     )));
     let (_, out) = h.submit(1);
     assert_eq!(starts(&out, "ghost").len(), 1);
+}
+
+#[test]
+fn a_burst_of_requests_is_answered_in_full_with_busy_beyond_the_clients_rate() {
+    let mut h = H::new();
+    let (mut ok, mut busy) = (0, 0);
+    for i in 0..1_000 {
+        let (r, out) = h.api_with_id(&format!("b{i}"), ApiOp::ListJobs(Default::default()));
+        if r.ok {
+            ok += 1;
+        } else {
+            assert!(
+                r.error.as_deref().is_some_and(|e| e.starts_with("busy")),
+                "{r:?}"
+            );
+            assert!(r.retry_after_ms.is_some_and(|ms| ms > 0));
+            assert!(out.iter().all(|o| match o {
+                Output::Publish(p) => p.lane == Lane::Refusal,
+                Output::Persist(_) => false,
+                _ => true,
+            }));
+            busy += 1;
+        }
+    }
+    assert_eq!(ok, API_RATE.burst as usize);
+    assert_eq!(ok + busy, 1_000, "every request is answered");
+    // Another client is served as usual.
+    let req = ApiRequest {
+        v: Version,
+        id: CommandId::new("o1").expect("id"),
+        client: ClientId::new("other").expect("id"),
+        op: ApiOp::ListJobs(Default::default()),
+    };
+    let out = h.msg("api/request", req.encode());
+    assert!(published::<ApiResponse>(&out, "/api/response/other")[0].ok);
+    // A malformed request with a readable id and client counts too (and is answered busy).
+    let out = h.msg(
+        "api/request",
+        br#"{"v":1,"id":"m1","client":"cli","op":"nope"}"#.to_vec(),
+    );
+    let r = published::<ApiResponse>(&out, "/api/response/cli");
+    assert!(r[0].error.as_deref().is_some_and(|e| e.starts_with("busy")));
+    assert_eq!(h.s.counters.busy_requests, busy as u64 + 1);
+}
+
+#[test]
+fn a_start_answered_busy_is_sent_again_when_the_gateway_says() {
+    let mut h = H::new();
+    h.online("p0", 1);
+    h.report("p0", state(PrinterPhase::Ready, None));
+    h.store_file();
+    let (_, out) = h.submit(1);
+    let first = commands(&out, "p0").pop().expect("start");
+    assert_eq!(
+        first.client.as_ref().map(|c| c.as_str()),
+        Some("supervisor")
+    );
+    let busy = CommandResult {
+        v: Version,
+        id: first.id.clone(),
+        status: ResultStatus::Busy,
+        reason: None,
+        epoch: 1,
+        at_ms: 0,
+        retry_after_ms: Some(300),
+    };
+    h.msg("printers/p0/cmd/result", busy.encode());
+    assert!(starts(&h.advance(299), "p0").is_empty());
+    let again = starts(&h.advance(1), "p0");
+    assert_eq!(
+        again.len(),
+        1,
+        "sent again after 300 ms, not after command_retry_ms"
+    );
+    assert_eq!(h.s.counters.busy_commands, 1);
+}
+
+#[test]
+fn a_forged_job_ended_or_state_from_another_printer_changes_no_job() {
+    let mut h = H::new();
+    h.input(Input::Enrolled(Some([pid("p0")].into_iter().collect())));
+    h.online("p0", 1);
+    h.report("p0", state(PrinterPhase::Ready, None));
+    h.store_file();
+    let (jobs, _) = h.submit(2);
+    let (placed, queued) = (&jobs[0], &jobs[1]);
+    h.report(
+        "p0",
+        state(
+            PrinterPhase::Printing,
+            Some((placed.as_str(), JobStage::Printing)),
+        ),
+    );
+    assert_eq!(h.job(placed).state, JobState::Printing);
+    // An invented printer says the placed job ended there, and runs the queued one.
+    let ended = Event {
+        v: Version,
+        epoch: 1,
+        seq: 1,
+        at_ms: 0,
+        event: EventKind::JobEnded {
+            job_id: placed.clone(),
+            outcome: JobStage::Finished,
+            line: 2,
+            reason: None,
+        },
+    };
+    h.msg("printers/ghost/events", ended.encode());
+    h.report(
+        "ghost",
+        state(
+            PrinterPhase::Finished,
+            Some((placed.as_str(), JobStage::Finished)),
+        ),
+    );
+    h.report(
+        "ghost",
+        state(
+            PrinterPhase::Printing,
+            Some((queued.as_str(), JobStage::Printing)),
+        ),
+    );
+    assert_eq!(h.job(placed).state, JobState::Printing);
+    assert_eq!(h.job(placed).printer, Some(pid("p0")));
+    assert_eq!(h.job(queued).state, JobState::Queued);
+    assert_eq!(h.job(queued).printer, None);
+    assert!(h.s.counters.foreign_jobs >= 2);
+}
+
+#[test]
+fn the_live_printer_is_followed_again_after_a_forged_seq_or_offline_epoch() {
+    let mut h = H::new();
+    h.online("p0", 5);
+    let live = |seq: u64| StateSnapshot {
+        epoch: 5,
+        seq,
+        ..state(PrinterPhase::Ready, None)
+    };
+    h.msg("printers/p0/state", live(1).encode());
+    // A forged state with an impossible seq, then the live printer's heartbeats.
+    let forged = StateSnapshot {
+        seq: u64::MAX,
+        phase: PrinterPhase::Error,
+        ..live(0)
+    };
+    h.msg("printers/p0/state", forged.encode());
+    assert_eq!(
+        h.s.printers[&pid("p0")].state.as_ref().map(|s| s.phase),
+        Some(PrinterPhase::Error)
+    );
+    // A lone old copy repeated is not a live stream.
+    for _ in 0..5 {
+        h.advance(5_000);
+        h.msg("printers/p0/state", live(1).encode());
+    }
+    assert_eq!(h.s.counters.report_resets, 0);
+    for seq in 2..=4 {
+        h.advance(5_000);
+        h.msg("printers/p0/state", live(seq).encode());
+    }
+    let p = &h.s.printers[&pid("p0")];
+    assert_eq!(
+        p.state.as_ref().map(|s| (s.seq, s.phase)),
+        Some((4, PrinterPhase::Ready))
+    );
+    assert_eq!(h.s.counters.report_resets, 1);
+    assert!(!p.stale);
+
+    // A forged offline status with a huge epoch: the printer is offline, then followed again.
+    h.msg(
+        "printers/p0/status",
+        Status::offline(1_000, 0, None).encode(),
+    );
+    assert_eq!(h.s.printers[&pid("p0")].presence, Presence::Offline);
+    for seq in 5..=7 {
+        h.advance(5_000);
+        h.msg("printers/p0/state", live(seq).encode());
+    }
+    let p = &h.s.printers[&pid("p0")];
+    assert_eq!(p.presence, Presence::Online);
+    assert_eq!(p.status_epoch, 5);
+    assert_eq!(h.s.counters.report_resets, 2);
+    // The real online status of that epoch is taken again.
+    h.online("p0", 5);
+    assert_eq!(h.s.printers[&pid("p0")].presence, Presence::Online);
+}
+
+#[test]
+fn a_forged_supervisor_status_is_corrected_at_most_once_a_second() {
+    let mut h = H::new();
+    let status = |out: &[Output]| published::<Status>(out, "/supervisor/status");
+    // Our echo is fine.
+    let epoch = h.s.epoch();
+    let out = h.msg("supervisor/status", Status::online(epoch, 0).encode());
+    assert!(status(&[out, h.advance(2_000)].concat()).is_empty());
+    let mut sent = Vec::new();
+    for _ in 0..20 {
+        sent.extend(status(&h.msg(
+            "supervisor/status",
+            Status::offline(epoch + 9, 0, None).encode(),
+        )));
+        sent.extend(status(&h.advance(100)));
+    }
+    // Two seconds of forgeries every 100 ms: corrected at once, then once a second.
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    assert!(sent.windows(2).all(|w| w[1].at_ms >= w[0].at_ms + 1_000));
+    assert!(sent
+        .iter()
+        .all(|s| s.presence == Presence::Online && s.epoch == epoch));
 }

@@ -174,6 +174,21 @@ impl Metrics {
                 "Jobs seen running on a printer other than the one they were placed on.",
                 c.foreign_jobs,
             ),
+            (
+                "printloop_busy_requests_total",
+                "API requests answered busy: their client sent more than its rate.",
+                c.busy_requests,
+            ),
+            (
+                "printloop_busy_commands_total",
+                "Commands a gateway answered busy (sent again when it said).",
+                c.busy_commands,
+            ),
+            (
+                "printloop_report_resets_total",
+                "Printers whose reports were followed again after a forged or impossible epoch or seq.",
+                c.report_resets,
+            ),
         ] {
             let _ = writeln!(o, "# HELP {name} {help}");
             let _ = writeln!(o, "# TYPE {name} counter");

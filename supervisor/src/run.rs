@@ -5,7 +5,9 @@
 //! - file chunks for gateways are served by a separate task behind a bounded queue: a burst of
 //!   transfers never delays a decision (a dropped request is asked again by the gateway);
 //! - uploads and their final hash run on the blocking pool;
-//! - publishes use `try_publish`: a full MQTT queue drops with a warning, never blocks;
+//! - publishes wait in the shell's [`Outgoing`] queue, by priority (presence, state and
+//!   commands before answers, answers before `busy` refusals), and go to rumqttc as its queue
+//!   has room: a burst of ten thousand requests is answered in full and never blocks the loop;
 //! - `/metrics` reads a rendered snapshot, never the machine.
 
 use std::collections::BTreeSet;
@@ -18,6 +20,7 @@ use protocol::files::{FileChunkRequest, FileChunkResponse};
 use protocol::{Payload, PrinterId, Topic, Topics};
 use rumqttc::{AsyncClient, LastWill, QoS};
 use tokio::sync::{mpsc, watch};
+use transport::outgoing::Outgoing;
 use transport::{BrokerAddr, MqttEvent, Session};
 
 use crate::files::FileStore;
@@ -288,6 +291,7 @@ pub async fn run(
         chunk_tx,
         upload_tx,
         pending: std::collections::VecDeque::new(),
+        outgoing: Outgoing::default(),
     };
     let mut metrics = metrics;
     let mut refresh = tokio::time::interval(Duration::from_secs(1));
@@ -308,6 +312,8 @@ pub async fn run(
             let outs = machine.handle_batch(now(start), inputs);
             shell.execute(now(start), outs)?;
         }
+        shell.outgoing.drain(&shell.client);
+        let waiting = !shell.outgoing.is_empty();
         let deadline = machine
             .next_deadline()
             .map(|ms| start + Duration::from_millis(ms))
@@ -356,6 +362,8 @@ pub async fn run(
             }
             _ = tokio::time::sleep_until(deadline.into()) => shell.pending.push_back(Input::Tick),
             _ = feed.tick() => systemd.feed(),
+            // rumqttc's queue was full: try again shortly (its event loop is draining it).
+            _ = tokio::time::sleep(OUTGOING_RETRY), if waiting => {}
         }
     }
     systemd.stopping();
@@ -370,7 +378,11 @@ pub async fn run(
     Ok(())
 }
 
+/// How soon a publish that found rumqttc's queue full is tried again.
+const OUTGOING_RETRY: Duration = Duration::from_millis(5);
+
 struct Shell {
+    outgoing: Outgoing,
     store: Store,
     files: Arc<FileStore>,
     client: AsyncClient,
@@ -402,20 +414,9 @@ impl Shell {
                     } else {
                         QoS::AtLeastOnce
                     };
-                    if let Err(e) = self.client.try_subscribe(filter.clone(), qos) {
-                        tracing::warn!(%filter, error = %e, "subscribe not queued");
-                    }
+                    self.outgoing.subscribe(filter, qos);
                 }
-                Output::Publish(p) => {
-                    if let Err(e) = self.client.try_publish(
-                        p.topic.clone(),
-                        QoS::AtLeastOnce,
-                        p.retain,
-                        p.payload,
-                    ) {
-                        tracing::warn!(topic = %p.topic, error = %e, "publish dropped: the MQTT queue is full");
-                    }
-                }
+                Output::Publish(p) => self.outgoing.push(p.lane, p.topic, p.payload, p.retain),
                 Output::ServeChunk { printer, request } => {
                     if self.chunk_tx.try_send((printer.clone(), request)).is_err() {
                         tracing::warn!(%printer, "file server busy: chunk request dropped (the gateway asks again)");

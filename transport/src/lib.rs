@@ -8,6 +8,7 @@
 //! owner's business, with `try_publish`, so a full queue never blocks it.
 
 pub mod logging;
+pub mod outgoing;
 pub mod systemd;
 
 use std::path::PathBuf;
