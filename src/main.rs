@@ -2,6 +2,7 @@
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod adversary;
 mod chaos;
 mod demo;
 mod enroll;
@@ -53,6 +54,10 @@ enum Command {
     /// Run the whole system as processes under seeded faults and check its invariants
     /// (one JSON line on stdout; exit status 1 on any violation).
     Chaos(chaos::ChaosArgs),
+    /// Attack the system as a hostile MQTT client, class by class (issue #10), measuring
+    /// command latency and state gaps; checks the stores and logs afterwards (one JSON line
+    /// per class and a summary on stdout; exit status 1 on any violation).
+    Adversary(adversary::AdversaryArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -101,6 +106,19 @@ fn main() -> anyhow::Result<()> {
                 .context("chaos run failed")?;
             if !passed {
                 // The report (and each violation) has been printed; only the status is left.
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Adversary(args) => {
+            let passed = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(adversary::run(args))
+                .context("adversary run failed")?;
+            if !passed {
+                // Every line (and each violation) has been printed; only the status is left.
                 std::process::exit(1);
             }
             Ok(())

@@ -22,33 +22,31 @@
 
 pub mod check;
 pub mod faults;
-mod observe;
-mod procs;
+pub(crate) mod observe;
+pub(crate) mod operator;
+pub(crate) mod procs;
 pub mod proxy;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use nix::sys::signal::Signal;
-use protocol::api::{
-    ApiOp, ApiResult, BedClear, JobState, JobSummary, ListJobs, NoArgs, PrinterArgs,
-    PrinterSummary, SubmitJob,
-};
+use protocol::api::{JobState, PrinterSummary};
 use protocol::presence::Presence;
-use protocol::state::PrinterPhase;
 use protocol::{JobId, Topics};
 
-use crate::ops::{gcode, ApiClient, Endpoint};
+use crate::ops::Endpoint;
 use faults::{Fault, FaultKind, Schedule};
 use observe::{Observer, PrinterSeen};
+use operator::Operator;
 pub use procs::BrokerKind;
 use procs::{Proc, Spec};
 use proxy::{LinkMode, Proxy};
 
 /// The sample files, built in.
-const SAMPLES: [(&str, &[u8]); 2] = [
+pub(crate) const SAMPLES: [(&str, &[u8]); 2] = [
     (
         "cube20.gcode",
         include_bytes!("../../assets/gcode/cube20.gcode"),
@@ -197,55 +195,6 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     }
 }
 
-/// The operator's connection to the supervisor: reconnects after a broker restart.
-struct Operator {
-    ep: Endpoint,
-    api: Option<ApiClient>,
-}
-
-impl Operator {
-    async fn request(&mut self, op: ApiOp) -> Option<ApiResult> {
-        if self.api.is_none() {
-            self.api = ApiClient::connect(&self.ep).await.ok();
-        }
-        let api = self.api.as_mut()?;
-        match api.request(op).await {
-            Ok(r) => Some(r),
-            Err(crate::ops::OpsError::Refused { op, error }) => {
-                tracing::debug!(op, %error, "operator: refused");
-                None
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "operator: request failed; reconnecting");
-                if let Some(api) = self.api.take() {
-                    api.close().await;
-                }
-                None
-            }
-        }
-    }
-
-    async fn printers(&mut self) -> Option<Vec<PrinterSummary>> {
-        match self.request(ApiOp::ListPrinters(NoArgs {})).await? {
-            ApiResult::Printers { printers } => Some(printers),
-            _ => None,
-        }
-    }
-
-    async fn jobs(&mut self) -> Option<Vec<JobSummary>> {
-        match self
-            .request(ApiOp::ListJobs(ListJobs {
-                include_ended: true,
-                limit: Some(1000),
-            }))
-            .await?
-        {
-            ApiResult::Jobs { jobs } => Some(jobs),
-            _ => None,
-        }
-    }
-}
-
 /// A fault being played.
 #[derive(Debug, Clone, Copy)]
 enum Stage {
@@ -271,12 +220,6 @@ struct Run<'a> {
     links: Vec<PathBuf>,
     observer: Observer,
     operator: Operator,
-    files: Vec<gcode::GcodeFile>,
-    submitted: Vec<JobId>,
-    next_file: usize,
-    /// (printer, phase, job) the operator acted on, and when.
-    acted: HashMap<(String, PrinterPhase, Option<String>), Instant>,
-    last_operate: Instant,
     faults: BTreeMap<&'static str, u32>,
     converge: Vec<(String, f64)>,
     violations: Vec<String>,
@@ -401,12 +344,7 @@ impl<'a> Run<'a> {
             proxies,
             links,
             observer,
-            operator: Operator { ep, api: None },
-            files: Vec::new(),
-            submitted: Vec::new(),
-            next_file: 0,
-            acted: HashMap::new(),
-            last_operate: Instant::now() - Duration::from_secs(10),
+            operator: Operator::new(ep),
             faults: BTreeMap::new(),
             converge: Vec::new(),
             violations: Vec::new(),
@@ -582,35 +520,7 @@ impl<'a> Run<'a> {
     }
 
     async fn upload(&mut self) -> anyhow::Result<()> {
-        let files_dir = self.dir.join("gcode");
-        std::fs::create_dir_all(&files_dir).context("creating the gcode directory")?;
-        for (name, bytes) in SAMPLES {
-            let path = files_dir.join(name);
-            std::fs::write(&path, bytes).with_context(|| format!("writing {name}"))?;
-            let file = gcode::inspect(&path).with_context(|| format!("inspecting {name}"))?;
-            let mut done = false;
-            for _ in 0..5 {
-                if self.operator.api.is_none() {
-                    self.operator.api = ApiClient::connect(&self.operator.ep).await.ok();
-                }
-                if let Some(api) = self.operator.api.as_mut() {
-                    match api.upload(&file, |_, _| {}).await {
-                        Ok(()) => {
-                            done = true;
-                            break;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "upload failed; trying again");
-                            self.operator.api = None;
-                        }
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            anyhow::ensure!(done, "could not upload {name}");
-            self.files.push(file);
-        }
-        Ok(())
+        self.operator.upload(&self.dir.join("gcode")).await
     }
 
     /// Restarts a process that died without being told to (and records it: nothing in the
@@ -642,88 +552,13 @@ impl<'a> Run<'a> {
     }
 
     /// One round of the operator: clear beds, reset halted printers, release held ones and,
-    /// while `submit`, keep the queue topped up.
+    /// while `submit`, keep the queue topped up (in runs of 30 s or more every fourth job is
+    /// the cylinder, four times longer).
     async fn operate(&mut self, submit: bool) {
-        if self.last_operate.elapsed() < Duration::from_millis(500) {
-            return;
-        }
-        self.last_operate = Instant::now();
-        let Some(printers) = self.operator.printers().await else {
-            return;
-        };
-        let Some(jobs) = self.operator.jobs().await else {
-            return;
-        };
-        let state_of = |id: &JobId| jobs.iter().find(|j| &j.job_id == id).map(|j| j.state);
-        for p in &printers {
-            if p.presence != Presence::Online || p.stale {
-                continue;
-            }
-            if p.held {
-                tracing::info!(printer = %p.printer_id, "operator: releases the printer");
-                let _ = self
-                    .operator
-                    .request(ApiOp::ReleasePrinter(PrinterArgs {
-                        printer_id: p.printer_id.clone(),
-                    }))
-                    .await;
-            }
-            let job_state = p.job_id.as_ref().and_then(state_of);
-            let failed = match p.phase {
-                PrinterPhase::Idle => false,
-                PrinterPhase::Finished => job_state != Some(JobState::Finished),
-                PrinterPhase::Halted | PrinterPhase::Error => true,
-                _ => continue,
-            };
-            let key = (
-                p.printer_id.as_str().to_owned(),
-                p.phase,
-                p.job_id.as_ref().map(|j| j.as_str().to_owned()),
-            );
-            if self
-                .acted
-                .get(&key)
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(3))
-            {
-                continue;
-            }
-            tracing::info!(printer = %p.printer_id, phase = ?p.phase, job = ?p.job_id, failed, "operator: clears the bed");
-            let _ = self
-                .operator
-                .request(ApiOp::BedClear(BedClear {
-                    printer_id: p.printer_id.clone(),
-                    failed,
-                }))
-                .await;
-            self.acted.insert(key, Instant::now());
-        }
-        if !submit || self.files.is_empty() {
-            return;
-        }
-        let waiting = jobs
-            .iter()
-            .filter(|j| matches!(j.state, JobState::Queued | JobState::Assigned))
-            .count();
-        // About one job waiting per two printers: enough that a freed printer finds work,
-        // few enough that the queue drains soon after the faults stop.
-        for _ in waiting..self.n.div_ceil(2) {
-            // The small cube (seconds); in runs of 30 s or more every fourth job is the
-            // cylinder, four times longer.
-            let k = usize::from(self.args.duration >= 30 && self.next_file % 4 == 3);
-            self.next_file += 1;
-            let file = &self.files[k];
-            let op = ApiOp::SubmitJob(SubmitJob {
-                name: file.name.clone(),
-                sha256: file.sha256.clone(),
-                copies: 1,
-                priority: 0,
-                tags: vec![],
-            });
-            match self.operator.request(op).await {
-                Some(ApiResult::Submitted { job_ids }) => self.submitted.extend(job_ids),
-                _ => break,
-            }
-        }
+        let long_jobs = self.args.duration >= 30;
+        self.operator
+            .operate(submit, long_jobs, self.n.div_ceil(2))
+            .await;
     }
 
     /// `Ok` when the supervisor's view of every printer agrees with the printer's own retained
@@ -806,36 +641,13 @@ impl<'a> Run<'a> {
 
     /// Reads every store; a store that cannot be read is a violation.
     fn evidence(&self, violations: &mut Vec<String>) -> check::Evidence {
-        let mut ev = check::Evidence {
-            submitted: self.submitted.clone(),
-            observed: self.observer.observed(),
-            ..Default::default()
-        };
-        let sup = self.dir.join("supervisor/supervisor.redb");
-        match supervisor::store::Store::open(&sup).and_then(|s| s.load()) {
-            Ok(snap) => ev.jobs = snap.jobs,
-            Err(e) => violations.push(format!("cannot read the supervisor's store: {e}")),
-        }
-        for i in 0..self.n {
-            let path = self.dir.join(format!("gw-p{i}/gateway.redb"));
-            match gateway::store::Store::open(&path).and_then(|s| s.load()) {
-                Ok(snap) => ev.gateways.push(check::GatewayLedger {
-                    printer: format!("p{i}"),
-                    ledger: snap.ledger,
-                    current: snap.current.map(|c| (c.job_id, c.file_sha256)),
-                    verified_files: snap
-                        .files
-                        .into_iter()
-                        .filter(|f| f.verified)
-                        .map(|f| f.sha256)
-                        .collect(),
-                }),
-                Err(e) => {
-                    violations.push(format!("cannot read p{i}'s store {}: {e}", path.display()))
-                }
-            }
-        }
-        ev
+        read_evidence(
+            self.dir,
+            self.n,
+            self.operator.submitted.clone(),
+            self.observer.observed(),
+            violations,
+        )
     }
 
     fn logs(&self) -> String {
@@ -845,6 +657,46 @@ impl<'a> Run<'a> {
         }
         s
     }
+}
+
+/// The evidence for [`check::violations`]: the supervisor's store and every gateway's ledger
+/// under `dir` (`supervisor/`, `gw-p<i>/`), read after every process stopped; a store that
+/// cannot be read is a violation.
+pub(crate) fn read_evidence(
+    dir: &Path,
+    n: usize,
+    submitted: Vec<JobId>,
+    observed: check::Observed,
+    violations: &mut Vec<String>,
+) -> check::Evidence {
+    let mut ev = check::Evidence {
+        submitted,
+        observed,
+        ..Default::default()
+    };
+    let sup = dir.join("supervisor/supervisor.redb");
+    match supervisor::store::Store::open(&sup).and_then(|s| s.load()) {
+        Ok(snap) => ev.jobs = snap.jobs,
+        Err(e) => violations.push(format!("cannot read the supervisor's store: {e}")),
+    }
+    for i in 0..n {
+        let path = dir.join(format!("gw-p{i}/gateway.redb"));
+        match gateway::store::Store::open(&path).and_then(|s| s.load()) {
+            Ok(snap) => ev.gateways.push(check::GatewayLedger {
+                printer: format!("p{i}"),
+                ledger: snap.ledger,
+                current: snap.current.map(|c| (c.job_id, c.file_sha256)),
+                verified_files: snap
+                    .files
+                    .into_iter()
+                    .filter(|f| f.verified)
+                    .map(|f| f.sha256)
+                    .collect(),
+            }),
+            Err(e) => violations.push(format!("cannot read p{i}'s store {}: {e}", path.display())),
+        }
+    }
+    ev
 }
 
 /// The first disagreement between the supervisor's printers and the retained topics.
@@ -922,7 +774,7 @@ fn counts(ev: &check::Evidence) -> JobCounts {
     c
 }
 
-async fn start_broker(broker: &mut Proc, port: u16) -> anyhow::Result<()> {
+pub(crate) async fn start_broker(broker: &mut Proc, port: u16) -> anyhow::Result<()> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     for attempt in 1..=3 {
         broker.start()?;
@@ -939,7 +791,7 @@ async fn start_broker(broker: &mut Proc, port: u16) -> anyhow::Result<()> {
     )
 }
 
-async fn start_sim(sim: &mut Proc, link: &Path) -> anyhow::Result<()> {
+pub(crate) async fn start_sim(sim: &mut Proc, link: &Path) -> anyhow::Result<()> {
     // A killed simulator leaves its link behind (and its pty number may be reused): remove it,
     // so the new link proves the new simulator is up.
     if !sim.is_running() {
@@ -985,6 +837,7 @@ fn forge_ledger_entry(path: &Path) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use protocol::presence::Status;
+    use protocol::state::PrinterPhase;
     use protocol::state::StateSnapshot;
     use protocol::Payload as _;
     use protocol::PrinterId;

@@ -99,6 +99,11 @@ pub struct Observer {
 impl Observer {
     /// Connects to `127.0.0.1:port` and keeps watching until dropped.
     pub fn start(port: u16, topics: Topics) -> Observer {
+        Self::start_with(port, topics, None)
+    }
+
+    /// [`Observer::start`], logging in with `(user, password)` when given.
+    pub fn start_with(port: u16, topics: Topics, login: Option<(String, String)>) -> Observer {
         let seen: Arc<Mutex<Seen>> = Arc::default();
         let mut opts = MqttOptions::new(
             format!("chaos-observer-{}", std::process::id()),
@@ -108,6 +113,9 @@ impl Observer {
         opts.set_clean_session(true)
             .set_keep_alive(Duration::from_secs(5))
             .set_max_packet_size(2 * 1024 * 1024, 64 * 1024);
+        if let Some((user, password)) = login {
+            opts.set_credentials(user, password);
+        }
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         let filters: Vec<SubscribeFilter> = [
             PrinterTopicKind::Status,

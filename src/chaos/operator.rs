@@ -1,0 +1,205 @@
+//! The runner as the farm's operator, over the supervisor's API: uploads the built-in G-code,
+//! keeps the queue topped up, clears beds (a failed print as failed, so it is requeued), and
+//! releases printers held by the circuit breaker. Shared by `printloop chaos` and
+//! `printloop adversary`; it reconnects after a broker restart.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use protocol::api::{
+    ApiOp, ApiResult, BedClear, JobState, JobSummary, ListJobs, NoArgs, PrinterArgs,
+    PrinterSummary, SubmitJob,
+};
+use protocol::presence::Presence;
+use protocol::state::PrinterPhase;
+use protocol::JobId;
+
+use super::SAMPLES;
+use crate::ops::{gcode, ApiClient, Endpoint};
+
+/// The operator's connection to the supervisor and what it has done.
+pub(crate) struct Operator {
+    pub(crate) ep: Endpoint,
+    pub(crate) api: Option<ApiClient>,
+    /// The uploaded sample files, in [`SAMPLES`] order.
+    pub(crate) files: Vec<gcode::GcodeFile>,
+    /// Every job id the supervisor accepted from this operator.
+    pub(crate) submitted: Vec<JobId>,
+    next_file: usize,
+    /// (printer, phase, job) the operator acted on, and when.
+    acted: HashMap<(String, PrinterPhase, Option<String>), Instant>,
+    last_operate: Instant,
+}
+
+impl Operator {
+    /// An operator that has not connected yet.
+    pub(crate) fn new(ep: Endpoint) -> Self {
+        Operator {
+            ep,
+            api: None,
+            files: Vec::new(),
+            submitted: Vec::new(),
+            next_file: 0,
+            acted: HashMap::new(),
+            last_operate: Instant::now() - Duration::from_secs(10),
+        }
+    }
+
+    /// One request; `None` when refused or when the connection failed (it reconnects next time).
+    pub(crate) async fn request(&mut self, op: ApiOp) -> Option<ApiResult> {
+        if self.api.is_none() {
+            self.api = ApiClient::connect(&self.ep).await.ok();
+        }
+        let api = self.api.as_mut()?;
+        match api.request(op).await {
+            Ok(r) => Some(r),
+            Err(crate::ops::OpsError::Refused { op, error }) => {
+                tracing::debug!(op, %error, "operator: refused");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "operator: request failed; reconnecting");
+                if let Some(api) = self.api.take() {
+                    api.close().await;
+                }
+                None
+            }
+        }
+    }
+
+    /// The supervisor's printers.
+    pub(crate) async fn printers(&mut self) -> Option<Vec<PrinterSummary>> {
+        match self.request(ApiOp::ListPrinters(NoArgs {})).await? {
+            ApiResult::Printers { printers } => Some(printers),
+            _ => None,
+        }
+    }
+
+    /// Every job, ended ones too.
+    pub(crate) async fn jobs(&mut self) -> Option<Vec<JobSummary>> {
+        match self
+            .request(ApiOp::ListJobs(ListJobs {
+                include_ended: true,
+                limit: Some(1000),
+            }))
+            .await?
+        {
+            ApiResult::Jobs { jobs } => Some(jobs),
+            _ => None,
+        }
+    }
+
+    /// Writes the sample files into `files_dir` and uploads them (a few attempts each).
+    pub(crate) async fn upload(&mut self, files_dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(files_dir).context("creating the gcode directory")?;
+        for (name, bytes) in SAMPLES {
+            let path = files_dir.join(name);
+            std::fs::write(&path, bytes).with_context(|| format!("writing {name}"))?;
+            let file = gcode::inspect(&path).with_context(|| format!("inspecting {name}"))?;
+            let mut done = false;
+            for _ in 0..5 {
+                if self.api.is_none() {
+                    self.api = ApiClient::connect(&self.ep).await.ok();
+                }
+                if let Some(api) = self.api.as_mut() {
+                    match api.upload(&file, |_, _| {}).await {
+                        Ok(()) => {
+                            done = true;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "upload failed; trying again");
+                            self.api = None;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            anyhow::ensure!(done, "could not upload {name}");
+            self.files.push(file);
+        }
+        Ok(())
+    }
+
+    /// One round (at most every 500 ms): clear beds, reset halted printers, release held ones
+    /// and, while `submit`, keep `waiting` jobs queued or assigned. With `long_jobs` every
+    /// fourth job is the second sample (the cylinder, four times longer than the cube).
+    pub(crate) async fn operate(&mut self, submit: bool, long_jobs: bool, waiting: usize) {
+        if self.last_operate.elapsed() < Duration::from_millis(500) {
+            return;
+        }
+        self.last_operate = Instant::now();
+        let Some(printers) = self.printers().await else {
+            return;
+        };
+        let Some(jobs) = self.jobs().await else {
+            return;
+        };
+        let state_of = |id: &JobId| jobs.iter().find(|j| &j.job_id == id).map(|j| j.state);
+        for p in &printers {
+            if p.presence != Presence::Online || p.stale {
+                continue;
+            }
+            if p.held {
+                tracing::info!(printer = %p.printer_id, "operator: releases the printer");
+                let _ = self
+                    .request(ApiOp::ReleasePrinter(PrinterArgs {
+                        printer_id: p.printer_id.clone(),
+                    }))
+                    .await;
+            }
+            let job_state = p.job_id.as_ref().and_then(state_of);
+            let failed = match p.phase {
+                PrinterPhase::Idle => false,
+                PrinterPhase::Finished => job_state != Some(JobState::Finished),
+                PrinterPhase::Halted | PrinterPhase::Error => true,
+                _ => continue,
+            };
+            let key = (
+                p.printer_id.as_str().to_owned(),
+                p.phase,
+                p.job_id.as_ref().map(|j| j.as_str().to_owned()),
+            );
+            if self
+                .acted
+                .get(&key)
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(3))
+            {
+                continue;
+            }
+            tracing::info!(printer = %p.printer_id, phase = ?p.phase, job = ?p.job_id, failed, "operator: clears the bed");
+            let _ = self
+                .request(ApiOp::BedClear(BedClear {
+                    printer_id: p.printer_id.clone(),
+                    failed,
+                }))
+                .await;
+            self.acted.insert(key, Instant::now());
+        }
+        if !submit || self.files.is_empty() {
+            return;
+        }
+        let queued = jobs
+            .iter()
+            .filter(|j| matches!(j.state, JobState::Queued | JobState::Assigned))
+            .count();
+        for _ in queued..waiting {
+            let k = usize::from(long_jobs && self.next_file % 4 == 3);
+            self.next_file += 1;
+            let file = &self.files[k];
+            let op = ApiOp::SubmitJob(SubmitJob {
+                name: file.name.clone(),
+                sha256: file.sha256.clone(),
+                copies: 1,
+                priority: 0,
+                tags: vec![],
+            });
+            match self.request(op).await {
+                Some(ApiResult::Submitted { job_ids }) => self.submitted.extend(job_ids),
+                _ => break,
+            }
+        }
+    }
+}
