@@ -138,10 +138,6 @@ fn round1(x: f64) -> f64 {
 
 /// Runs the suite; `Ok(true)` when it found no violation.
 pub async fn run(args: AdversaryArgs) -> anyhow::Result<bool> {
-    anyhow::ensure!(
-        args.speed.is_finite() && (0.5..=100.0).contains(&args.speed),
-        "--speed must be 0.5 to 100"
-    );
     for c in &args.classes {
         anyhow::ensure!(
             classes::CLASSES.contains(&c.as_str()),
@@ -149,22 +145,8 @@ pub async fn run(args: AdversaryArgs) -> anyhow::Result<bool> {
             classes::CLASSES.join(", ")
         );
     }
-    let printloop = std::env::current_exe().context("finding this executable")?;
-    let gateway_bin = match &args.gateway_bin {
-        Some(p) => p.clone(),
-        None => printloop.with_file_name("printloop-gateway"),
-    };
-    anyhow::ensure!(
-        gateway_bin.is_file(),
-        "{} not found: build it (`cargo build --workspace`) or pass --gateway-bin",
-        gateway_bin.display()
-    );
-    let dir = tempfile::Builder::new()
-        .prefix("printloop-adversary-")
-        .tempdir()
-        .context("creating the run's directory")?
-        .keep();
-    eprintln!("adversary: data and logs in {}", dir.display());
+    let (printloop, gateway_bin, dir) =
+        crate::chaos::procs::prepare_run("adversary", args.speed, args.gateway_bin.as_deref())?;
     let started = Instant::now();
     let mut farm = match Farm::start(&args, &printloop, &gateway_bin, &dir).await {
         Ok(f) => f,

@@ -141,26 +141,8 @@ fn round1(x: f64) -> f64 {
 
 /// Runs a chaos experiment; `Ok(true)` when it found no violation.
 pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
-    anyhow::ensure!(
-        args.speed.is_finite() && (0.5..=100.0).contains(&args.speed),
-        "--speed must be 0.5 to 100"
-    );
-    let printloop = std::env::current_exe().context("finding this executable")?;
-    let gateway_bin = match &args.gateway_bin {
-        Some(p) => p.clone(),
-        None => printloop.with_file_name("printloop-gateway"),
-    };
-    anyhow::ensure!(
-        gateway_bin.is_file(),
-        "{} not found: build it (`cargo build --workspace`) or pass --gateway-bin",
-        gateway_bin.display()
-    );
-    let dir = tempfile::Builder::new()
-        .prefix("printloop-chaos-")
-        .tempdir()
-        .context("creating the run's directory")?
-        .keep();
-    eprintln!("chaos: data and logs in {}", dir.display());
+    let (printloop, gateway_bin, dir) =
+        procs::prepare_run("chaos", args.speed, args.gateway_bin.as_deref())?;
     let started = Instant::now();
     let outcome = Run::execute(&args, &printloop, &gateway_bin, &dir).await;
     let wall = started.elapsed().as_secs_f64();

@@ -199,6 +199,37 @@ impl BrokerKind {
 }
 
 /// Finds a program in PATH or the sbin directories (Debian installs `mosquitto` in /usr/sbin).
+/// What a runner of real processes needs first: this executable, the gateway binary (`given`,
+/// or the one next to this executable), and a fresh directory `printloop-<what>-…` that is kept
+/// (the runner removes it when the run passes).
+pub fn prepare_run(
+    what: &str,
+    speed: f64,
+    given: Option<&Path>,
+) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    anyhow::ensure!(
+        speed.is_finite() && (0.5..=100.0).contains(&speed),
+        "--speed must be 0.5 to 100"
+    );
+    let printloop = std::env::current_exe().context("finding this executable")?;
+    let gateway_bin = match given {
+        Some(p) => p.to_path_buf(),
+        None => printloop.with_file_name("printloop-gateway"),
+    };
+    anyhow::ensure!(
+        gateway_bin.is_file(),
+        "{} not found: build it (`cargo build --workspace`) or pass --gateway-bin",
+        gateway_bin.display()
+    );
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("printloop-{what}-"))
+        .tempdir()
+        .context("creating the run's directory")?
+        .keep();
+    eprintln!("{what}: data and logs in {}", dir.display());
+    Ok((printloop, gateway_bin, dir))
+}
+
 pub fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
