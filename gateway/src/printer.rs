@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
 use crate::files::FileCache;
 use crate::link::{LinkConfig, LinkEvent};
@@ -50,7 +51,7 @@ impl Printer {
         Self {
             commands: cmd_tx,
             events: ev_rx,
-            task: tokio::spawn(task.run()),
+            task: tokio::spawn(task.run().in_current_span()),
         }
     }
 
@@ -139,7 +140,7 @@ impl PrinterTask {
                             }
                             let path = self.cache.path(&sha256);
                             let (m73_tx, m73_rx) = mpsc::channel(1024);
-                            let feeder = tokio::spawn(feed(link.clone(), path, m73_tx, job_id.to_string()));
+                            let feeder = tokio::spawn(feed(link.clone(), path, m73_tx, job_id.to_string()).instrument(tracing::info_span!("job", job = %job_id)));
                             stream = Some(Stream { feeder, base: acked_total, m73: m73_rx, m73_closed: false, pending_m73: VecDeque::new() });
                         }
                         PrinterCommand::PauseStream => { let _ = link.pause().await; }

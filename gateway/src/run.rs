@@ -19,6 +19,7 @@ use protocol::presence::Firmware;
 use protocol::state::{Heater, Temperatures};
 use rumqttc::{AsyncClient, LastWill, QoS};
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 use transport::outgoing::Outgoing;
 use transport::{BrokerAddr, MqttEvent, Session};
 
@@ -77,14 +78,22 @@ fn now(start: Instant) -> Now {
     }
 }
 
-/// Runs the gateway until `shutdown` resolves.
+/// Runs the gateway until `shutdown` resolves. Everything it logs, and every task it spawns,
+/// is in the span `gateway{printer=…}` (attached to the future, never entered across an
+/// `.await`: an entered span leaks into whatever else its thread polls).
 pub async fn run(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), RunError> {
+    let span = tracing::info_span!("gateway", printer = %settings.core.printer_id);
+    serve(settings, shutdown).instrument(span).await
+}
+
+async fn serve(
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), RunError> {
     let printer_id = settings.core.printer_id.clone();
-    let span = tracing::info_span!("gateway", printer = %printer_id);
-    let _enter = span.enter();
     std::fs::create_dir_all(&settings.data_dir).map_err(|source| RunError::DataDir {
         path: settings.data_dir.clone(),
         source,

@@ -20,6 +20,7 @@ use protocol::files::{FileChunkRequest, FileChunkResponse};
 use protocol::{Payload, PrinterId, Topic, Topics};
 use rumqttc::{AsyncClient, LastWill, QoS};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument as _;
 use transport::outgoing::Outgoing;
 use transport::{BrokerAddr, MqttEvent, Session};
 
@@ -179,8 +180,18 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
     ready: Option<tokio::sync::oneshot::Sender<Handle>>,
 ) -> Result<(), RunError> {
-    let span = tracing::info_span!("supervisor");
-    let _enter = span.enter();
+    // Attached to the future, never entered across an `.await` (an entered span leaks into
+    // whatever else its thread polls: `printloop demo` logged the supervisor under a gateway's).
+    serve(settings, shutdown, ready)
+        .instrument(tracing::info_span!("supervisor"))
+        .await
+}
+
+async fn serve(
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()>,
+    ready: Option<tokio::sync::oneshot::Sender<Handle>>,
+) -> Result<(), RunError> {
     std::fs::create_dir_all(&settings.data_dir).map_err(|source| RunError::DataDir {
         path: settings.data_dir.clone(),
         source,
@@ -254,12 +265,9 @@ pub async fn run(
     // The file-chunk bulkhead.
     let files = Arc::new(files);
     let (chunk_tx, chunk_rx) = mpsc::channel::<(PrinterId, FileChunkRequest)>(256);
-    let server = tokio::spawn(serve_chunks(
-        chunk_rx,
-        files.clone(),
-        client.clone(),
-        topics.clone(),
-    ));
+    let server = tokio::spawn(
+        serve_chunks(chunk_rx, files.clone(), client.clone(), topics.clone()).in_current_span(),
+    );
 
     // Metrics.
     let metrics = Metrics::new();

@@ -223,7 +223,13 @@ pub fn connect(
     let (client, eventloop) = AsyncClient::new(o, session.queue);
     let (tx, rx) = mpsc::channel(64);
     let seed = std::process::id() as u64 ^ (broker.port as u64) << 32;
-    let task = tokio::spawn(run(eventloop, tx, session.clone(), seed));
+    // The task logs in the caller's span (which printer, or the supervisor).
+    let task = tokio::spawn(tracing::Instrument::in_current_span(run(
+        eventloop,
+        tx,
+        session.clone(),
+        seed,
+    )));
     Ok((client, rx, task))
 }
 
