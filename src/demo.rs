@@ -14,19 +14,8 @@ use protocol::state::PrinterPhase;
 use protocol::PrinterId;
 use tokio::sync::watch;
 
-use crate::ops::{gcode, ApiClient, Endpoint};
-
-/// The sample files, built in.
-const SAMPLES: [(&str, &[u8]); 2] = [
-    (
-        "cube20.gcode",
-        include_bytes!("../assets/gcode/cube20.gcode"),
-    ),
-    (
-        "cylinder30.gcode",
-        include_bytes!("../assets/gcode/cylinder30.gcode"),
-    ),
-];
+use crate::ops::gcode::{self, SAMPLES};
+use crate::ops::{ApiClient, Endpoint};
 
 /// Arguments of `printloop demo`.
 #[derive(Debug, clap::Args)]

@@ -88,14 +88,7 @@ impl CoreConfig {
     }
 }
 
-/// The time, passed in: a monotonic clock for deadlines, the wall clock for timestamps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Now {
-    /// Monotonic milliseconds (any origin).
-    pub mono_ms: u64,
-    /// Unix milliseconds.
-    pub unix_ms: u64,
-}
+pub use protocol::Now;
 
 /// What the printer link reports (the shell maps its driver's events to these).
 #[derive(Debug, Clone, PartialEq)]

@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use protocol::presence::Firmware;
 use protocol::state::{Heater, Temperatures};
@@ -21,11 +21,11 @@ use rumqttc::{AsyncClient, LastWill, QoS};
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 use transport::outgoing::Outgoing;
-use transport::{BrokerAddr, MqttEvent, Session};
+use transport::{now, BrokerAddr, MqttEvent, Session};
 
 use crate::files::FileCache;
 use crate::link::{LinkConfig, LinkEvent};
-use crate::machine::{CoreConfig, Gateway, Input, Now, Output, PrinterEvent};
+use crate::machine::{CoreConfig, Gateway, Input, Output, PrinterEvent};
 use crate::printer::Printer;
 use crate::store::Store;
 
@@ -67,15 +67,6 @@ pub enum RunError {
     /// The MQTT connection cannot be set up.
     #[error(transparent)]
     Transport(#[from] transport::TransportError),
-}
-
-fn now(start: Instant) -> Now {
-    Now {
-        mono_ms: start.elapsed().as_millis() as u64,
-        unix_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
-    }
 }
 
 /// Runs the gateway until `shutdown` resolves. Everything it logs, and every task it spawns,

@@ -20,3 +20,13 @@ pub mod topics;
 pub use codec::{DecodeError, EnvelopeError, Payload, Version, PROTOCOL_VERSION};
 pub use ids::{ClientId, CommandId, IdError, JobId, PrinterId, Sha256Hex};
 pub use topics::{PrinterTopicKind, Topic, TopicError, Topics, DEFAULT_ROOT};
+
+/// The time, passed in to every pure machine: a monotonic clock for deadlines, the wall clock
+/// for timestamps. The shells read the clocks (`transport::now`); nothing here does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic milliseconds (any origin).
+    pub mono_ms: u64,
+    /// Unix milliseconds.
+    pub unix_ms: u64,
+}

@@ -45,18 +45,6 @@ pub use procs::BrokerKind;
 use procs::{Proc, Spec};
 use proxy::{LinkMode, Proxy};
 
-/// The sample files, built in.
-pub(crate) const SAMPLES: [(&str, &[u8]); 2] = [
-    (
-        "cube20.gcode",
-        include_bytes!("../../assets/gcode/cube20.gcode"),
-    ),
-    (
-        "cylinder30.gcode",
-        include_bytes!("../../assets/gcode/cylinder30.gcode"),
-    ),
-];
-
 /// The supervisor's timing in a chaos run: re-send a silent start after 2 s; flag a silent
 /// printer's job after 60 s (longer than any fault's hold plus its convergence).
 const SUPERVISOR_TOML: &str = "[timing]\ncommand_retry_s = 2\nstep_timeout_s = 60\n";

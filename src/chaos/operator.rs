@@ -16,7 +16,7 @@ use protocol::presence::Presence;
 use protocol::state::PrinterPhase;
 use protocol::JobId;
 
-use super::SAMPLES;
+use crate::ops::gcode::SAMPLES;
 use crate::ops::{gcode, ApiClient, Endpoint};
 
 /// The operator's connection to the supervisor and what it has done.

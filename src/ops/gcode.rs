@@ -11,6 +11,19 @@ use sha2::{Digest as _, Sha256};
 
 use super::OpsError;
 
+/// The sample files built into the binary, which the demo and the chaos and adversarial runners
+/// print (real slicer output, `assets/gcode/`).
+pub const SAMPLES: [(&str, &[u8]); 2] = [
+    (
+        "cube20.gcode",
+        include_bytes!("../../assets/gcode/cube20.gcode"),
+    ),
+    (
+        "cylinder30.gcode",
+        include_bytes!("../../assets/gcode/cylinder30.gcode"),
+    ),
+];
+
 /// Bytes of each line kept to look for a command (G-code commands are short; the rest of a long
 /// line is a comment or garbage and only scanned for NUL bytes).
 const LINE_HEAD: usize = 256;

@@ -111,14 +111,7 @@ impl Default for SupervisorConfig {
     }
 }
 
-/// The time, passed in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Now {
-    /// Monotonic milliseconds.
-    pub mono_ms: u64,
-    /// Unix milliseconds.
-    pub unix_ms: u64,
-}
+pub use protocol::Now;
 
 /// One publish (QoS 1 unless `qos0`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use protocol::files::{FileChunkRequest, FileChunkResponse};
 use protocol::{Payload, PrinterId, Topic, Topics};
@@ -22,7 +22,7 @@ use rumqttc::{AsyncClient, LastWill, QoS};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument as _;
 use transport::outgoing::Outgoing;
-use transport::{BrokerAddr, MqttEvent, Session};
+use transport::{now, BrokerAddr, MqttEvent, Session};
 
 use crate::files::FileStore;
 use crate::machine::{Input, Now, Output, Supervisor, SupervisorConfig, UploadOutcome};
@@ -92,15 +92,6 @@ pub enum RunError {
 
 /// Most broker messages handled in one batch (one durable commit).
 const MAX_BATCH: usize = 512;
-
-fn now(start: Instant) -> Now {
-    Now {
-        mono_ms: start.elapsed().as_millis() as u64,
-        unix_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
-    }
-}
 
 /// A running supervisor's outside view (for the demo and tests).
 #[derive(Debug, Clone)]

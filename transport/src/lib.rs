@@ -233,6 +233,16 @@ pub fn connect(
     Ok((client, rx, task))
 }
 
+/// The time for a pure machine: milliseconds since `start` (monotonic) and the wall clock.
+pub fn now(start: std::time::Instant) -> protocol::Now {
+    protocol::Now {
+        mono_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+    }
+}
+
 /// The size of an incoming packet that broke the connection for being over our limit.
 pub fn oversized(e: &rumqttc::ConnectionError) -> Option<usize> {
     match e {
