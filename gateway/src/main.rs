@@ -180,7 +180,20 @@ fn settings(args: &Args) -> Result<Settings, ConfigError> {
         core.state_min_interval_ms = ms;
     }
     if let Some(s) = file.timing.chunk_timeout_s {
-        core.chunk_timeout_ms = ms("timing.chunk_timeout_s", s.max(1))?;
+        if s == 0 {
+            return Err(ConfigError::Invalid {
+                key: "timing.chunk_timeout_s",
+                message: "must be at least 1".into(),
+            });
+        }
+        core.chunk_timeout_ms = ms("timing.chunk_timeout_s", s)?;
+    }
+    let keepalive_s = args.keepalive.or(file.broker.keepalive_s).unwrap_or(15);
+    if keepalive_s == 0 {
+        return Err(ConfigError::Invalid {
+            key: "broker.keepalive_s",
+            message: "must be at least 1".into(),
+        });
     }
     let link = LinkConfig {
         mode,
@@ -195,12 +208,7 @@ fn settings(args: &Args) -> Result<Settings, ConfigError> {
     Ok(Settings {
         core,
         broker,
-        keepalive: Duration::from_secs(
-            args.keepalive
-                .or(file.broker.keepalive_s)
-                .unwrap_or(15)
-                .max(1),
-        ),
+        keepalive: Duration::from_secs(keepalive_s),
         data_dir,
         serial_port,
         baud: args.baud.or(file.serial.baud).unwrap_or(250_000),

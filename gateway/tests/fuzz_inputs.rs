@@ -194,12 +194,20 @@ fn truncated_store_files() {
 #[test]
 fn huge_values_are_refused_by_the_binary() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cases: [(&str, &[&str], &str); 3] = [
+    let cases: [(&str, &[&str], &str); 6] = [
         (
             "[timing]\nheartbeat_s = 9223372036854775807\n",
             &[],
             "timing.heartbeat_s",
         ),
+        // Zero is refused too, the supervisor's way, never raised to 1.
+        ("[timing]\nheartbeat_s = 0\n", &[], "timing.heartbeat_s"),
+        (
+            "[timing]\nchunk_timeout_s = 0\n",
+            &[],
+            "timing.chunk_timeout_s",
+        ),
+        ("[broker]\nkeepalive_s = 0\n", &[], "broker.keepalive_s"),
         (
             "[timing]\nchunk_timeout_s = 9223372036854775807\n",
             &[],

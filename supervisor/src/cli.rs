@@ -99,6 +99,7 @@ struct BrokerSection {
     username: Option<String>,
     password: Option<String>,
     ca_file: Option<PathBuf>,
+    keepalive_s: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -235,11 +236,21 @@ pub fn settings(args: &SupervisorArgs) -> Result<Settings, ConfigError> {
         ..SupervisorConfig::default()
     };
     let t = file.timing;
-    // Seconds to milliseconds; a value that overflows is refused, not wrapped (or a panic).
+    // Seconds to milliseconds; zero, and a value that overflows, are refused (the same rule and
+    // wording as the gateway's), never raised, wrapped or a panic.
     let ms = |key, s: u64| {
-        s.max(1)
-            .checked_mul(1000)
+        if s == 0 {
+            return Err(invalid(key, "must be at least 1".into()));
+        }
+        s.checked_mul(1000)
             .ok_or_else(|| invalid(key, format!("{s} s is too long")))
+    };
+    let at_least_one = |key, n: u32| {
+        if n == 0 {
+            Err(invalid(key, "must be at least 1".into()))
+        } else {
+            Ok(n)
+        }
     };
     if let Some(s) = t.step_timeout_s {
         machine.step_timeout_ms = ms("timing.step_timeout_s", s)?;
@@ -251,11 +262,12 @@ pub fn settings(args: &SupervisorArgs) -> Result<Settings, ConfigError> {
         machine.command_ttl_ms = ms("timing.command_ttl_s", s)?;
     }
     if let Some(n) = t.stale_heartbeats {
-        machine.stale_heartbeats = n.max(1);
+        machine.stale_heartbeats = at_least_one("timing.stale_heartbeats", n)?;
     }
     if let Some(n) = t.breaker_threshold {
-        machine.breaker_threshold = n.max(1);
+        machine.breaker_threshold = at_least_one("timing.breaker_threshold", n)?;
     }
+    let keepalive_ms = ms("broker.keepalive_s", file.broker.keepalive_s.unwrap_or(15))?;
     machine.ha.enabled = !args.no_ha && file.ha.enabled.unwrap_or(true);
     if let Some(prefix) = args
         .ha_discovery_prefix
@@ -271,7 +283,7 @@ pub fn settings(args: &SupervisorArgs) -> Result<Settings, ConfigError> {
         broker,
         data_dir,
         metrics,
-        keepalive: Duration::from_secs(15),
+        keepalive: Duration::from_millis(keepalive_ms),
     })
 }
 
@@ -317,6 +329,31 @@ mod tests {
         std::fs::write(&path, "[ha]\nprefix = \"ha\"\n").expect("write");
         let e = settings(&args).expect_err("unknown key");
         assert!(e.to_string().contains("prefix"), "{e}");
+        // Zero is refused with the key's name, as the gateway does: never raised to 1.
+        for (text, key) in [
+            ("[timing]\nstep_timeout_s = 0\n", "timing.step_timeout_s"),
+            (
+                "[timing]\nstale_heartbeats = 0\n",
+                "timing.stale_heartbeats",
+            ),
+            (
+                "[timing]\nbreaker_threshold = 0\n",
+                "timing.breaker_threshold",
+            ),
+            ("[broker]\nkeepalive_s = 0\n", "broker.keepalive_s"),
+        ] {
+            std::fs::write(&path, text).expect("write");
+            let e = settings(&args).expect_err("zero");
+            assert!(
+                e.to_string().contains(key) && e.to_string().contains("at least 1"),
+                "{e}"
+            );
+        }
+        std::fs::write(&path, "[broker]\nkeepalive_s = 30\n").expect("write");
+        assert_eq!(
+            settings(&args).expect("valid").keepalive,
+            Duration::from_secs(30)
+        );
     }
 }
 
