@@ -643,25 +643,38 @@ impl Supervisor {
                 outcome,
             } => self.on_uploaded(now, client, id, outcome, out),
             Input::Tick => {}
-            Input::Enrolled(set) => self.on_enrolled(set),
+            Input::Enrolled(set) => self.on_enrolled(set, out),
         }
     }
 
-    /// Only enrolled printers get work (issue #10: retained messages for an invented printer
-    /// `ghost` made the supervisor dispatch a real job to it). Others are listed, flagged.
-    fn on_enrolled(&mut self, set: Option<BTreeSet<PrinterId>>) {
+    /// Only enrolled printers get work and a Home Assistant device (issue #10: retained
+    /// messages for an invented printer `ghost` made the supervisor dispatch a real job to it).
+    /// Others are listed, flagged.
+    fn on_enrolled(&mut self, set: Option<BTreeSet<PrinterId>>, out: &mut Vec<Output>) {
+        let mut withdrawn = Vec::new();
         for (id, p) in &mut self.printers {
             let enrolled = set.as_ref().is_none_or(|s| s.contains(id));
             if p.enrolled != enrolled {
                 if enrolled {
                     tracing::info!(printer = %id, "printer enrolled: it gets work");
+                    self.ha_dirty.insert(id.clone());
                 } else {
                     tracing::warn!(printer = %id, "printer not in the client registry: it gets no work (`printloop printers add` enrols it)");
+                    if p.ha_published.take().is_some() {
+                        withdrawn.push(id.clone());
+                    }
                 }
                 p.enrolled = enrolled;
             }
         }
         self.enrolled = set;
+        if self.cfg.ha.enabled {
+            for id in withdrawn {
+                for topic in ha::printer_config_topics(&self.cfg.ha, &self.cfg.topics, &id) {
+                    self.publish(out, topic, Vec::new(), true);
+                }
+            }
+        }
     }
 
     fn topic(&self, t: Topic) -> String {
@@ -2519,6 +2532,11 @@ impl Supervisor {
             let Some(p) = self.printers.get(&id) else {
                 continue;
             };
+            // An invented printer gets no device in Home Assistant (enrolling it marks it
+            // dirty again).
+            if !p.enrolled {
+                continue;
+            }
             let Some(meta) = p.meta.as_ref() else {
                 continue;
             };

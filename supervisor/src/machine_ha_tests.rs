@@ -426,3 +426,34 @@ fn a_large_fleet_is_discovered_in_bounded_rounds() {
     );
     assert_eq!(rounds.iter().sum::<usize>(), n * 13, "{rounds:?}");
 }
+
+#[test]
+fn an_invented_printer_gets_no_home_assistant_device_until_it_is_enrolled() {
+    let mut h = H::new();
+    h.input(Input::Enrolled(Some([pid("p0")].into_iter().collect())));
+    let (ha_cfg, topics) = (h.s.cfg.ha.clone(), h.s.cfg.topics.clone());
+    let devices = |out: &[Output], p: &str| {
+        let mine = crate::ha::printer_config_topics(&ha_cfg, &topics, &pid(p));
+        retained_under(out, "homeassistant/")
+            .into_iter()
+            .filter(|x| mine.contains(&x.topic))
+            .map(|x| !x.payload.is_empty())
+            .collect::<Vec<bool>>()
+    };
+    let out = msg_and_round(&mut h, "printers/ghost/meta", meta("ghost", "Ghost", 1));
+    assert!(devices(&out, "ghost").is_empty(), "no device for ghost");
+    let out = msg_and_round(&mut h, "printers/p0/meta", meta("p0", "P0", 1));
+    assert!(!devices(&out, "p0").is_empty() && devices(&out, "p0").iter().all(|c| *c));
+    // Enrolled: its device appears; revoked again: its configs are deleted.
+    let mut out = h.input(Input::Enrolled(Some(
+        [pid("p0"), pid("ghost")].into_iter().collect(),
+    )));
+    out.extend(h.advance(crate::machine::HA_ROUND_MS));
+    assert!(!devices(&out, "ghost").is_empty() && devices(&out, "ghost").iter().all(|c| *c));
+    let out = h.input(Input::Enrolled(Some([pid("p0")].into_iter().collect())));
+    let ghost = devices(&out, "ghost");
+    assert!(
+        !ghost.is_empty() && ghost.iter().all(|c| !*c),
+        "configs deleted: {out:?}"
+    );
+}
