@@ -171,21 +171,8 @@ pub async fn run(args: AdversaryArgs) -> anyhow::Result<bool> {
     farm.final_checks(&mut summary);
     summary.wall_s = round1(started.elapsed().as_secs_f64());
     let ok = summary.violations.is_empty();
-    if ok && !args.keep {
-        let _ = std::fs::remove_dir_all(&dir);
-    } else {
-        summary.data_dir = Some(dir.display().to_string());
-    }
-    for v in &summary.violations {
-        eprintln!("adversary: VIOLATION: {v}");
-    }
-    println!(
-        "{}",
-        serde_json::to_string(&summary).context("encoding the summary")?
-    );
-    if !ok {
-        eprintln!("adversary: kept {} (logs, stores)", dir.display());
-    }
+    summary.data_dir = crate::chaos::procs::settle_dir(&dir, args.keep, ok);
+    crate::chaos::procs::print_report("adversary", &summary.violations, &summary, &dir)?;
     Ok(ok)
 }
 

@@ -138,21 +138,8 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         Ok(mut report) => {
             report.wall_s = round1(wall);
             let ok = report.violations.is_empty();
-            if ok && !args.keep {
-                let _ = std::fs::remove_dir_all(&dir);
-            } else {
-                report.data_dir = Some(dir.display().to_string());
-            }
-            for v in &report.violations {
-                eprintln!("chaos: VIOLATION: {v}");
-            }
-            println!(
-                "{}",
-                serde_json::to_string(&report).context("encoding the report")?
-            );
-            if !ok {
-                eprintln!("chaos: kept {} (logs, stores)", dir.display());
-            }
+            report.data_dir = procs::settle_dir(&dir, args.keep, ok);
+            procs::print_report("chaos", &report.violations, &report, &dir)?;
             Ok(ok)
         }
         Err(e) => {

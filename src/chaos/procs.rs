@@ -230,6 +230,38 @@ pub fn prepare_run(
     Ok((printloop, gateway_bin, dir))
 }
 
+/// Ends a run: a passed run's directory is removed (unless `keep`); otherwise it is kept and
+/// returned, for the report.
+pub fn settle_dir(dir: &Path, keep: bool, passed: bool) -> Option<String> {
+    if passed && !keep {
+        let _ = std::fs::remove_dir_all(dir);
+        None
+    } else {
+        Some(dir.display().to_string())
+    }
+}
+
+/// Prints a run's violations (stderr), its report (one JSON line on stdout) and, when failed,
+/// where its logs and stores are kept.
+pub fn print_report(
+    what: &str,
+    violations: &[String],
+    report: &impl serde::Serialize,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    for v in violations {
+        eprintln!("{what}: VIOLATION: {v}");
+    }
+    println!(
+        "{}",
+        serde_json::to_string(report).context("encoding the report")?
+    );
+    if !violations.is_empty() {
+        eprintln!("{what}: kept {} (logs, stores)", dir.display());
+    }
+    Ok(())
+}
+
 pub fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
