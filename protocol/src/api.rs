@@ -189,17 +189,8 @@ impl ApiRequest {
     pub fn decode(bytes: &[u8]) -> Result<ApiRequest, ApiReject> {
         decode_envelope::<ApiRequest, ApiOp>(bytes, Self::MAX_LEN, &API_SPEC).map_err(
             |(map, error)| {
-                let field = |name: &str| {
-                    map.as_ref()
-                        .and_then(|m| m.get(name))
-                        .and_then(|v| v.as_str())
-                        .map(str::to_owned)
-                };
-                ApiReject {
-                    id: field("id").and_then(|s| CommandId::new(s).ok()),
-                    client: field("client").and_then(|s| ClientId::new(s).ok()),
-                    error,
-                }
+                let (id, client) = crate::codec::correlation(map.as_ref());
+                ApiReject { id, client, error }
             },
         )
     }

@@ -300,6 +300,18 @@ pub(crate) struct EnvelopeSpec {
     pub fields: &'static [&'static str],
 }
 
+/// The `id` and `client` of an envelope that failed to decode, when they are valid: what is
+/// needed to answer it.
+pub(crate) fn correlation(
+    map: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> (Option<crate::CommandId>, Option<crate::ClientId>) {
+    let field = |name: &str| map.and_then(|m| m.get(name)).and_then(|v| v.as_str());
+    (
+        field("id").and_then(|s| crate::CommandId::new(s).ok()),
+        field("client").and_then(|s| crate::ClientId::new(s).ok()),
+    )
+}
+
 /// Decodes an envelope strictly. On error, returns the parsed object (when there was one) so the
 /// caller can still read the correlation fields it needs to answer.
 pub(crate) fn decode_envelope<T: DeserializeOwned, A: DeserializeOwned>(

@@ -155,17 +155,8 @@ impl Command {
     pub fn decode(bytes: &[u8]) -> Result<Command, CommandReject> {
         decode_envelope::<Command, CommandAction>(bytes, MAX_CONTROL_PAYLOAD, &COMMAND_SPEC)
             .map_err(|(map, error)| {
-                let field = |name: &str| {
-                    map.as_ref()
-                        .and_then(|m| m.get(name))
-                        .and_then(|v| v.as_str())
-                        .map(str::to_owned)
-                };
-                CommandReject {
-                    id: field("id").and_then(|s| CommandId::new(s).ok()),
-                    client: field("client").and_then(|s| ClientId::new(s).ok()),
-                    error,
-                }
+                let (id, client) = crate::codec::correlation(map.as_ref());
+                CommandReject { id, client, error }
             })
     }
 
