@@ -61,6 +61,10 @@ pub struct ChaosArgs {
     /// Seconds of fault injection (then the system settles and is checked).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub duration: u64,
+    /// Fewest faults to play: injection goes on past `--duration` until this many were played
+    /// (a slow machine converges slower, and fits fewer faults into the same seconds).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub min_faults: u32,
     /// Seed of the fault schedule (the same seed gives the same faults in the same order).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -326,7 +330,8 @@ impl<'a> Run<'a> {
     async fn play(&mut self) -> anyhow::Result<Report> {
         self.await_fleet_up().await?;
         self.upload().await?;
-        let inject_until = Instant::now() + Duration::from_secs(self.args.duration);
+        let inject_start = Instant::now();
+        let inject_until = inject_start + Duration::from_secs(self.args.duration);
         let mut schedule = Schedule::new(self.args.seed, self.n);
         let converge_limit = Duration::from_secs(self.args.converge_timeout);
         // Let the first jobs start before the first fault.
@@ -334,20 +339,21 @@ impl<'a> Run<'a> {
             until: Instant::now() + Duration::from_secs(2),
         };
         let mut fault_no = 0u32;
+        let mut last_why = String::new();
         loop {
             self.watchdog().await;
             self.operate(true).await;
             let now = Instant::now();
             stage = match stage {
                 Stage::Gap { until } if now >= until => {
-                    if now >= inject_until {
+                    if now >= inject_until && fault_no >= self.args.min_faults {
                         break;
                     }
                     let fault = schedule.next_fault();
                     fault_no += 1;
                     eprintln!(
                         "chaos: [{:>5.1}s] fault #{fault_no}: {} on p{} for {:?}",
-                        self.args.duration as f64 - (inject_until - now).as_secs_f64(),
+                        now.duration_since(inject_start).as_secs_f64(),
                         fault.kind.name(),
                         fault.printer,
                         fault.hold
@@ -391,7 +397,17 @@ impl<'a> Run<'a> {
                             until: Instant::now(),
                         }
                     }
-                    Err(_) => stage,
+                    Err(why) => {
+                        // Each new reason once: a slow convergence explains itself in the log.
+                        if why != last_why {
+                            eprintln!(
+                                "chaos:          [{:>5.1}s after healing] {why}",
+                                since.elapsed().as_secs_f64()
+                            );
+                            last_why = why;
+                        }
+                        stage
+                    }
                 },
                 other => other,
             };

@@ -5,7 +5,7 @@
 //! task (bytebeamio/rumqtt#263, #1025). When the connection drops, the task asks the owner for
 //! the next will (each connection has its own epoch, so its own will) through
 //! [`MqttEvent::Down`], waits a jittered, capped backoff, and reconnects. Publishing is the
-//! owner's business, with `try_publish`, so a full queue never blocks it.
+//! owner's business, through [`outgoing::Outgoing`], so a full queue never blocks it.
 
 pub mod logging;
 pub mod outgoing;
@@ -281,23 +281,49 @@ pub fn refused_backoff(attempt: u32, seed: u64) -> Duration {
     capped.mul_f64(1.0 - jitter as f64 / 1000.0)
 }
 
+/// How sure we are that a connection error is the broker refusing our login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The network or the broker's availability, not our credentials.
+    No,
+    /// The connection ended right after CONNECT, before any CONNACK. printloop's embedded
+    /// broker (rumqttd) answers a bad login that way, but so does anything between us and the
+    /// broker that accepts the TCP connection and closes it: a proxy or load balancer whose
+    /// broker is restarting, a link being cut. Only a run of these is taken for a refusal.
+    Ambiguous,
+    /// The broker said so in its CONNACK (Mosquitto and most brokers).
+    Certain,
+}
+
+/// How long ambiguous closes must go on, with no CONNACK between them, to be taken for a
+/// refused login. Until then the network backoff applies (0.25 s, 0.5 s, 1 s…), so a broker
+/// that is only restarting behind a proxy, or a link that was cut for a few seconds, is
+/// reached again at once instead of after the 15 s a refusal waits. A real refusal by the
+/// embedded broker costs about five quick attempts before the slow pace starts.
+pub const AMBIGUOUS_FOR: Duration = Duration::from_secs(5);
+
 /// Did the broker refuse our login? `before_connack`: the error came before any CONNACK of
 /// this connection attempt. Mosquitto answers a bad login with a CONNACK refusal; rumqttd
 /// (printloop's embedded broker) closes the socket without a CONNACK, which a client can only
-/// tell from the connection ending right after CONNECT.
-pub fn is_refusal(e: &rumqttc::ConnectionError, before_connack: bool) -> bool {
+/// tell from the connection ending right after CONNECT ([`Refusal::Ambiguous`], taken for a
+/// refusal once it has gone on for [`AMBIGUOUS_FOR`]).
+pub fn refusal(e: &rumqttc::ConnectionError, before_connack: bool) -> Refusal {
     use rumqttc::{ConnectReturnCode as C, ConnectionError as E, StateError};
     match e {
-        E::ConnectionRefused(C::BadUserNamePassword | C::NotAuthorized | C::BadClientId) => true,
-        E::MqttState(StateError::ConnectionAborted) => before_connack,
-        E::Io(io) => {
-            before_connack
+        E::ConnectionRefused(C::BadUserNamePassword | C::NotAuthorized | C::BadClientId) => {
+            Refusal::Certain
+        }
+        E::MqttState(StateError::ConnectionAborted) if before_connack => Refusal::Ambiguous,
+        E::Io(io)
+            if before_connack
                 && matches!(
                     io.kind(),
                     std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
-                )
+                ) =>
+        {
+            Refusal::Ambiguous
         }
-        _ => false,
+        _ => Refusal::No,
     }
 }
 
@@ -351,6 +377,8 @@ async fn run(
     let max_backoff = session.max_backoff;
     let mut failures = 0u32;
     let mut refusals = 0u32;
+    // Since when the connection attempts have ended before a CONNACK (see `Refusal::Ambiguous`).
+    let mut ambiguous_since: Option<std::time::Instant> = None;
     let mut acked = false;
     // A message over our packet limit breaks every connection of a persistent session: the
     // broker redelivers it each time. The only way out is a clean session, which drops it (with
@@ -368,6 +396,7 @@ async fn run(
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 failures = 0;
+                ambiguous_since = None;
                 acked = true;
                 if refusals > 0 {
                     tracing::info!(after = refusals, "the broker accepted the login");
@@ -392,7 +421,17 @@ async fn run(
             Ok(_) => {}
             Err(rumqttc::ConnectionError::RequestsDone) => return,
             Err(e) => {
-                let refused = is_refusal(&e, !acked);
+                let refused = match refusal(&e, !acked) {
+                    Refusal::Certain => true,
+                    Refusal::Ambiguous => {
+                        let since = *ambiguous_since.get_or_insert_with(std::time::Instant::now);
+                        since.elapsed() >= AMBIGUOUS_FOR
+                    }
+                    Refusal::No => {
+                        ambiguous_since = None;
+                        false
+                    }
+                };
                 acked = false;
                 let error = describe(&e);
                 let too_big = oversized(&e);
@@ -495,26 +534,32 @@ mod tests {
     #[test]
     fn refusals_are_told_apart_from_network_failures() {
         use rumqttc::{ConnectReturnCode as C, ConnectionError as E, StateError};
-        assert!(is_refusal(&E::ConnectionRefused(C::NotAuthorized), false));
-        assert!(is_refusal(
-            &E::ConnectionRefused(C::BadUserNamePassword),
-            true
-        ));
-        assert!(!is_refusal(
-            &E::ConnectionRefused(C::ServiceUnavailable),
-            true
-        ));
-        assert!(is_refusal(
-            &E::MqttState(StateError::ConnectionAborted),
-            true
-        ));
+        assert_eq!(
+            refusal(&E::ConnectionRefused(C::NotAuthorized), false),
+            Refusal::Certain
+        );
+        assert_eq!(
+            refusal(&E::ConnectionRefused(C::BadUserNamePassword), true),
+            Refusal::Certain
+        );
+        assert_eq!(
+            refusal(&E::ConnectionRefused(C::ServiceUnavailable), true),
+            Refusal::No
+        );
+        // rumqttd's answer to a bad login, and also a proxy whose broker is down.
+        assert_eq!(
+            refusal(&E::MqttState(StateError::ConnectionAborted), true),
+            Refusal::Ambiguous
+        );
+        let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+        assert_eq!(refusal(&E::Io(eof), true), Refusal::Ambiguous);
         // A connection that was up and then dropped is the network, not a refusal.
-        assert!(!is_refusal(
-            &E::MqttState(StateError::ConnectionAborted),
-            false
-        ));
+        assert_eq!(
+            refusal(&E::MqttState(StateError::ConnectionAborted), false),
+            Refusal::No
+        );
         let refused_tcp = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-        assert!(!is_refusal(&E::Io(refused_tcp), true));
+        assert_eq!(refusal(&E::Io(refused_tcp), true), Refusal::No);
         assert!(
             describe(&E::ConnectionRefused(C::NotAuthorized)).contains("PRINTLOOP_MQTT_PASSWORD")
         );

@@ -1,0 +1,117 @@
+//! How the shared MQTT connection task tells a refused login from a network that is only down,
+//! when both look the same on the wire: a TCP connection that ends before any CONNACK.
+//! printloop's embedded broker answers a bad login that way, and so does a proxy whose broker is
+//! restarting or a link being cut. The first must slow to a few attempts a minute; the second
+//! must be reached again within a second or two of coming back.
+use std::time::{Duration, Instant};
+
+use rumqttc::{LastWill, QoS};
+use tokio::net::{TcpListener, TcpStream};
+use transport::{BrokerAddr, MqttEvent, Session};
+
+/// A loopback "door" in front of `upstream`: for `closed_for` it accepts each connection and
+/// closes it at once (what a proxy does while its broker is down); after that it forwards.
+async fn door(upstream: u16, closed_for: Duration) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let opens = Instant::now() + closed_for;
+    tokio::spawn(async move {
+        while let Ok((mut down, _)) = listener.accept().await {
+            if Instant::now() < opens {
+                drop(down);
+                continue;
+            }
+            tokio::spawn(async move {
+                if let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+fn session(id: &str) -> Session {
+    Session {
+        client_id: id.into(),
+        clean_session: true,
+        ..Session::default()
+    }
+}
+
+fn will() -> LastWill {
+    LastWill::new("printloop/v1/test/will", "gone", QoS::AtLeastOnce, false)
+}
+
+/// What the connection task reported until it connected, or until `limit`.
+struct Outcome {
+    connected_after: Option<Duration>,
+    downs: u32,
+    refused: u32,
+}
+
+async fn watch(port: u16, id: &str, limit: Duration) -> Outcome {
+    let addr = BrokerAddr::parse(&format!("mqtt://127.0.0.1:{port}")).expect("address");
+    let (_client, mut events, task) =
+        transport::connect(&addr, &session(id), will()).expect("connect");
+    let start = Instant::now();
+    let mut out = Outcome {
+        connected_after: None,
+        downs: 0,
+        refused: 0,
+    };
+    while let Ok(Some(ev)) = tokio::time::timeout_at((start + limit).into(), events.recv()).await {
+        match ev {
+            MqttEvent::Connected { .. } => {
+                out.connected_after = Some(start.elapsed());
+                break;
+            }
+            MqttEvent::Down {
+                refused, next_will, ..
+            } => {
+                out.downs += 1;
+                out.refused += u32::from(refused);
+                let _ = next_will.send(will());
+            }
+            MqttEvent::Message { .. } => {}
+        }
+    }
+    task.abort();
+    out
+}
+
+#[tokio::test]
+async fn a_broker_behind_a_proxy_that_comes_back_is_reached_within_seconds() {
+    let broker = testkit::EmbeddedBroker::start().expect("broker");
+    let port = door(broker.v4_port(), Duration::from_millis(2_500)).await;
+    let out = watch(port, "reconnect-proxy", Duration::from_secs(10)).await;
+    let after = out
+        .connected_after
+        .unwrap_or_else(|| panic!("not connected within 10 s ({} closes)", out.downs));
+    assert!(out.downs >= 2, "the door closed {} connections", out.downs);
+    assert_eq!(
+        out.refused, 0,
+        "closes for 2.5 s were taken for a refused login"
+    );
+    // Closed for 2.5 s; the network backoff then retries within ~2 s (a refusal would wait 11-15 s).
+    assert!(after < Duration::from_secs(7), "connected after {after:?}");
+}
+
+#[tokio::test]
+async fn closes_that_go_on_are_taken_for_a_refused_login_and_slow_down() {
+    // Nothing behind the door ever answers: rumqttd refusing a bad password looks like this.
+    let port = door(1, Duration::from_secs(3_600)).await;
+    let out = watch(port, "reconnect-refused", Duration::from_secs(12)).await;
+    assert!(out.connected_after.is_none());
+    assert!(
+        out.refused >= 1,
+        "{} closes over 12 s, none taken for a refusal",
+        out.downs
+    );
+    // ~5 quick attempts in the first 5 s (the network backoff), then 11-15 s apart.
+    assert!(
+        (3..=8).contains(&out.downs),
+        "{} attempts in 12 s",
+        out.downs
+    );
+}
