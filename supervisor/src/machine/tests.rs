@@ -868,7 +868,6 @@ fn bed_clear_right_after_the_job_ended_event_is_accepted() {
     );
 }
 
-#[path = "machine_ha_tests.rs"]
 mod ha;
 
 /// Issue #10, item 10: any client could pull any stored G-code by asking under any printer's

@@ -1,0 +1,67 @@
+//! The supervisor's policies (timeouts, rates, the topic tree), with their defaults.
+
+use super::*;
+
+/// The supervisor's policies.
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// The topic tree.
+    pub topics: Topics,
+    /// A printer is stale after this many of its heartbeats without a `state`.
+    pub stale_heartbeats: u32,
+    /// A start command expires this long after it was sent.
+    pub command_ttl_ms: u64,
+    /// A start with no sign of life after this long is sent again (a new command id).
+    pub command_retry_ms: u64,
+    /// A job whose printer is silent this long is flagged `timed_out` (never moved).
+    pub step_timeout_ms: u64,
+    /// Jobs failed in a row before a printer is held out of dispatch.
+    pub breaker_threshold: u32,
+    /// Minimum time between two queue snapshots.
+    pub queue_min_interval_ms: u64,
+    /// A printer online without a `state` for this long is asked to re-publish (rebirth).
+    pub rebirth_after_ms: u64,
+    /// Home Assistant discovery and buttons.
+    pub ha: HaConfig,
+    /// Secret that makes the supervisor's command ids unpredictable (random for each
+    /// configuration; a deterministic simulation sets its own). A client that could guess the
+    /// next id could send it first, and the real command would be answered `duplicate`.
+    pub command_key: [u8; 16],
+    /// API requests admitted per client (a client over it is answered busy).
+    pub api_rate: Rate,
+}
+
+/// API requests the supervisor admits per client: a hundred a second, two hundred at once
+/// (an upload is one request per 64 KiB chunk, so this still takes 6 MiB/s from one client).
+pub const API_RATE: Rate = Rate::new(100.0, 200.0);
+
+/// 16 random bytes from the operating system (a clock-derived fallback if it has none: ids
+/// stay distinct, if less secret).
+fn random_key() -> [u8; 16] {
+    let mut key = [0u8; 16];
+    if getrandom::fill(&mut key).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        key = (t ^ u128::from(std::process::id())).to_le_bytes();
+    }
+    key
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            command_key: random_key(),
+            topics: Topics::default(),
+            stale_heartbeats: 3,
+            command_ttl_ms: 120_000,
+            command_retry_ms: 15_000,
+            step_timeout_ms: 300_000,
+            breaker_threshold: 3,
+            queue_min_interval_ms: 250,
+            rebirth_after_ms: 5_000,
+            ha: HaConfig::default(),
+            api_rate: API_RATE,
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! The queue snapshot: the retained `supervisor/queue` message, rate-limited, and the job
+//! summaries it and the API list are made of.
+
+use super::*;
+
+impl Supervisor {
+    pub(super) fn publish_queue(&mut self, now: Now, out: &mut Vec<Output>, force: bool) {
+        if !self.connected || !(self.queue_dirty || force) {
+            return;
+        }
+        if !force
+            && self
+                .last_queue_mono
+                .is_some_and(|l| now.mono_ms < l + self.cfg.queue_min_interval_ms)
+        {
+            return;
+        }
+        self.queue_seq += 1;
+        let snap = self.queue_snapshot(now);
+        self.publish(out, self.topic(Topic::Queue), snap.encode(), true);
+        self.queue_dirty = false;
+        self.last_queue_mono = Some(now.mono_ms);
+    }
+
+    /// The queue snapshot as it is now.
+    pub fn queue_snapshot(&self, now: Now) -> QueueSnapshot {
+        let mut counts = QueueCounts::default();
+        let mut open: Vec<&JobRecord> = self.jobs.values().filter(|j| j.is_open()).collect();
+        for j in &open {
+            match j.state {
+                JobState::Queued => counts.queued += 1,
+                JobState::Assigned | JobState::Transferring | JobState::Starting => {
+                    counts.starting += 1
+                }
+                JobState::Printing | JobState::Paused => counts.printing += 1,
+                JobState::Finished => counts.awaiting_harvest += 1,
+                JobState::Failed | JobState::Interrupted | JobState::TimedOut => {
+                    counts.attention += 1
+                }
+                JobState::Done | JobState::Cancelled => {}
+            }
+        }
+        open.sort_by_key(|j| (j.state != JobState::Queued, -j.priority, j.seq));
+        let truncated = open.len() > 100;
+        QueueSnapshot {
+            v: Version,
+            epoch: self.epoch,
+            seq: self.queue_seq,
+            at_ms: now.unix_ms,
+            counts,
+            jobs: open.into_iter().take(100).map(summary).collect(),
+            truncated,
+        }
+    }
+
+    // ----- operator API -----
+
+    pub(super) fn summary(&self, p: &PrinterView) -> PrinterSummary {
+        let job = p.state.as_ref().and_then(|s| s.job.as_ref());
+        PrinterSummary {
+            printer_id: p.rec.printer_id.clone(),
+            presence: p.presence,
+            stale: p.stale,
+            phase: p.phase().unwrap_or(PrinterPhase::Disconnected),
+            job_id: job
+                .map(|j| j.job_id.clone())
+                .or_else(|| p.rec.assigned.clone()),
+            progress_pct: job.map(|j| j.progress_pct),
+            held: p.rec.held,
+            consecutive_failures: p.rec.consecutive_failures,
+            enrolled: p.enrolled,
+        }
+    }
+}
+
+pub(super) fn summary(j: &JobRecord) -> JobSummary {
+    JobSummary {
+        job_id: j.job_id.clone(),
+        name: j.name.clone(),
+        sha256: j.sha256.clone(),
+        state: j.state,
+        priority: j.priority,
+        printer_id: j.printer.clone(),
+        progress_pct: j.progress_pct,
+        submitted_at_ms: j.submitted_at_ms,
+        started_at_ms: j.started_at_ms,
+        ended_at_ms: j.ended_at_ms,
+        reason: j.reason.clone(),
+    }
+}
