@@ -104,6 +104,7 @@ impl Supervisor {
             earlier,
             sent_mono: now.mono_ms,
             expires_unix: now.unix_ms + self.cfg.command_ttl_ms,
+            expires_mono: now.mono_ms + self.cfg.command_ttl_ms,
             refused: None,
             busy_retry_mono: None,
         });

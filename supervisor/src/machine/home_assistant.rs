@@ -125,32 +125,28 @@ impl Supervisor {
         })
     }
 
-    /// Publishes the discovery configs that changed (or all of them, when Home Assistant came
-    /// online). A printer's configs wait for its `meta`, which names the device.
-    pub(super) fn publish_discovery(&mut self, now: Now, out: &mut Vec<Output>) {
-        if !self.cfg.ha.enabled || !self.connected {
-            return;
+    /// Home Assistant came back online (timer `HaRepublish`): every config is due again.
+    pub(super) fn ha_republish(&mut self) {
+        self.ha_republish_mono = None;
+        self.ha_fleet_dirty = true;
+        for (id, p) in self.printers.iter_mut() {
+            p.ha_published = None;
+            self.ha_dirty.insert(id.clone());
         }
-        if self.ha_republish_mono.is_some_and(|t| now.mono_ms >= t) {
-            self.ha_republish_mono = None;
-            self.ha_fleet_dirty = true;
-            for (id, p) in self.printers.iter_mut() {
-                p.ha_published = None;
-                self.ha_dirty.insert(id.clone());
-            }
+    }
+
+    /// The fleet device's configs (timer `HaFleet`).
+    pub(super) fn ha_publish_fleet(&mut self, out: &mut Vec<Output>) {
+        self.ha_fleet_dirty = false;
+        for c in ha::fleet_configs(&self.cfg.ha, &self.cfg.topics) {
+            self.publish(out, c.topic, c.payload, true);
         }
-        if std::mem::take(&mut self.ha_fleet_dirty) {
-            for c in ha::fleet_configs(&self.cfg.ha, &self.cfg.topics) {
-                self.publish(out, c.topic, c.payload, true);
-            }
-        }
-        if self.ha_dirty.is_empty()
-            || self
-                .ha_round_mono
-                .is_some_and(|t| now.mono_ms < t + HA_ROUND_MS)
-        {
-            return;
-        }
+    }
+
+    /// One round of printer configs that changed (timer `HaRound`): at most
+    /// `HA_PRINTERS_PER_ROUND` printers. A printer's configs wait for its `meta`, which names
+    /// the device.
+    pub(super) fn ha_round(&mut self, now: Now, out: &mut Vec<Output>) {
         self.ha_round_mono = Some(now.mono_ms);
         let mut sent = 0;
         while sent < HA_PRINTERS_PER_ROUND {

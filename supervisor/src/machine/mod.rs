@@ -64,6 +64,7 @@ pub(crate) use home_assistant::HA_ROUND_MS;
 pub use io::{Input, Output, Publish, UploadOutcome};
 pub use protocol::Now;
 use queue::summary;
+use timers::Timer;
 use views::{PendingStart, PrinterView, START_EXPIRY_SKEW_MS};
 
 /// Counters for `/metrics`.
@@ -267,10 +268,9 @@ impl Supervisor {
         for input in inputs {
             self.apply(now, input, &mut out);
         }
-        self.on_time(now, &mut out);
+        self.on_time(now, Timer::BEFORE_DISPATCH, &mut out);
         self.dispatch(now, &mut out);
-        self.publish_queue(now, &mut out, false);
-        self.publish_discovery(now, &mut out);
+        self.on_time(now, Timer::AFTER_DISPATCH, &mut out);
         self.persist_pending_starts(&mut out);
         out
     }

@@ -4,17 +4,9 @@
 use super::*;
 
 impl Supervisor {
-    pub(super) fn publish_queue(&mut self, now: Now, out: &mut Vec<Output>, force: bool) {
-        if !self.connected || !(self.queue_dirty || force) {
-            return;
-        }
-        if !force
-            && self
-                .last_queue_mono
-                .is_some_and(|l| now.mono_ms < l + self.cfg.queue_min_interval_ms)
-        {
-            return;
-        }
+    /// Publishes the retained queue snapshot (timer `Queue`: at most once per
+    /// `queue_min_interval_ms`, when something changed).
+    pub(super) fn publish_queue(&mut self, now: Now, out: &mut Vec<Output>) {
         self.queue_seq += 1;
         let snap = self.queue_snapshot(now);
         self.publish(out, self.topic(Topic::Queue), snap.encode(), true);

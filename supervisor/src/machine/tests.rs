@@ -81,7 +81,17 @@ impl H {
     fn advance(&mut self, ms: u64) -> Vec<Output> {
         self.now.mono_ms += ms;
         self.now.unix_ms += ms;
-        self.input(Input::Tick)
+        let out = self.input(Input::Tick);
+        // A deadline that is due right after its tick would wake the shell again at once, for
+        // ever: a busy loop. Every timer either acts or moves its deadline on.
+        if let Some(d) = self.s.next_deadline() {
+            assert!(
+                d > self.now.mono_ms,
+                "next deadline {d} is not after the tick at {} (a busy loop)",
+                self.now.mono_ms
+            );
+        }
+        out
     }
 
     fn msg(&mut self, topic: &str, payload: Vec<u8>) -> Vec<Output> {

@@ -16,7 +16,10 @@ pub(super) struct PendingStart {
     /// means the printer has the job.
     pub(super) earlier: Vec<CommandId>,
     pub(super) sent_mono: u64,
+    /// When the command expires, by the printer's (wall) clock: what is persisted.
     pub(super) expires_unix: u64,
+    /// The same instant on our monotonic clock: when the start is given up.
+    pub(super) expires_mono: u64,
     /// The printer refused the latest send, at this `(epoch, at_ms)` of its own. The start is
     /// only given up once a report made after that says the printer does not have the job:
     /// an earlier send may have been accepted and the report saying so not be in yet.
@@ -103,6 +106,7 @@ impl PrinterView {
             earlier: Vec::new(),
             sent_mono: now.mono_ms,
             expires_unix: s.expires_at_ms,
+            expires_mono: now.mono_ms + s.expires_at_ms.saturating_sub(now.unix_ms),
             refused: None,
             busy_retry_mono: None,
         });
