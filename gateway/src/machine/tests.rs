@@ -1,8 +1,13 @@
 //! Script-driven tests of the gateway state machine: inputs in, outputs checked. No IO.
 
 use super::*;
-use protocol::command::{Command, CommandAction, Empty, JobRef, StartJob};
-use protocol::presence::Presence;
+use protocol::command::{
+    Command, CommandAction, CommandResult, Empty, JobRef, ResultStatus, StartJob,
+};
+use protocol::files::{FileChunkRequest, FileChunkResponse};
+use protocol::presence::{Meta, Presence};
+use protocol::state::{Event, EventKind, StateSnapshot};
+use protocol::Version;
 
 const FILE: &[u8] = b"G28\nG1 X10 F3000\nG1 X20\n";
 
