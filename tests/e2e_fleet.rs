@@ -679,7 +679,7 @@ impl Fleet {
                     assert!(out.contains("bed marked clear"), "{out}");
                     return;
                 }
-                Err(e) if e.contains("it is not done") && Instant::now() < deadline => {
+                Err(e) if e.contains("(printer_not_done)") && Instant::now() < deadline => {
                     tokio::time::sleep(POLL).await;
                 }
                 Err(e) => panic!("{e}\n{}", self.logs()),

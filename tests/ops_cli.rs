@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use protocol::api::{
-    ApiOp, ApiRequest, ApiResponse, ApiResult, JobState, JobSummary, PrinterSummary,
+    ApiErrorCode, ApiOp, ApiRequest, ApiResponse, ApiResult, JobState, JobSummary, PrinterSummary,
 };
 use protocol::presence::Presence;
 use protocol::state::PrinterPhase;
@@ -42,17 +42,19 @@ fn ok(id: &CommandId, result: ApiResult) -> ApiResponse {
         ok: true,
         result: Some(result),
         error: None,
+        code: None,
         retry_after_ms: None,
     }
 }
 
-fn refuse(id: &CommandId, error: &str) -> ApiResponse {
+fn refuse(id: &CommandId, code: ApiErrorCode, error: &str) -> ApiResponse {
     ApiResponse {
         v: Version,
         id: id.clone(),
         ok: false,
         result: None,
         error: Some(error.to_owned()),
+        code: Some(code),
         retry_after_ms: None,
     }
 }
@@ -85,10 +87,12 @@ impl Fake {
             ApiOp::UploadChunk(c) => {
                 let data = match base64::engine::general_purpose::STANDARD.decode(&c.data_b64) {
                     Ok(d) => d,
-                    Err(e) => return refuse(id, &format!("bad base64: {e}")),
+                    Err(e) => {
+                        return refuse(id, ApiErrorCode::Invalid, &format!("bad base64: {e}"))
+                    }
                 };
                 if data.len() > 64 * 1024 {
-                    return refuse(id, "chunk larger than 64 KiB");
+                    return refuse(id, ApiErrorCode::Invalid, "chunk larger than 64 KiB");
                 }
                 self.chunks.push((c.offset, data.len()));
                 let stored = self.files.entry(c.sha256.to_string()).or_default();
@@ -112,7 +116,11 @@ impl Fake {
                     .get(s.sha256.as_str())
                     .is_some_and(|d| Sha256Hex::digest(d) == s.sha256);
                 if !complete {
-                    return refuse(id, &format!("unknown file {}", s.sha256));
+                    return refuse(
+                        id,
+                        ApiErrorCode::FileNotStored,
+                        &format!("unknown file {}", s.sha256),
+                    );
                 }
                 let job_ids = (0..s.copies)
                     .map(|_| {
@@ -162,9 +170,11 @@ impl Fake {
                 },
             ),
             ApiOp::BedClear(b) if known_printer(&b.printer_id) => ok(id, ApiResult::Done {}),
-            ApiOp::BedClear(b) => {
-                refuse(id, &format!("unknown printer {:?}", b.printer_id.as_str()))
-            }
+            ApiOp::BedClear(b) => refuse(
+                id,
+                ApiErrorCode::UnknownPrinter,
+                &format!("unknown printer {:?}", b.printer_id.as_str()),
+            ),
             ApiOp::ReleasePrinter(p)
             | ApiOp::PausePrinter(p)
             | ApiOp::ResumePrinter(p)
@@ -176,9 +186,11 @@ impl Fake {
             ApiOp::ReleasePrinter(p)
             | ApiOp::PausePrinter(p)
             | ApiOp::ResumePrinter(p)
-            | ApiOp::ForgetPrinter(p) => {
-                refuse(id, &format!("unknown printer {:?}", p.printer_id.as_str()))
-            }
+            | ApiOp::ForgetPrinter(p) => refuse(
+                id,
+                ApiErrorCode::UnknownPrinter,
+                &format!("unknown printer {:?}", p.printer_id.as_str()),
+            ),
             ApiOp::CancelJob(_) | ApiOp::SetPriority(_) => ok(id, ApiResult::Done {}),
             ApiOp::RequeueJob(_) => ok(
                 id,
@@ -588,7 +600,7 @@ async fn a_refused_request_prints_the_supervisors_error_and_fails() {
     let out = printloop(port, &["bed-clear", "p9"]).await;
     let stderr = failure(&out, "bed-clear p9");
     assert!(
-        stderr.contains(r#"bed_clear failed: unknown printer "p9""#),
+        stderr.contains(r#"bed_clear failed (unknown_printer): unknown printer "p9""#),
         "{stderr}"
     );
     assert!(out.stdout.is_empty());

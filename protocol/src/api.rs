@@ -336,6 +336,49 @@ pub enum ApiResult {
     },
 }
 
+/// Why a request was refused: a stable code for programs (match on it, never on `error`'s
+/// wording, which is for people and may change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiErrorCode {
+    /// The request cannot be read, or an argument is out of range (copies, name, ids).
+    Invalid,
+    /// The client name is reserved (Home Assistant's buttons).
+    ReservedClient,
+    /// The client sent more than its rate allows; nothing was done: retry after
+    /// `retry_after_ms`.
+    Busy,
+    /// The file is not stored: upload it first.
+    FileNotStored,
+    /// An upload chunk was refused (offset, size or digest does not match, or storage failed).
+    UploadRefused,
+    /// No job has this id.
+    UnknownJob,
+    /// No printer has this id.
+    UnknownPrinter,
+    /// The job already ended: there is nothing to cancel.
+    JobEnded,
+    /// Only an ended or timed-out job can be requeued.
+    NotRequeueable,
+    /// The job was requeued before (its retry exists).
+    AlreadyRequeued,
+    /// Only a queued job can change priority.
+    NotQueued,
+    /// The printer is still working on its job: its bed cannot be cleared yet.
+    PrinterNotDone,
+    /// The printer is offline or silent.
+    PrinterUnreachable,
+    /// The printer is in a phase where this cannot be done (pause a printer that is not
+    /// printing, resume one that is not paused, cancel on a printer without a job…).
+    WrongPhase,
+    /// The printer is online: stop its gateway before forgetting it.
+    PrinterOnline,
+    /// The printer holds an active job: cancel it first.
+    PrinterHasJob,
+    /// The supervisor found its own state inconsistent; nothing was done (a bug: report it).
+    Internal,
+}
+
 /// The answer to a request, on `api/response/<client>`. QoS 1, not retained.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -349,9 +392,12 @@ pub struct ApiResponse {
     /// What the request returned, when `ok`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<ApiResult>,
-    /// Why it failed, when not `ok`.
+    /// Why it failed, when not `ok`: for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why it failed, when not `ok`: for programs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<ApiErrorCode>,
     /// Set when the request was refused because its client sent more than its rate allows
     /// (`docs/protocol.md`, "Rate limits"): nothing was done; send it again (a new id is fine)
     /// after this many milliseconds.

@@ -55,8 +55,8 @@ impl Operator {
         let api = self.api.as_mut()?;
         match api.request(op).await {
             Ok(r) => Some(r),
-            Err(crate::ops::OpsError::Refused { op, error }) => {
-                tracing::debug!(op, %error, "operator: refused");
+            Err(crate::ops::OpsError::Refused { op, error, code }) => {
+                tracing::debug!(op, %error, ?code, "operator: refused");
                 None
             }
             Err(e) => {

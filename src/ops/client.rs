@@ -203,6 +203,7 @@ impl ApiClient {
                     (false, _, error) => Err(OpsError::Refused {
                         op: name,
                         error: error.unwrap_or_else(|| "no reason given".into()),
+                        code: response.code,
                     }),
                 },
             ));

@@ -24,6 +24,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use protocol::api::ApiErrorCode;
 use protocol::Topics;
 
 pub use client::{ApiClient, CHUNK_SIZE};
@@ -173,12 +174,14 @@ pub enum OpsError {
         secs: u64,
     },
     /// The supervisor answered `ok: false`.
-    #[error("{op} failed: {error}")]
+    #[error("{op} failed ({}): {error}", code_name(code))]
     Refused {
         /// The operation.
         op: &'static str,
-        /// The supervisor's reason.
+        /// The supervisor's reason, for people.
         error: String,
+        /// The supervisor's reason, for programs (`None` from a supervisor older than codes).
+        code: Option<ApiErrorCode>,
     },
     /// The supervisor answered `ok: true` with something this operation does not return.
     #[error("unexpected answer to {op} from the supervisor: {got}")]
@@ -287,4 +290,11 @@ mod tests {
         assert_eq!(printable("abcdef", 4), "abc…");
         assert_eq!(printable("abcd", 4), "abcd");
     }
+}
+
+/// An API error code as it reads on the wire (`printer_not_done`), for messages scripts match.
+fn code_name(code: &Option<ApiErrorCode>) -> String {
+    code.and_then(|c| serde_json::to_value(c).ok())
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "no code".into())
 }

@@ -10,7 +10,7 @@ impl Supervisor {
         now: Now,
         client: &ClientId,
         id: &CommandId,
-        result: Result<ApiResult, String>,
+        result: Result<ApiResult, Refusal>,
         remember: bool,
         out: &mut Vec<Output>,
     ) {
@@ -21,6 +21,7 @@ impl Supervisor {
                 ok: true,
                 result: Some(r),
                 error: None,
+                code: None,
                 retry_after_ms: None,
             },
             Err(e) => ApiResponse {
@@ -28,7 +29,8 @@ impl Supervisor {
                 id: id.clone(),
                 ok: false,
                 result: None,
-                error: Some(e),
+                error: Some(e.message),
+                code: Some(e.code),
                 retry_after_ms: None,
             },
         };
@@ -77,6 +79,7 @@ impl Supervisor {
                  retry after {} ms",
                 self.cfg.api_rate.per_s, busy.retry_after_ms
             )),
+            code: Some(ApiErrorCode::Busy),
             retry_after_ms: Some(busy.retry_after_ms),
         };
         self.publish_in(
@@ -103,7 +106,10 @@ impl Supervisor {
                 // the real press look like a repeat.
                 self.counters.rejected_messages += 1;
                 tracing::warn!(id = %r.id, "API request under Home Assistant's reserved client name refused");
-                let why = format!("the client name {HA_CLIENT:?} is reserved for Home Assistant's buttons; choose another");
+                let why = Refusal::new(
+                    ApiErrorCode::ReservedClient,
+                    format!("the client name {HA_CLIENT:?} is reserved for Home Assistant's buttons; choose another"),
+                );
                 self.answer(now, &r.client, &r.id, Err(why), false, out);
                 return;
             }
@@ -111,9 +117,17 @@ impl Supervisor {
             Err(reject) => {
                 self.counters.rejected_messages += 1;
                 match (reject.client, reject.id) {
-                    (Some(client), Some(id)) => {
-                        self.answer(now, &client, &id, Err(reject.error.to_string()), false, out)
-                    }
+                    (Some(client), Some(id)) => self.answer(
+                        now,
+                        &client,
+                        &id,
+                        Err(Refusal::new(
+                            ApiErrorCode::Invalid,
+                            reject.error.to_string(),
+                        )),
+                        false,
+                        out,
+                    ),
                     _ => {
                         tracing::warn!(error = %reject.error, "API request without a readable id and client dropped")
                     }
@@ -202,7 +216,7 @@ impl Supervisor {
                     total_size,
                 })
             }
-            UploadOutcome::Failed(e) => Err(e),
+            UploadOutcome::Failed(e) => Err(Refusal::new(ApiErrorCode::UploadRefused, e)),
         };
         self.answer(now, &client, &id, result, false, out);
     }
@@ -212,18 +226,27 @@ impl Supervisor {
         now: Now,
         s: SubmitJob,
         out: &mut Vec<Output>,
-    ) -> Result<ApiResult, String> {
+    ) -> Result<ApiResult, Refusal> {
         let Some(file) = self.files.get(&s.sha256).cloned() else {
-            return Err(format!(
-                "file {} is not stored: upload it first (printloop jobs add does)",
-                s.sha256
+            return Err(Refusal::new(
+                ApiErrorCode::FileNotStored,
+                format!(
+                    "file {} is not stored: upload it first (printloop jobs add does)",
+                    s.sha256
+                ),
             ));
         };
         if s.copies == 0 || s.copies > 1000 {
-            return Err(format!("copies must be 1 to 1000, not {}", s.copies));
+            return Err(Refusal::new(
+                ApiErrorCode::Invalid,
+                format!("copies must be 1 to 1000, not {}", s.copies),
+            ));
         }
         if s.name.trim().is_empty() || s.name.len() > 200 {
-            return Err("name must be 1 to 200 characters".into());
+            return Err(Refusal::new(
+                ApiErrorCode::Invalid,
+                "name must be 1 to 200 characters",
+            ));
         }
         let mut ids = Vec::new();
         let mut muts = Vec::new();
@@ -266,16 +289,18 @@ impl Supervisor {
         now: Now,
         job: &JobId,
         out: &mut Vec<Output>,
-    ) -> Result<ApiResult, String> {
+    ) -> Result<ApiResult, Refusal> {
         let j = self
             .jobs
             .get(job)
             .cloned()
-            .ok_or_else(|| format!("unknown job {job:?}"))?;
+            .ok_or_else(|| unknown_job(job))?;
         match j.state {
             JobState::Queued => {}
             s if active(s) => {
-                let printer = j.printer.clone().ok_or("active job without a printer")?;
+                let printer = j.printer.clone().ok_or_else(|| {
+                    Refusal::new(ApiErrorCode::Internal, "active job without a printer")
+                })?;
                 // Tell the printer (queued in its session if it is away).
                 self.send(
                     now,
@@ -294,7 +319,12 @@ impl Supervisor {
                     }
                 }
             }
-            other => return Err(format!("job {job} already ended ({other:?})").to_lowercase()),
+            other => {
+                return Err(Refusal::new(
+                    ApiErrorCode::JobEnded,
+                    format!("job {job} already ended ({})", state_name(other)),
+                ))
+            }
         }
         let j = self.jobs.get_mut(job).expect("checked");
         j.state = JobState::Cancelled;
@@ -310,12 +340,12 @@ impl Supervisor {
         now: Now,
         job: &JobId,
         out: &mut Vec<Output>,
-    ) -> Result<JobId, String> {
+    ) -> Result<JobId, Refusal> {
         let j = self
             .jobs
             .get(job)
             .cloned()
-            .ok_or_else(|| format!("unknown job {job:?}"))?;
+            .ok_or_else(|| unknown_job(job))?;
         if !matches!(
             j.state,
             JobState::Failed
@@ -324,17 +354,23 @@ impl Supervisor {
                 | JobState::Cancelled
                 | JobState::Finished
         ) {
-            return Err(format!(
-                "job {job} is {:?}: only an ended or timed-out job can be requeued",
-                j.state
-            )
-            .to_lowercase());
+            return Err(Refusal::new(
+                ApiErrorCode::NotRequeueable,
+                format!(
+                    "job {job} is {}: only an ended or timed-out job can be requeued",
+                    state_name(j.state)
+                ),
+            ));
         }
         let base = j.retry_of.clone().unwrap_or_else(|| j.job_id.clone());
         let attempt = j.attempt + 1;
-        let new_id = JobId::new(format!("{base}.r{attempt}")).map_err(|e| e.to_string())?;
+        let new_id = JobId::new(format!("{base}.r{attempt}"))
+            .map_err(|e| Refusal::new(ApiErrorCode::Invalid, e.to_string()))?;
         if self.jobs.contains_key(&new_id) {
-            return Err(format!("job {job} was already requeued as {new_id}"));
+            return Err(Refusal::new(
+                ApiErrorCode::AlreadyRequeued,
+                format!("job {job} was already requeued as {new_id}"),
+            ));
         }
         let n = self.next_job;
         self.next_job += 1;
@@ -376,13 +412,13 @@ impl Supervisor {
         job: &JobId,
         priority: i32,
         out: &mut Vec<Output>,
-    ) -> Result<ApiResult, String> {
-        let j = self
-            .jobs
-            .get_mut(job)
-            .ok_or_else(|| format!("unknown job {job:?}"))?;
+    ) -> Result<ApiResult, Refusal> {
+        let j = self.jobs.get_mut(job).ok_or_else(|| unknown_job(job))?;
         if j.state != JobState::Queued {
-            return Err(format!("job {job} is not queued").to_lowercase());
+            return Err(Refusal::new(
+                ApiErrorCode::NotQueued,
+                format!("job {job} is not queued"),
+            ));
         }
         j.priority = priority;
         out.push(Output::Persist(vec![Mutation::PutJob(j.clone())]));
@@ -414,7 +450,7 @@ impl Supervisor {
         now: Now,
         b: BedClear,
         out: &mut Vec<Output>,
-    ) -> Result<ApiResult, String> {
+    ) -> Result<ApiResult, Refusal> {
         let p = self.known(&b.printer_id)?;
         // The job the printer last reported, and whether it has ended: by the printer's own
         // state, or by its `job_ended` event, which can arrive before the next (rate-limited)
@@ -438,9 +474,14 @@ impl Supervisor {
                 PrinterPhase::Preparing | PrinterPhase::Printing | PrinterPhase::Paused
             );
             if busy && !ended_by_event {
-                return Err(
-                    format!("printer {} is {phase:?}: it is not done", b.printer_id).to_lowercase(),
-                );
+                return Err(Refusal::new(
+                    ApiErrorCode::PrinterNotDone,
+                    format!(
+                        "printer {} is {}: it is not done",
+                        b.printer_id,
+                        phase_name(phase)
+                    ),
+                ));
             }
         }
         // Judge the print that is on the bed.
@@ -492,7 +533,7 @@ impl Supervisor {
         &mut self,
         printer: &PrinterId,
         out: &mut Vec<Output>,
-    ) -> Result<ApiResult, String> {
+    ) -> Result<ApiResult, Refusal> {
         let p = self.known_mut(printer)?;
         p.rec.held = false;
         p.rec.consecutive_failures = 0;
@@ -502,16 +543,16 @@ impl Supervisor {
     }
 
     /// The printer, or the API's "unknown printer" error.
-    pub(super) fn known(&self, printer: &PrinterId) -> Result<&PrinterView, String> {
+    pub(super) fn known(&self, printer: &PrinterId) -> Result<&PrinterView, Refusal> {
         self.printers
             .get(printer)
-            .ok_or_else(|| format!("unknown printer {:?}", printer.as_str()))
+            .ok_or_else(|| unknown_printer(printer))
     }
 
-    pub(super) fn known_mut(&mut self, printer: &PrinterId) -> Result<&mut PrinterView, String> {
+    pub(super) fn known_mut(&mut self, printer: &PrinterId) -> Result<&mut PrinterView, Refusal> {
         self.printers
             .get_mut(printer)
-            .ok_or_else(|| format!("unknown printer {:?}", printer.as_str()))
+            .ok_or_else(|| unknown_printer(printer))
     }
 
     /// `pause_printer` / `resume_printer`: checked against the printer's last state, then a
@@ -522,7 +563,7 @@ impl Supervisor {
         printer: &PrinterId,
         pause: bool,
         out: &mut Vec<Output>,
-    ) -> Result<ApiResult, String> {
+    ) -> Result<ApiResult, Refusal> {
         let p = self.known(printer)?;
         let (wanted, verb) = if pause {
             (PrinterPhase::Printing, "pause")
@@ -530,16 +571,20 @@ impl Supervisor {
             (PrinterPhase::Paused, "resume")
         };
         if !p.reachable() {
-            return Err(format!(
-                "printer {printer} is offline or silent: cannot {verb}"
+            return Err(Refusal::new(
+                ApiErrorCode::PrinterUnreachable,
+                format!("printer {printer} is offline or silent: cannot {verb}"),
             ));
         }
         let phase = p.phase().unwrap_or(PrinterPhase::Disconnected);
         if phase != wanted {
-            return Err(format!(
-                "printer {printer} is {}: only a {} printer can be told to {verb}",
-                phase_name(phase),
-                phase_name(wanted)
+            return Err(Refusal::new(
+                ApiErrorCode::WrongPhase,
+                format!(
+                    "printer {printer} is {}: only a {} printer can be told to {verb}",
+                    phase_name(phase),
+                    phase_name(wanted)
+                ),
             ));
         }
         let job_id = p
@@ -567,19 +612,23 @@ impl Supervisor {
         &mut self,
         printer: &PrinterId,
         out: &mut Vec<Output>,
-    ) -> Result<ApiResult, String> {
+    ) -> Result<ApiResult, Refusal> {
         let p = self.known(printer)?;
         if p.presence == Presence::Online && !p.stale {
-            return Err(format!(
-                "printer {printer} is online: stop its gateway before forgetting it"
+            return Err(Refusal::new(
+                ApiErrorCode::PrinterOnline,
+                format!("printer {printer} is online: stop its gateway before forgetting it"),
             ));
         }
         if let Some(job) = p.rec.assigned.as_ref().and_then(|j| self.jobs.get(j)) {
             if active(job.state) && job.state != JobState::TimedOut {
-                return Err(format!(
-                    "printer {printer} has job {} ({}): cancel it first",
-                    job.job_id,
-                    format!("{:?}", job.state).to_lowercase()
+                return Err(Refusal::new(
+                    ApiErrorCode::PrinterHasJob,
+                    format!(
+                        "printer {printer} has job {} ({}): cancel it first",
+                        job.job_id,
+                        state_name(job.state)
+                    ),
                 ));
             }
         }
@@ -604,10 +653,50 @@ impl Supervisor {
         tracing::info!(printer = %printer, "printer forgotten (decommissioned)");
         Ok(ApiResult::Done {})
     }
-
-    // ----- Home Assistant -----
 }
 
+/// A refused request: its stable code for programs and its message for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// What programs match on.
+    pub code: ApiErrorCode,
+    /// What people read.
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal with this code and message.
+    pub fn new(code: ApiErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+fn unknown_job(job: &JobId) -> Refusal {
+    Refusal::new(ApiErrorCode::UnknownJob, format!("unknown job {job:?}"))
+}
+
+fn unknown_printer(printer: &PrinterId) -> Refusal {
+    Refusal::new(
+        ApiErrorCode::UnknownPrinter,
+        format!("unknown printer {:?}", printer.as_str()),
+    )
+}
+
+/// How a phase reads in a message: `printing`, `paused`…
 pub(super) fn phase_name(phase: PrinterPhase) -> String {
     format!("{phase:?}").to_lowercase()
+}
+
+/// How a job state reads in a message: `queued`, `timedout`…
+fn state_name(state: JobState) -> String {
+    format!("{state:?}").to_lowercase()
 }

@@ -86,7 +86,7 @@ impl Supervisor {
         &self,
         printer: &PrinterId,
         action: PressAction,
-    ) -> Result<ApiOp, String> {
+    ) -> Result<ApiOp, Refusal> {
         let p = self.known(printer)?;
         let phase = p.phase().unwrap_or(PrinterPhase::Disconnected);
         let args = PrinterArgs {
@@ -103,18 +103,24 @@ impl Supervisor {
                     .filter(|j| !j.stage.is_terminal())
                     .map(|j| j.job_id.clone())
                     .ok_or_else(|| {
-                        format!(
-                            "printer {printer} is {} with no job to cancel",
-                            phase_name(phase)
+                        Refusal::new(
+                            ApiErrorCode::WrongPhase,
+                            format!(
+                                "printer {printer} is {} with no job to cancel",
+                                phase_name(phase)
+                            ),
                         )
                     })?;
                 ApiOp::CancelJob(JobArgs { job_id: job })
             }
             PressAction::BedCleared => {
                 if !matches!(phase, PrinterPhase::Idle | PrinterPhase::Finished) {
-                    return Err(format!(
-                        "printer {printer} is {}: the bed is cleared only when idle or finished",
-                        phase_name(phase)
+                    return Err(Refusal::new(
+                        ApiErrorCode::WrongPhase,
+                        format!(
+                            "printer {printer} is {}: the bed is cleared only when idle or finished",
+                            phase_name(phase)
+                        ),
                     ));
                 }
                 ApiOp::BedClear(BedClear {

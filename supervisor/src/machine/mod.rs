@@ -23,8 +23,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use protocol::api::{
-    ApiOp, ApiReject, ApiRequest, ApiResponse, ApiResult, BedClear, JobArgs, JobState, JobSummary,
-    ListJobs, PrinterArgs, PrinterSummary, QueueCounts, QueueSnapshot, SubmitJob, UploadChunk,
+    ApiErrorCode, ApiOp, ApiReject, ApiRequest, ApiResponse, ApiResult, BedClear, JobArgs,
+    JobState, JobSummary, ListJobs, PrinterArgs, PrinterSummary, QueueCounts, QueueSnapshot,
+    SubmitJob, UploadChunk,
 };
 use protocol::command::{
     Command, CommandAction, CommandResult, Empty, JobRef, ResultStatus, StartJob,
@@ -59,6 +60,7 @@ mod timers;
 mod views;
 
 use api::phase_name;
+pub use api::Refusal;
 pub use config::{SupervisorConfig, API_RATE};
 pub(crate) use home_assistant::HA_ROUND_MS;
 pub use io::{Input, Output, Publish, UploadOutcome};
