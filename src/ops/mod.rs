@@ -243,6 +243,13 @@ pub(crate) fn printable(s: &str, max: usize) -> String {
     out
 }
 
+/// An API error code as it reads on the wire (`printer_not_done`), for messages scripts match.
+fn code_name(code: &Option<ApiErrorCode>) -> String {
+    code.and_then(|c| serde_json::to_value(c).ok())
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "no code".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,11 +297,4 @@ mod tests {
         assert_eq!(printable("abcdef", 4), "abc…");
         assert_eq!(printable("abcd", 4), "abcd");
     }
-}
-
-/// An API error code as it reads on the wire (`printer_not_done`), for messages scripts match.
-fn code_name(code: &Option<ApiErrorCode>) -> String {
-    code.and_then(|c| serde_json::to_value(c).ok())
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_else(|| "no code".into())
 }
