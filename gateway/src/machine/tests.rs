@@ -71,7 +71,16 @@ impl H {
     fn advance(&mut self, ms: u64) -> Vec<Output> {
         self.now.mono_ms += ms;
         self.now.unix_ms += ms;
-        self.g.handle(self.now, Input::Tick)
+        let out = self.g.handle(self.now, Input::Tick);
+        // A deadline due right after its tick wakes the shell again at once, for ever.
+        if let Some(d) = self.g.next_deadline() {
+            assert!(
+                d > self.now.mono_ms,
+                "next deadline {d} is not after the tick at {} (a busy loop)",
+                self.now.mono_ms
+            );
+        }
+        out
     }
 
     fn input(&mut self, i: Input) -> Vec<Output> {

@@ -274,6 +274,10 @@ impl Supervisor {
         self.dispatch(now, &mut out);
         self.on_time(now, Timer::AFTER_DISPATCH, &mut out);
         self.persist_pending_starts(&mut out);
+        debug_assert!(
+            self.next_deadline().is_none_or(|d| d > now.mono_ms),
+            "a timer is still due after the batch (a busy loop)"
+        );
         out
     }
 
