@@ -71,9 +71,11 @@ async fn watch(port: u16, id: &str, limit: Duration) -> Outcome {
             } => {
                 out.downs += 1;
                 out.refused += u32::from(refused);
-                let _ = next_will.send(will());
+                if let Some(next) = next_will {
+                    let _ = next.send(will());
+                }
             }
-            MqttEvent::Message { .. } => {}
+            _ => {}
         }
     }
     task.abort();

@@ -168,7 +168,9 @@ async fn serve(
                         tracing::info!(session_present, epoch = machine.epoch(), "connected to the broker");
                         shell.pending.push_back(Input::MqttConnected { session_present });
                     }
-                    MqttEvent::Message { topic, payload } => shell.pending.push_back(Input::Message { topic, payload }),
+                    MqttEvent::Message(p) => shell.pending.push_back(Input::Message { topic: p.topic, payload: p.payload.to_vec() }),
+                    // Acknowledgements are not asked for.
+                    MqttEvent::SubAck(_) | MqttEvent::PubAck | MqttEvent::PubComp => {}
                     MqttEvent::Down { error, refused, next_will } => {
                         // A refused login is logged by the transport, once, with its fix.
                         if !refused {
@@ -178,7 +180,9 @@ async fn serve(
                         shell.execute(out, &mut printer)?;
                         let (muts, topic, will) = machine.prepare_connect(now(start));
                         shell.store.apply(&muts)?;
-                        let _ = next_will.send(LastWill::new(topic, will, QoS::AtLeastOnce, true));
+                        if let Some(next) = next_will {
+                            let _ = next.send(LastWill::new(topic, will, QoS::AtLeastOnce, true));
+                        }
                     }
                 }
             }

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use protocol::api::{ApiResponse, ApiResult};
 use protocol::command::CommandResult;
 use protocol::{JobId, Payload as _, PrinterTopicKind, Topic, Topics};
-use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeFilter};
+use rumqttc::{AsyncClient, QoS, SubscribeFilter};
 use tokio::task::JoinHandle;
+use transport::{Acks, Forwarding, MqttEvent, Out, Reconnect};
 
 use super::probe::{Conn, Forged};
 
@@ -70,7 +71,7 @@ impl Attacker {
     pub async fn connect(conn: Conn, topics: Topics, forged: Forged) -> Attacker {
         let mut opts = conn.options("attacker");
         opts.set_inflight(1000);
-        let (client, mut eventloop) = AsyncClient::new(opts, 20_000);
+        let (client, eventloop) = AsyncClient::new(opts, 20_000);
         let inbox: Arc<Mutex<Inbox>> = Arc::default();
         let subscribed = Arc::new(AtomicBool::new(false));
         let disconnects = Arc::new(AtomicU64::new(0));
@@ -92,26 +93,28 @@ impl Attacker {
             subscribed.clone(),
             disconnects.clone(),
         );
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+        let forwarding = Forwarding {
+            reconnect: Reconnect::After(Duration::from_millis(200)),
+            resubscribe: Some((sub, filters)),
+            acks: Acks::Subscribe,
+        };
+        let forward = transport::forward::spawn(eventloop, forwarding, Out::Bounded(tx));
         let task = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        if let Err(e) = sub.try_subscribe_many(filters.clone()) {
-                            tracing::warn!(error = %e, "attacker: cannot subscribe");
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => s.store(true, Ordering::SeqCst),
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
+            let _forward = crate::chaos::observe::AbortOnDrop(forward);
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    MqttEvent::SubAck(_) => s.store(true, Ordering::SeqCst),
+                    MqttEvent::Message(p) => {
                         if let Ok(mut inbox) = ib.lock() {
                             inbox.apply(&t, &p.topic, &p.payload);
                         }
                     }
-                    Ok(_) => {}
-                    Err(e) => {
+                    MqttEvent::Down { error, .. } => {
                         dc.fetch_add(1, Ordering::SeqCst);
-                        tracing::info!(error = %e, "attacker: connection dropped");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        tracing::info!(%error, "attacker: connection dropped");
                     }
+                    _ => {}
                 }
             }
         });
@@ -161,24 +164,31 @@ impl Attacker {
         let opts = self
             .conn
             .options(&format!("attacker-shot-{}", self.one_shots));
-        let (client, mut eventloop) = AsyncClient::new(opts, 4);
-        let publish = client.try_publish(topic, QoS::AtLeastOnce, retain, payload);
-        if let Err(e) = publish {
+        let (client, eventloop) = AsyncClient::new(opts, 4);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let forwarding = Forwarding {
+            acks: Acks::All,
+            ..Forwarding::default()
+        };
+        let forward = transport::forward::spawn(eventloop, forwarding, Out::Unbounded(tx));
+        let _forward = crate::chaos::observe::AbortOnDrop(forward);
+        if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, retain, payload) {
             return Shot::Dropped(format!("not sent: {e}"));
         }
         let outcome = tokio::time::timeout(Duration::from_secs(3), async {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::PubAck(_))) => return Shot::Acked,
-                    Ok(_) => {}
-                    Err(e) => return Shot::Dropped(e.to_string()),
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    MqttEvent::PubAck => return Shot::Acked,
+                    MqttEvent::Down { error, .. } => return Shot::Dropped(error),
+                    _ => {}
                 }
             }
+            Shot::Dropped("the connection ended".into())
         })
         .await
         .unwrap_or(Shot::NoAnswer);
         let _ = client.try_disconnect();
-        let _ = tokio::time::timeout(Duration::from_millis(300), eventloop.poll()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
         outcome
     }
 

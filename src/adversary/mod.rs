@@ -41,8 +41,9 @@ use protocol::api::JobState;
 use protocol::presence::{Meta, Presence, Status};
 use protocol::state::StateSnapshot;
 use protocol::{JobId, Payload as _, PrinterId, Topic, Topics};
-use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeFilter};
+use rumqttc::{AsyncClient, QoS, SubscribeFilter};
 use serde_json::Value;
+use transport::{Acks, Forwarding, MqttEvent, Out, Reconnect};
 
 use crate::chaos::check;
 use crate::chaos::observe::Observer;
@@ -966,32 +967,37 @@ fn preview(payload: &[u8]) -> String {
 /// (waits at most 2 s; topics without one are absent).
 async fn retained_snapshot(conn: &Conn, names: &[String]) -> BTreeMap<String, Vec<u8>> {
     let id = format!("adversary-check-{}", std::process::id());
-    let (client, mut eventloop) = AsyncClient::new(conn.options(&id), 64);
+    let (client, eventloop) = AsyncClient::new(conn.options(&id), 64);
     let filters: Vec<SubscribeFilter> = names
         .iter()
         .map(|n| SubscribeFilter::new(n.clone(), QoS::AtLeastOnce))
         .collect();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let forwarding = Forwarding {
+        reconnect: Reconnect::After(Duration::from_millis(100)),
+        resubscribe: Some((client.clone(), filters)),
+        acks: Acks::Subscribe,
+    };
+    let forward = transport::forward::spawn(eventloop, forwarding, Out::Unbounded(tx));
+    let _forward = crate::chaos::observe::AbortOnDrop(forward);
     let mut out = BTreeMap::new();
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let mut subacked = None;
+        let mut subacked: Option<Instant> = None;
         loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = client.try_subscribe_many(filters.clone());
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => subacked = Some(Instant::now()),
-                Ok(Event::Incoming(Packet::Publish(p))) if p.retain => {
+            // Retained messages follow the SUBACK at once; 1 s after it there are no more.
+            let quiet = subacked.map_or(Duration::from_secs(2), |t| {
+                Duration::from_secs(1).saturating_sub(t.elapsed())
+            });
+            match tokio::time::timeout(quiet, rx.recv()).await {
+                Ok(Some(MqttEvent::SubAck(_))) => subacked = Some(Instant::now()),
+                Ok(Some(MqttEvent::Message(p))) if p.retain => {
                     out.insert(p.topic.clone(), p.payload.to_vec());
                     if out.len() == names.len() {
                         return;
                     }
                 }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-            // Retained messages follow the SUBACK at once; 1 s after it there are no more.
-            if subacked.is_some_and(|t: Instant| t.elapsed() > Duration::from_secs(1)) {
-                return;
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
             }
         }
     })

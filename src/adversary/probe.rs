@@ -20,8 +20,9 @@ use protocol::command::CommandResult;
 use protocol::presence::{Presence, Status};
 use protocol::state::StateSnapshot;
 use protocol::{Payload as _, PrinterTopicKind, Topic, Topics};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeFilter};
+use rumqttc::{AsyncClient, MqttOptions, QoS, SubscribeFilter};
 use tokio::task::JoinHandle;
+use transport::{Acks, Forwarding, MqttEvent, Out, Reconnect};
 
 use crate::ops::{ApiClient, Endpoint, OpsError};
 
@@ -167,7 +168,7 @@ impl Probe {
             heartbeat_s: vec![None; n],
             ..Default::default()
         }));
-        let (client, mut eventloop) = AsyncClient::new(conn.options("probe"), 256);
+        let (client, eventloop) = AsyncClient::new(conn.options("probe"), 256);
         let filters: Vec<SubscribeFilter> = [
             topics.all_printers(PrinterTopicKind::State),
             topics.all_printers(PrinterTopicKind::Status),
@@ -179,26 +180,27 @@ impl Probe {
         .collect();
         let d = data.clone();
         let t = topics.clone();
-        let sub = client.clone();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+        let forwarding = Forwarding {
+            reconnect: Reconnect::After(Duration::from_millis(200)),
+            resubscribe: Some((client.clone(), filters)),
+            acks: Acks::None,
+        };
+        let forward = transport::forward::spawn(eventloop, forwarding, Out::Bounded(tx));
         let listen = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        if let Err(e) = sub.try_subscribe_many(filters.clone()) {
-                            tracing::warn!(error = %e, "probe: cannot subscribe");
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
+            let _forward = crate::chaos::observe::AbortOnDrop(forward);
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    MqttEvent::Message(p) => {
                         let now = Instant::now();
                         if let Ok(mut data) = d.lock() {
                             data.apply(&t, n, &forged, &p.topic, &p.payload, now);
                         }
                     }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "probe: connection lost");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    MqttEvent::Down { error, .. } => {
+                        tracing::warn!(%error, "probe: connection lost");
                     }
+                    _ => {}
                 }
             }
         });

@@ -10,7 +10,8 @@ use std::time::Duration;
 use protocol::presence::{Presence, Status};
 use protocol::state::{Event, EventKind, StateSnapshot};
 use protocol::{Payload as _, PrinterTopicKind, Topic, Topics};
-use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS, SubscribeFilter};
+use rumqttc::{AsyncClient, MqttOptions, QoS, SubscribeFilter};
+use transport::{Acks, Forwarding, MqttEvent, Out, Reconnect};
 
 use super::check::Observed;
 
@@ -116,7 +117,7 @@ impl Observer {
         if let Some((user, password)) = login {
             opts.set_credentials(user, password);
         }
-        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        let (client, eventloop) = AsyncClient::new(opts, 64);
         let filters: Vec<SubscribeFilter> = [
             PrinterTopicKind::Status,
             PrinterTopicKind::State,
@@ -125,24 +126,22 @@ impl Observer {
         .into_iter()
         .map(|k| SubscribeFilter::new(topics.all_printers(k), QoS::AtLeastOnce))
         .collect();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+        let forwarding = Forwarding {
+            reconnect: Reconnect::After(Duration::from_millis(200)),
+            // A clean session: subscribe again on every connection.
+            resubscribe: Some((client, filters)),
+            acks: Acks::None,
+        };
+        let forward = transport::forward::spawn(eventloop, forwarding, Out::Bounded(tx));
         let s = seen.clone();
         let task = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                        // A clean session: subscribe again on every connection. try_: never
-                        // wait on the request queue from the event loop.
-                        if let Err(e) = client.try_subscribe_many(filters.clone()) {
-                            tracing::warn!(error = %e, "observer: cannot subscribe");
-                        }
+            let _forward = AbortOnDrop(forward);
+            while let Some(ev) = rx.recv().await {
+                if let MqttEvent::Message(p) = ev {
+                    if let Ok(mut seen) = s.lock() {
+                        seen.apply(&topics, &p.topic, &p.payload);
                     }
-                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                        if let Ok(mut seen) = s.lock() {
-                            seen.apply(&topics, &p.topic, &p.payload);
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                 }
             }
         });
@@ -169,5 +168,14 @@ impl Observer {
 impl Drop for Observer {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Aborts a task when dropped (with the task that owns it).
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

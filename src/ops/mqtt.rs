@@ -1,16 +1,14 @@
-//! One MQTT connection for a CLI command: rumqttc's event loop runs in its own task and only
-//! forwards what arrives; the caller subscribes and publishes through the [`AsyncClient`].
+//! One MQTT connection for a CLI command: rumqttc's event loop runs in the shared forwarding
+//! task (`transport::forward`); the caller subscribes and publishes through the [`AsyncClient`].
 
 use std::hash::BuildHasher as _;
 use std::time::Duration;
 
 use protocol::ClientId;
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions,
-    Packet, QoS, SubscribeReasonCode, Transport,
-};
+use rumqttc::{AsyncClient, MqttOptions, NetworkOptions, QoS, SubscribeReasonCode, Transport};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use transport::{Acks, Forwarding, MqttEvent, Out, Reconnect};
 
 use super::{Endpoint, OpsError};
 
@@ -39,7 +37,7 @@ pub(crate) struct Link {
     pub(crate) client: AsyncClient,
     pub(crate) client_id: ClientId,
     pub(crate) broker: String,
-    events: mpsc::Receiver<LinkEvent>,
+    events: mpsc::Receiver<MqttEvent>,
     task: JoinHandle<()>,
 }
 
@@ -69,27 +67,6 @@ fn options(ep: &Endpoint, client_id: &ClientId) -> MqttOptions {
     o
 }
 
-fn describe(e: &ConnectionError) -> String {
-    match e {
-        ConnectionError::ConnectionRefused(code) => {
-            let why = match code {
-                ConnectReturnCode::BadUserNamePassword => {
-                    "bad user name or password (--username, PRINTLOOP_MQTT_PASSWORD)"
-                }
-                ConnectReturnCode::NotAuthorized => {
-                    "not authorised (--username, PRINTLOOP_MQTT_PASSWORD)"
-                }
-                ConnectReturnCode::ServiceUnavailable => "service unavailable",
-                ConnectReturnCode::BadClientId => "client id rejected",
-                _ => "refused",
-            };
-            format!("the broker refused the connection: {why}")
-        }
-        ConnectionError::Io(io) => io.to_string(),
-        other => other.to_string(),
-    }
-}
-
 impl Link {
     /// Connects and waits (at most the endpoint's timeout) for the broker to accept us.
     ///
@@ -102,43 +79,55 @@ impl Link {
         let mut network = NetworkOptions::new();
         network.set_connection_timeout(ep.timeout.as_secs().max(1));
         eventloop.set_network_options(network);
-        let (tx, mut events) = mpsc::channel(256);
-        let task = tokio::spawn(drive(eventloop, tx, reconnect));
-        let first = tokio::time::timeout(ep.timeout, events.recv()).await;
+        let (tx, events) = mpsc::channel(256);
+        let forwarding = Forwarding {
+            reconnect: if reconnect {
+                Reconnect::After(RECONNECT_DELAY)
+            } else {
+                Reconnect::Never
+            },
+            resubscribe: None,
+            acks: Acks::Subscribe,
+        };
+        let task = transport::forward::spawn(eventloop, forwarding, Out::Bounded(tx));
+        let mut link = Link {
+            client,
+            client_id,
+            broker: broker.clone(),
+            events,
+            task,
+        };
+        let first = tokio::time::timeout(ep.timeout, link.next()).await;
         let fail = |reason: String| OpsError::Connect {
             broker: broker.clone(),
             reason,
         };
         match first {
-            Ok(Some(LinkEvent::Connected)) => Ok(Link {
-                client,
-                client_id,
-                broker,
-                events,
-                task,
-            }),
-            Ok(Some(LinkEvent::Down { reason })) => {
-                task.abort();
-                Err(fail(reason))
-            }
-            Ok(Some(other)) => {
-                task.abort();
-                Err(fail(format!("expected a CONNACK, got {other:?}")))
-            }
+            Ok(Some(LinkEvent::Connected)) => Ok(link),
+            Ok(Some(LinkEvent::Down { reason })) => Err(fail(reason)),
+            Ok(Some(other)) => Err(fail(format!("expected a CONNACK, got {other:?}"))),
             Ok(None) => Err(fail("the connection ended".into())),
-            Err(_) => {
-                task.abort();
-                Err(fail(format!(
-                    "no answer within {} s",
-                    ep.timeout.as_secs().max(1)
-                )))
-            }
+            Err(_) => Err(fail(format!(
+                "no answer within {} s",
+                ep.timeout.as_secs().max(1)
+            ))),
         }
     }
 
     /// The next event; `None` once the task has ended.
     pub(crate) async fn next(&mut self) -> Option<LinkEvent> {
-        self.events.recv().await
+        loop {
+            return Some(match self.events.recv().await? {
+                MqttEvent::Connected { .. } => LinkEvent::Connected,
+                MqttEvent::SubAck(codes) => LinkEvent::SubAck(codes),
+                MqttEvent::Message(p) => LinkEvent::Message {
+                    topic: p.topic,
+                    payload: p.payload.to_vec(),
+                },
+                MqttEvent::Down { error, .. } => LinkEvent::Down { reason: error },
+                MqttEvent::PubAck | MqttEvent::PubComp => continue,
+            });
+        }
     }
 
     /// Sends SUBSCRIBE for `filter` (the SUBACK arrives as an event).
@@ -157,7 +146,7 @@ impl Link {
         if self.client.disconnect().await.is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 while let Some(ev) = self.events.recv().await {
-                    if matches!(ev, LinkEvent::Down { .. }) {
+                    if matches!(ev, MqttEvent::Down { .. }) {
                         return;
                     }
                 }
@@ -171,34 +160,6 @@ impl Link {
 impl Drop for Link {
     fn drop(&mut self) {
         self.task.abort();
-    }
-}
-
-/// The event-loop task: polls, forwards, and never publishes.
-async fn drive(mut eventloop: EventLoop, tx: mpsc::Sender<LinkEvent>, reconnect: bool) {
-    loop {
-        let event = match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => LinkEvent::Connected,
-            Ok(Event::Incoming(Packet::SubAck(s))) => LinkEvent::SubAck(s.return_codes),
-            Ok(Event::Incoming(Packet::Publish(p))) => LinkEvent::Message {
-                topic: p.topic,
-                payload: p.payload.to_vec(),
-            },
-            Ok(_) => continue,
-            Err(e) => {
-                let down = LinkEvent::Down {
-                    reason: describe(&e),
-                };
-                if tx.send(down).await.is_err() || !reconnect {
-                    return;
-                }
-                tokio::time::sleep(RECONNECT_DELAY).await;
-                continue;
-            }
-        };
-        if tx.send(event).await.is_err() {
-            return;
-        }
     }
 }
 

@@ -335,7 +335,9 @@ async fn serve(
                         tracing::info!(session_present, epoch = machine.epoch(), "connected to the broker");
                         shell.pending.push_back(Input::Connected);
                     }
-                    MqttEvent::Message { topic, payload } => shell.pending.push_back(Input::Message { topic, payload }),
+                    MqttEvent::Message(p) => shell.pending.push_back(Input::Message { topic: p.topic, payload: p.payload.to_vec() }),
+                    // Acknowledgements are not asked for.
+                    MqttEvent::SubAck(_) | MqttEvent::PubAck | MqttEvent::PubComp => {}
                     MqttEvent::Down { error, refused, next_will } => {
                         if !refused {
                             tracing::warn!(%error, "broker connection lost");
@@ -346,7 +348,9 @@ async fn serve(
                         shell.execute(now(start), out)?;
                         let (muts, topic, will) = machine.prepare_connect(now(start));
                         shell.store.apply(&muts)?;
-                        let _ = next_will.send(LastWill::new(topic, will, QoS::AtLeastOnce, true));
+                        if let Some(next) = next_will {
+                            let _ = next.send(LastWill::new(topic, will, QoS::AtLeastOnce, true));
+                        }
                     }
                 }
                 }

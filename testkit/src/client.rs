@@ -1,16 +1,17 @@
 //! A small MQTT 3.1.1 test client on rumqttc 0.25: every wait is bounded.
 //!
-//! The event loop runs in a task that forwards incoming publishes to one channel and
-//! acknowledgements to another, and stops at the first connection error (no silent reconnects:
-//! a test decides when to reconnect, by connecting a new client with the same id).
+//! The event loop runs in printloop's one forwarding task (`transport::forward`), which stops at
+//! the first connection error (no silent reconnects: a test decides when to reconnect, by
+//! connecting a new client with the same id). Publishes that arrive while the test waits for an
+//! acknowledgement are kept for `recv`, and acknowledgements that arrive while it waits for a
+//! publish are kept for the next wait.
+use std::collections::VecDeque;
 use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, ConnAck, ConnectReturnCode, Event, EventLoop, MqttOptions, Outgoing, Packet,
-    Publish, QoS, SubscribeReasonCode,
-};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use rumqttc::{AsyncClient, MqttOptions, Publish, QoS, SubscribeReasonCode};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio::task::JoinHandle;
+use transport::{Acks, Forwarding, MqttEvent, Out};
 
 use crate::{Error, Result};
 
@@ -33,7 +34,6 @@ pub fn mqtt_options(client_id: &str, port: u16) -> MqttOptions {
 
 #[derive(Debug)]
 enum Control {
-    ConnAck(ConnAck),
     SubAck(Vec<SubscribeReasonCode>),
     PubAck,
     PubComp,
@@ -45,9 +45,12 @@ enum Control {
 pub struct TestClient {
     client_id: String,
     client: AsyncClient,
-    connack: ConnAck,
-    publishes: UnboundedReceiver<Publish>,
-    acks: UnboundedReceiver<Control>,
+    session_present: bool,
+    events: UnboundedReceiver<MqttEvent>,
+    /// Publishes that arrived while waiting for an acknowledgement.
+    publishes: VecDeque<Publish>,
+    /// Acknowledgements (and the end of the connection) that arrived while waiting for a publish.
+    acks: VecDeque<Control>,
     task: JoinHandle<()>,
 }
 
@@ -61,20 +64,21 @@ impl TestClient {
     pub async fn connect_with(options: MqttOptions) -> Result<Self> {
         let client_id = options.client_id();
         let (client, eventloop) = AsyncClient::new(options, 256);
-        let (publish_tx, publishes) = unbounded_channel();
-        let (ack_tx, mut acks) = unbounded_channel();
-        let task = tokio::spawn(drive(eventloop, publish_tx, ack_tx));
+        let (tx, mut events) = unbounded_channel();
+        let forwarding = Forwarding {
+            acks: Acks::All,
+            ..Forwarding::default()
+        };
+        let task = transport::forward::spawn(eventloop, forwarding, Out::Unbounded(tx));
         let fail = |reason: String| Error::Mqtt {
             client_id: client_id.clone(),
             reason,
         };
-        let connack = match tokio::time::timeout(RECV_TIMEOUT, acks.recv()).await {
-            Ok(Some(Control::ConnAck(c))) if c.code == ConnectReturnCode::Success => c,
-            Ok(Some(Control::ConnAck(c))) => {
-                task.abort();
-                return Err(fail(format!("connection refused: {:?}", c.code)));
+        let session_present = match tokio::time::timeout(RECV_TIMEOUT, events.recv()).await {
+            Ok(Some(MqttEvent::Connected { session_present })) => session_present,
+            Ok(Some(MqttEvent::Down { error, .. })) => {
+                return Err(fail(format!("cannot connect: {error}")))
             }
-            Ok(Some(Control::Closed(e))) => return Err(fail(format!("cannot connect: {e}"))),
             Ok(other) => {
                 task.abort();
                 return Err(fail(format!("expected a CONNACK, got {other:?}")));
@@ -87,9 +91,10 @@ impl TestClient {
         Ok(TestClient {
             client_id,
             client,
-            connack,
-            publishes,
-            acks,
+            session_present,
+            events,
+            publishes: VecDeque::new(),
+            acks: VecDeque::new(),
             task,
         })
     }
@@ -101,7 +106,7 @@ impl TestClient {
 
     /// The broker's CONNACK `session_present` flag.
     pub fn session_present(&self) -> bool {
-        self.connack.session_present
+        self.session_present
     }
 
     /// The underlying rumqttc client, for what the helpers do not cover.
@@ -116,14 +121,37 @@ impl TestClient {
         }
     }
 
-    async fn next_ack(&mut self, what: &str) -> Result<Control> {
-        match tokio::time::timeout(RECV_TIMEOUT, self.acks.recv()).await {
-            Ok(Some(Control::Closed(e))) => {
-                Err(self.error(format!("{what}: connection closed: {e}")))
+    /// The next event of the connection, sorted: a publish or an acknowledgement.
+    fn sort(&mut self, ev: MqttEvent) {
+        match ev {
+            MqttEvent::Message(p) => self.publishes.push_back(p),
+            MqttEvent::SubAck(codes) => self.acks.push_back(Control::SubAck(codes)),
+            MqttEvent::PubAck => self.acks.push_back(Control::PubAck),
+            MqttEvent::PubComp => self.acks.push_back(Control::PubComp),
+            MqttEvent::Down { error, .. } => self.acks.push_back(Control::Closed(error)),
+            MqttEvent::Connected { .. } => {}
+        }
+    }
+
+    async fn next_control(&mut self, timeout: Duration) -> Option<Control> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.acks.pop_front() {
+                return Some(c);
             }
-            Ok(Some(ack)) => Ok(ack),
-            Ok(None) => Err(self.error(format!("{what}: event loop ended"))),
-            Err(_) => Err(self.error(format!("{what}: no answer within {RECV_TIMEOUT:?}"))),
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(ev)) => self.sort(ev),
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
+    async fn next_ack(&mut self, what: &str) -> Result<Control> {
+        match self.next_control(RECV_TIMEOUT).await {
+            Some(Control::Closed(e)) => Err(self.error(format!("{what}: connection closed: {e}"))),
+            Some(ack) => Ok(ack),
+            None if self.events.is_closed() => Err(self.error(format!("{what}: event loop ended"))),
+            None => Err(self.error(format!("{what}: no answer within {RECV_TIMEOUT:?}"))),
         }
     }
 
@@ -176,10 +204,16 @@ impl TestClient {
 
     /// The next received publish, or `None` after `timeout`.
     pub async fn recv(&mut self, timeout: Duration) -> Option<Publish> {
-        tokio::time::timeout(timeout, self.publishes.recv())
-            .await
-            .ok()
-            .flatten()
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(p) = self.publishes.pop_front() {
+                return Some(p);
+            }
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(ev)) => self.sort(ev),
+                Ok(None) | Err(_) => return None,
+            }
+        }
     }
 
     /// The next received publish; panics after [`RECV_TIMEOUT`] naming `what` was expected.
@@ -224,17 +258,21 @@ impl TestClient {
             .disconnect()
             .await
             .map_err(|e| self.error(format!("disconnect: {e}")))?;
-        let waited = tokio::time::timeout(RECV_TIMEOUT, async {
-            loop {
-                match self.acks.recv().await {
-                    Some(Control::Closed(_)) | None => return,
-                    Some(_) => continue,
-                }
+        let deadline = tokio::time::Instant::now() + RECV_TIMEOUT;
+        let closed = loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_control(left).await {
+                Some(Control::Closed(_)) => break true,
+                Some(_) => continue,
+                None => break self.events.is_closed(),
             }
-        })
-        .await;
+        };
         self.task.abort();
-        waited.map_err(|_| self.error("the connection did not close after DISCONNECT"))
+        if closed {
+            Ok(())
+        } else {
+            Err(self.error("the connection did not close after DISCONNECT"))
+        }
     }
 
     /// Drops the connection without DISCONNECT, like a crashed client or a pulled cable seen
@@ -249,43 +287,5 @@ impl TestClient {
 impl Drop for TestClient {
     fn drop(&mut self) {
         self.task.abort();
-    }
-}
-
-async fn drive(
-    mut eventloop: EventLoop,
-    publishes: UnboundedSender<Publish>,
-    acks: UnboundedSender<Control>,
-) {
-    let mut disconnecting = false;
-    loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let _ = publishes.send(p);
-            }
-            Ok(Event::Incoming(Packet::ConnAck(c))) => {
-                let _ = acks.send(Control::ConnAck(c));
-            }
-            Ok(Event::Incoming(Packet::SubAck(s))) => {
-                let _ = acks.send(Control::SubAck(s.return_codes));
-            }
-            Ok(Event::Incoming(Packet::PubAck(_))) => {
-                let _ = acks.send(Control::PubAck);
-            }
-            Ok(Event::Incoming(Packet::PubComp(_))) => {
-                let _ = acks.send(Control::PubComp);
-            }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => disconnecting = true,
-            Ok(_) => {}
-            Err(e) => {
-                let reason = if disconnecting {
-                    format!("closed after DISCONNECT ({e})")
-                } else {
-                    e.to_string()
-                };
-                let _ = acks.send(Control::Closed(reason));
-                return;
-            }
-        }
     }
 }

@@ -1,21 +1,26 @@
 //! The MQTT connection shared by printloop's processes.
 //!
-//! [`connect`] builds the client and starts one task that polls rumqttc's event loop and only
-//! **forwards** what it sees through a bounded channel: nothing is ever published from that
-//! task (bytebeamio/rumqtt#263, #1025). When the connection drops, the task asks the owner for
-//! the next will (each connection has its own epoch, so its own will) through
-//! [`MqttEvent::Down`], waits a jittered, capped backoff, and reconnects. Publishing is the
-//! owner's business, through [`outgoing::Outgoing`], so a full queue never blocks it.
+//! [`connect`] builds the client and starts the one task that polls rumqttc's event loop
+//! ([`forward`], also used by the operator's tools and the test harnesses), which only
+//! **forwards** what it sees through a channel: nothing is ever published from that task
+//! (bytebeamio/rumqtt#263, #1025). When the connection drops, the task asks the owner for the
+//! next will (each connection has its own epoch, so its own will) through [`MqttEvent::Down`],
+//! waits a jittered, capped backoff, and reconnects. Publishing is the owner's business, through
+//! [`outgoing::Outgoing`], so a full queue never blocks it.
 
+pub mod forward;
 pub mod logging;
 pub mod outgoing;
+pub mod settings;
 pub mod systemd;
+
+pub use forward::{Acks, Forwarding, MqttEvent, Out, Reconnect};
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, Transport};
-use tokio::sync::{mpsc, oneshot};
+use rumqttc::{AsyncClient, LastWill, MqttOptions, Transport};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// Where the broker is and how to log in.
@@ -125,34 +130,6 @@ pub enum TransportError {
     },
 }
 
-/// What the connection task reports.
-#[derive(Debug)]
-pub enum MqttEvent {
-    /// Connected (CONNACK accepted).
-    Connected {
-        /// Whether the broker kept our session.
-        session_present: bool,
-    },
-    /// A message on a subscribed topic.
-    Message {
-        /// Topic.
-        topic: String,
-        /// Payload.
-        payload: Vec<u8>,
-    },
-    /// The connection failed or dropped. Send the will for the next connection on
-    /// `next_will` (dropping it stops the task).
-    Down {
-        /// What happened, for the log.
-        error: String,
-        /// The broker refused the login (the transport has logged it, with the fix, and waits
-        /// [`refused_backoff`] before the next attempt).
-        refused: bool,
-        /// Where to send the next will.
-        next_will: oneshot::Sender<LastWill>,
-    },
-}
-
 /// Connection settings.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -223,13 +200,15 @@ pub fn connect(
     let (client, eventloop) = AsyncClient::new(o, session.queue);
     let (tx, rx) = mpsc::channel(64);
     let seed = std::process::id() as u64 ^ (broker.port as u64) << 32;
+    let forwarding = Forwarding {
+        reconnect: Reconnect::Backoff {
+            max: session.max_backoff,
+            seed,
+        },
+        ..Forwarding::default()
+    };
     // The task logs in the caller's span (which printer, or the supervisor).
-    let task = tokio::spawn(tracing::Instrument::in_current_span(run(
-        eventloop,
-        tx,
-        session.clone(),
-        seed,
-    )));
+    let task = forward::spawn(eventloop, forwarding, Out::Bounded(tx));
     Ok((client, rx, task))
 }
 
@@ -343,145 +322,6 @@ pub fn describe(e: &rumqttc::ConnectionError) -> String {
                 .to_owned()
         }
         other => other.to_string(),
-    }
-}
-
-/// Ends a connection whose only purpose was to drop the broker's session: a clean
-/// DISCONNECT (so no will is published) and the next connection asks for the configured
-/// session again, which the broker creates empty.
-async fn end_discarding_connection(eventloop: &mut rumqttc::EventLoop, session: &Session) {
-    if let Some(network) = eventloop.network.as_mut() {
-        let bye = async {
-            network.write(Packet::Disconnect).await?;
-            network.flush().await
-        };
-        if let Err(e) = tokio::time::timeout(Duration::from_secs(2), bye)
-            .await
-            .unwrap_or(Ok(()))
-        {
-            tracing::debug!(error = %e, "DISCONNECT after the clean session not sent");
-        }
-    }
-    eventloop.network = None;
-    eventloop
-        .mqtt_options
-        .set_clean_session(session.clean_session);
-}
-
-async fn run(
-    mut eventloop: rumqttc::EventLoop,
-    tx: mpsc::Sender<MqttEvent>,
-    session: Session,
-    seed: u64,
-) {
-    let max_backoff = session.max_backoff;
-    let mut failures = 0u32;
-    let mut refusals = 0u32;
-    // Since when the connection attempts have ended before a CONNACK (see `Refusal::Ambiguous`).
-    let mut ambiguous_since: Option<std::time::Instant> = None;
-    let mut acked = false;
-    // A message over our packet limit breaks every connection of a persistent session: the
-    // broker redelivers it each time. The only way out is a clean session, which drops it (with
-    // whatever else was queued for us), then the persistent session again.
-    let mut discarding = false;
-    loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) if discarding => {
-                discarding = false;
-                end_discarding_connection(&mut eventloop, &session).await;
-                tracing::warn!(
-                    "the broker's session was dropped with the oversized message; reconnecting \
-                     with a fresh session"
-                );
-            }
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                failures = 0;
-                ambiguous_since = None;
-                acked = true;
-                if refusals > 0 {
-                    tracing::info!(after = refusals, "the broker accepted the login");
-                    refusals = 0;
-                }
-                let ev = MqttEvent::Connected {
-                    session_present: ack.session_present,
-                };
-                if tx.send(ev).await.is_err() {
-                    return;
-                }
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let ev = MqttEvent::Message {
-                    topic: p.topic,
-                    payload: p.payload.to_vec(),
-                };
-                if tx.send(ev).await.is_err() {
-                    return;
-                }
-            }
-            Ok(_) => {}
-            Err(rumqttc::ConnectionError::RequestsDone) => return,
-            Err(e) => {
-                let refused = match refusal(&e, !acked) {
-                    Refusal::Certain => true,
-                    Refusal::Ambiguous => {
-                        let since = *ambiguous_since.get_or_insert_with(std::time::Instant::now);
-                        since.elapsed() >= AMBIGUOUS_FOR
-                    }
-                    Refusal::No => {
-                        ambiguous_since = None;
-                        false
-                    }
-                };
-                acked = false;
-                let error = describe(&e);
-                let too_big = oversized(&e);
-                let delay = if let Some(len) = too_big {
-                    tracing::error!(
-                        len,
-                        limit = session.max_packet,
-                        "the broker delivered a message of {len} bytes, over this client's \
-                         limit of {} bytes; a persistent session would get it again at every \
-                         reconnect, so the next connection starts a clean session to drop it \
-                         (messages queued for this client while it was away go with it). Cap \
-                         the broker's packets at {BROKER_MAX_PACKET} bytes (docs/broker.md)",
-                        session.max_packet
-                    );
-                    discarding = !session.clean_session;
-                    if discarding {
-                        eventloop.mqtt_options.set_clean_session(true);
-                    }
-                    backoff(0, max_backoff, seed)
-                } else if refused {
-                    refusals += 1;
-                    let delay = refused_backoff(refusals, seed);
-                    if refusals == 1 {
-                        tracing::error!(next_try_in = ?delay, "{error}");
-                    } else {
-                        tracing::warn!(attempts = refusals, next_try_in = ?delay, "the broker still refuses the login");
-                    }
-                    delay
-                } else {
-                    failures += 1;
-                    backoff(failures, max_backoff, seed)
-                };
-                let (will_tx, will_rx) = oneshot::channel();
-                let ev = MqttEvent::Down {
-                    error,
-                    refused,
-                    next_will: will_tx,
-                };
-                if tx.send(ev).await.is_err() {
-                    return;
-                }
-                match will_rx.await {
-                    Ok(will) => {
-                        eventloop.mqtt_options.set_last_will(will);
-                    }
-                    Err(_) => return,
-                }
-                tokio::time::sleep(delay).await;
-            }
-        }
     }
 }
 
