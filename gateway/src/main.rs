@@ -1,14 +1,11 @@
 //! `printloop-gateway`: the process that runs on each printer's Raspberry Pi.
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use gateway::config::{broker_url, ConfigError, FileConfig};
-use gateway::link::{LinkConfig, StreamMode};
-use gateway::machine::CoreConfig;
+use gateway::config::{ConfigError, FileConfig, Flags};
+use gateway::link::StreamMode;
 use gateway::run::{run, Settings};
-use protocol::{PrinterId, Topics};
 
 /// Drives one 3D printer over USB serial and connects it to a printloop fleet over MQTT.
 ///
@@ -91,130 +88,32 @@ enum LogFormat {
     Json,
 }
 
+/// The flags that override the config file.
+fn flags(args: &Args) -> Flags {
+    Flags {
+        id: args.id.clone(),
+        broker: args.broker.clone(),
+        username: args.username.clone(),
+        ca_file: args.ca_file.clone(),
+        keepalive_s: args.keepalive,
+        serial: args.serial.clone(),
+        baud: args.baud,
+        mode: args.mode.map(|m| match m {
+            Mode::Auto => StreamMode::Auto,
+            Mode::Pingpong => StreamMode::PingPong,
+        }),
+        data_dir: args.data_dir.clone(),
+        heartbeat_s: args.heartbeat,
+        time_scale: args.time_scale,
+    }
+}
+
 fn settings(args: &Args) -> Result<Settings, ConfigError> {
     let file = match &args.config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
     };
-    let missing = |key: &'static str, flag: &str| ConfigError::Invalid {
-        key,
-        message: format!("missing: set `{key}` in the config file or pass {flag}"),
-    };
-    let id = args
-        .id
-        .clone()
-        .or(file.id)
-        .ok_or_else(|| missing("id", "--id"))?;
-    let printer_id = PrinterId::new(id).map_err(|e| ConfigError::Invalid {
-        key: "id",
-        message: e.to_string(),
-    })?;
-    let topics = Topics::new(
-        file.topic_root
-            .unwrap_or_else(|| protocol::DEFAULT_ROOT.into()),
-    )
-    .map_err(|e| ConfigError::Invalid {
-        key: "topic_root",
-        message: e.to_string(),
-    })?;
-    let mut broker = broker_url(
-        &args
-            .broker
-            .clone()
-            .or(file.broker.url)
-            .unwrap_or_else(|| "mqtt://127.0.0.1:1883".into()),
-    )?;
-    let serial_port = args
-        .serial
-        .clone()
-        .or(file.serial.port)
-        .ok_or_else(|| missing("serial.port", "--serial"))?;
-    let data_dir = args
-        .data_dir
-        .clone()
-        .or(file.data_dir)
-        .ok_or_else(|| missing("data_dir", "--data-dir"))?;
-    let mode = match (args.mode, file.serial.mode.as_deref()) {
-        (Some(Mode::Pingpong), _) | (None, Some("pingpong")) => StreamMode::PingPong,
-        (Some(Mode::Auto), _) | (None, Some("auto") | None) => StreamMode::Auto,
-        (None, Some(other)) => {
-            return Err(ConfigError::Invalid {
-                key: "serial.mode",
-                message: format!("{other:?} is not `auto` or `pingpong`"),
-            })
-        }
-    };
-    // Below 0.001 the link's scaled timeouts no longer fit in a Duration.
-    if !(args.time_scale.is_finite() && args.time_scale >= 0.001) {
-        return Err(ConfigError::Invalid {
-            key: "time-scale",
-            message: "must be a number of at least 0.001".into(),
-        });
-    }
-    // Seconds to milliseconds; a value that overflows is refused, not wrapped (or a panic).
-    let ms = |key: &'static str, s: u64| {
-        s.checked_mul(1000).ok_or_else(|| ConfigError::Invalid {
-            key,
-            message: format!("{s} s is too long"),
-        })
-    };
-    let mut core = CoreConfig::new(printer_id);
-    core.topics = topics;
-    if let Some(n) = file.name {
-        core.name = n;
-    }
-    if let Some(m) = file.model {
-        core.model = m;
-    }
-    core.tags = file.tags;
-    if let Some(h) = args.heartbeat.or(file.timing.heartbeat_s) {
-        if h == 0 {
-            return Err(ConfigError::Invalid {
-                key: "timing.heartbeat_s",
-                message: "must be at least 1".into(),
-            });
-        }
-        core.heartbeat_ms = ms("timing.heartbeat_s", h)?;
-    }
-    if let Some(ms) = file.timing.state_min_interval_ms {
-        core.state_min_interval_ms = ms;
-    }
-    if let Some(s) = file.timing.chunk_timeout_s {
-        if s == 0 {
-            return Err(ConfigError::Invalid {
-                key: "timing.chunk_timeout_s",
-                message: "must be at least 1".into(),
-            });
-        }
-        core.chunk_timeout_ms = ms("timing.chunk_timeout_s", s)?;
-    }
-    let keepalive_s = args.keepalive.or(file.broker.keepalive_s).unwrap_or(15);
-    if keepalive_s == 0 {
-        return Err(ConfigError::Invalid {
-            key: "broker.keepalive_s",
-            message: "must be at least 1".into(),
-        });
-    }
-    let link = LinkConfig {
-        mode,
-        ..LinkConfig::default()
-    }
-    .scaled(1.0 / args.time_scale);
-    broker.username = args.username.clone().or(file.broker.username);
-    broker.password = std::env::var("PRINTLOOP_MQTT_PASSWORD")
-        .ok()
-        .or(file.broker.password);
-    broker.ca_file = args.ca_file.clone().or(file.broker.ca_file);
-    Ok(Settings {
-        core,
-        broker,
-        keepalive: Duration::from_secs(keepalive_s),
-        data_dir,
-        serial_port,
-        baud: args.baud.or(file.serial.baud).unwrap_or(250_000),
-        link,
-        max_backoff: Duration::from_secs(30),
-    })
+    gateway::config::settings(file, &flags(args))
 }
 
 /// The exit status of a configuration error (sysexits' EX_CONFIG).

@@ -27,7 +27,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -236,22 +235,14 @@ pub fn settings(args: &SupervisorArgs) -> Result<Settings, ConfigError> {
         ..SupervisorConfig::default()
     };
     let t = file.timing;
-    // Seconds to milliseconds; zero, and a value that overflows, are refused (the same rule and
-    // wording as the gateway's), never raised, wrapped or a panic.
+    // One rule and one wording for both binaries (`transport::settings`).
+    use transport::settings;
     let ms = |key, s: u64| {
-        if s == 0 {
-            return Err(invalid(key, "must be at least 1".into()));
-        }
-        s.checked_mul(1000)
-            .ok_or_else(|| invalid(key, format!("{s} s is too long")))
+        settings::seconds(s)
+            .map(|d| d.as_millis() as u64)
+            .map_err(|m| invalid(key, m))
     };
-    let at_least_one = |key, n: u32| {
-        if n == 0 {
-            Err(invalid(key, "must be at least 1".into()))
-        } else {
-            Ok(n)
-        }
-    };
+    let at_least_one = |key, n: u32| settings::at_least_one(n).map_err(|m| invalid(key, m));
     if let Some(s) = t.step_timeout_s {
         machine.step_timeout_ms = ms("timing.step_timeout_s", s)?;
     }
@@ -267,7 +258,8 @@ pub fn settings(args: &SupervisorArgs) -> Result<Settings, ConfigError> {
     if let Some(n) = t.breaker_threshold {
         machine.breaker_threshold = at_least_one("timing.breaker_threshold", n)?;
     }
-    let keepalive_ms = ms("broker.keepalive_s", file.broker.keepalive_s.unwrap_or(15))?;
+    let keepalive = settings::keepalive(file.broker.keepalive_s.unwrap_or(15))
+        .map_err(|m| invalid("broker.keepalive_s", m))?;
     machine.ha.enabled = !args.no_ha && file.ha.enabled.unwrap_or(true);
     if let Some(prefix) = args
         .ha_discovery_prefix
@@ -283,7 +275,7 @@ pub fn settings(args: &SupervisorArgs) -> Result<Settings, ConfigError> {
         broker,
         data_dir,
         metrics,
-        keepalive: Duration::from_millis(keepalive_ms),
+        keepalive,
     })
 }
 
@@ -313,6 +305,13 @@ mod tests {
         std::fs::write(&path, "[metrics]\nlisten = \"nowhere\"\n").expect("write");
         let e = settings(&args).expect_err("bad address");
         assert!(e.to_string().contains("metrics.listen"), "{e}");
+        // MQTT's keep-alive is 16 bits: rumqttc would send 65 536 s as 0 (no keep-alive).
+        std::fs::write(&path, "[broker]\nkeepalive_s = 65536\n").expect("write");
+        let e = settings(&args).expect_err("keep-alive over MQTT's field");
+        assert!(
+            e.to_string().contains("broker.keepalive_s") && e.to_string().contains("65535"),
+            "{e}"
+        );
         std::fs::write(&path, "[timing]\nstep_timeout_s = 7\n").expect("write");
         let s = settings(&args).expect("valid");
         assert_eq!(s.machine.step_timeout_ms, 7000);
@@ -352,7 +351,7 @@ mod tests {
         std::fs::write(&path, "[broker]\nkeepalive_s = 30\n").expect("write");
         assert_eq!(
             settings(&args).expect("valid").keepalive,
-            Duration::from_secs(30)
+            std::time::Duration::from_secs(30)
         );
     }
 }
