@@ -8,10 +8,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use protocol::api::{ApiOp, ApiResult, BedClear, JobState, ListJobs, NoArgs, SubmitJob};
-use protocol::presence::Presence;
-use protocol::state::PrinterPhase;
+use protocol::api::{ApiOp, ApiResult, JobState, ListJobs, NoArgs, SubmitJob};
 use protocol::PrinterId;
+use supervisor::operator::{Act, Diligent};
 use tokio::sync::watch;
 
 use crate::ops::gcode::{self, SAMPLES};
@@ -168,7 +167,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
 
     // 5. The operator: clears beds, judges prints, and watches.
-    let mut cleared_at: std::collections::HashMap<PrinterId, Instant> = Default::default();
+    let mut operator = Diligent::new();
     let mut last_frame = Instant::now() - Duration::from_secs(10);
     // One listener for the whole loop: a Ctrl-C that lands while a request is under way is
     // kept, not lost.
@@ -192,36 +191,34 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             Ok(ApiResult::Jobs { jobs }) => jobs,
             Ok(_) | Err(_) => Vec::new(),
         };
-        for p in &printers {
-            let wants_clear = p.presence == Presence::Online
-                && !p.stale
-                && matches!(p.phase, PrinterPhase::Idle | PrinterPhase::Finished);
-            let recently = cleared_at
-                .get(&p.printer_id)
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(3));
-            if !wants_clear || recently {
-                continue;
-            }
-            let what = match (&p.job_id, p.phase) {
-                (Some(j), PrinterPhase::Finished) => {
+        // The operator model shared with `printloop chaos` and the simulation.
+        let now_ms = started.elapsed().as_millis() as u64;
+        for act in operator.round(now_ms, &printers, &jobs) {
+            let what = match &act {
+                Act::Release(_) => "releases the printer held after repeated failures".to_owned(),
+                Act::ClearBed {
+                    job: Some(j),
+                    failed,
+                    ..
+                } => {
                     let state = jobs.iter().find(|s| &s.job_id == j).map(|s| s.state);
                     format!(
-                        "takes the print of {j} off the bed ({})",
-                        state.map_or("?".into(), |s| format!("{s:?}").to_lowercase())
+                        "takes the print of {j} off the bed ({}{}); bed cleared",
+                        state.map_or("?".into(), |s| format!("{s:?}").to_lowercase()),
+                        if *failed {
+                            ", judged failed: requeued"
+                        } else {
+                            ""
+                        }
                     )
                 }
-                _ => "confirms the bed is empty".into(),
+                Act::ClearBed { job: None, .. } => "confirms the bed is empty; bed cleared".into(),
             };
-            tracing::info!(printer = %p.printer_id, "operator: {what}; bed cleared");
-            println!("operator: {} {what}; bed cleared", p.printer_id);
-            let op = ApiOp::BedClear(BedClear {
-                printer_id: p.printer_id.clone(),
-                failed: false,
-            });
-            if let Err(e) = api.request(op).await {
-                tracing::warn!(printer = %p.printer_id, error = %e, "operator: bed clear refused");
+            tracing::info!(printer = %act.printer(), "operator: {what}");
+            println!("operator: {} {what}", act.printer());
+            if let Err(e) = api.request(act.op()).await {
+                tracing::warn!(printer = %act.printer(), error = %e, "operator: refused");
             }
-            cleared_at.insert(p.printer_id.clone(), Instant::now());
         }
         let done = jobs.iter().filter(|j| j.state == JobState::Done).count();
         let failed = jobs

@@ -1,20 +1,17 @@
 //! The runner as the farm's operator, over the supervisor's API: uploads the built-in G-code,
-//! keeps the queue topped up, clears beds (a failed print as failed, so it is requeued), and
-//! releases printers held by the circuit breaker. Shared by `printloop chaos` and
-//! `printloop adversary`; it reconnects after a broker restart.
+//! keeps the queue topped up, and carries out what the diligent operator model
+//! (`supervisor::operator::Diligent`, shared with the demo and the simulation) decides: clear
+//! beds (a failed print as failed, so it is requeued), release printers held by the circuit
+//! breaker. Shared by `printloop chaos` and `printloop adversary`; it reconnects after a broker
+//! restart.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use protocol::api::{
-    ApiOp, ApiResult, BedClear, JobState, JobSummary, ListJobs, NoArgs, PrinterArgs,
-    PrinterSummary, SubmitJob,
-};
-use protocol::presence::Presence;
-use protocol::state::PrinterPhase;
+use protocol::api::{ApiOp, ApiResult, JobSummary, ListJobs, NoArgs, PrinterSummary, SubmitJob};
 use protocol::JobId;
+use supervisor::operator::{Act, Diligent};
 
 use crate::ops::gcode::SAMPLES;
 use crate::ops::{gcode, ApiClient, Endpoint};
@@ -28,8 +25,9 @@ pub(crate) struct Operator {
     /// Every job id the supervisor accepted from this operator.
     pub(crate) submitted: Vec<JobId>,
     next_file: usize,
-    /// (printer, phase, job) the operator acted on, and when.
-    acted: HashMap<(String, PrinterPhase, Option<String>), Instant>,
+    /// The operator model (shared with the demo and the simulation).
+    diligent: Diligent,
+    started: Instant,
     last_operate: Instant,
 }
 
@@ -42,7 +40,8 @@ impl Operator {
             files: Vec::new(),
             submitted: Vec::new(),
             next_file: 0,
-            acted: HashMap::new(),
+            diligent: Diligent::new(),
+            started: Instant::now(),
             last_operate: Instant::now() - Duration::from_secs(10),
         }
     }
@@ -137,55 +136,22 @@ impl Operator {
         let Some(jobs) = self.jobs().await else {
             return;
         };
-        let state_of = |id: &JobId| jobs.iter().find(|j| &j.job_id == id).map(|j| j.state);
-        for p in &printers {
-            if p.presence != Presence::Online || p.stale {
-                continue;
-            }
-            if p.held {
-                tracing::info!(printer = %p.printer_id, "operator: releases the printer");
-                let _ = self
-                    .request(ApiOp::ReleasePrinter(PrinterArgs {
-                        printer_id: p.printer_id.clone(),
-                    }))
-                    .await;
-            }
-            let job_state = p.job_id.as_ref().and_then(state_of);
-            let failed = match p.phase {
-                PrinterPhase::Idle => false,
-                PrinterPhase::Finished => job_state != Some(JobState::Finished),
-                PrinterPhase::Halted | PrinterPhase::Error => true,
-                _ => continue,
-            };
-            let key = (
-                p.printer_id.as_str().to_owned(),
-                p.phase,
-                p.job_id.as_ref().map(|j| j.as_str().to_owned()),
-            );
-            if self
-                .acted
-                .get(&key)
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(3))
-            {
-                continue;
-            }
-            tracing::info!(printer = %p.printer_id, phase = ?p.phase, job = ?p.job_id, failed, "operator: clears the bed");
-            let _ = self
-                .request(ApiOp::BedClear(BedClear {
-                    printer_id: p.printer_id.clone(),
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        for act in self.diligent.round(now_ms, &printers, &jobs) {
+            match &act {
+                Act::Release(p) => tracing::info!(printer = %p, "operator: releases the printer"),
+                Act::ClearBed {
+                    printer,
                     failed,
-                }))
-                .await;
-            self.acted.insert(key, Instant::now());
+                    job,
+                } => tracing::info!(%printer, ?job, failed, "operator: clears the bed"),
+            }
+            let _ = self.request(act.op()).await;
         }
         if !submit || self.files.is_empty() {
             return;
         }
-        let queued = jobs
-            .iter()
-            .filter(|j| matches!(j.state, JobState::Queued | JobState::Assigned))
-            .count();
-        for _ in queued..waiting {
+        for _ in 0..Diligent::to_submit(&jobs, waiting) {
             let k = usize::from(long_jobs && self.next_file % 4 == 3);
             self.next_file += 1;
             let file = &self.files[k];

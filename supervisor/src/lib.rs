@@ -12,5 +12,6 @@ pub mod ha;
 pub mod machine;
 pub mod metrics;
 pub mod model;
+pub mod operator;
 pub mod run;
 pub mod store;
