@@ -19,3 +19,4 @@ pub mod printer;
 pub mod run;
 pub mod serial;
 pub mod store;
+pub mod streamer;

@@ -1,16 +1,12 @@
-//! The printer side of the gateway: a task that owns the [`SerialLink`], streams verified files
-//! into it, and turns what the link reports into [`PrinterEvent`]s for the state machine.
+//! The printer side of the gateway, as IO only: a task that owns the [`SerialLink`] and the
+//! feeder, hands the gateway's commands and the link's events to the [`Streamer`] (the pure
+//! machine that decides), and carries out the link operations it returns, in order.
 //!
 //! - A stream is fed by a feeder task that reads the file, strips comments and submits lines
 //!   in batches; the link's bounded queue back-pressures it, so memory stays flat whatever the
-//!   file size.
-//! - The link counts acknowledged print lines over its whole life; the task turns that into the
-//!   job's line count (`acked - acked at stream start`). Each stream ends with an `M400`, so
-//!   the file's last line counts only once the printer has finished moving.
-//! - `M73 P<pct> R<min>` lines in the file become progress when the firmware acknowledges them.
-//! - `ResetPrinter` closes the port and opens it again, which resets a Marlin board (DTR).
+//!   file size. It tells the streamer of each `M73` line before the line goes to the link.
+//! - `Reopen` closes the port and opens it again, which resets a Marlin board (DTR).
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -21,8 +17,9 @@ use tracing::Instrument as _;
 use crate::files::FileCache;
 use crate::link::{LinkConfig, LinkEvent};
 use crate::machine::{PrinterCommand, PrinterEvent};
-use crate::run::{printer_event, Settings};
+use crate::run::Settings;
 use crate::serial::{SerialLink, ShellConfig};
+use crate::streamer::{parse_m73, LinkOp, Streamer, StreamerInput};
 
 /// Lines submitted to the link in one batch.
 const BATCH: usize = 32;
@@ -84,17 +81,20 @@ struct PrinterTask {
     events: mpsc::Sender<PrinterEvent>,
 }
 
-/// One stream in progress.
-struct Stream {
-    feeder: JoinHandle<()>,
-    /// Link-wide ack count when the stream started.
-    base: u64,
-    /// `(line within the stream, percent, remaining minutes)` of M73 lines not yet acknowledged.
+/// The feeder of the stream in progress.
+struct Feeder {
+    task: JoinHandle<()>,
+    /// `(line, percent, remaining minutes)` of each `M73` line, sent before the line itself.
     m73: mpsc::Receiver<(u64, f64, Option<u64>)>,
-    /// The feeder has ended and every M73 line is in `pending_m73` (or was consumed): the
-    /// closed channel is not polled again (it would be ready at once, forever).
+    /// The feeder has ended and every M73 line was read: the closed channel is not polled
+    /// again (it would be ready at once, forever).
     m73_closed: bool,
-    pending_m73: VecDeque<(u64, f64, Option<u64>)>,
+}
+
+impl Drop for Feeder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl PrinterTask {
@@ -121,113 +121,74 @@ impl PrinterTask {
 
     async fn run(mut self) {
         let (mut link, mut link_events) = self.open();
-        let mut acked_total = 0u64;
-        let mut stream: Option<Stream> = None;
+        let mut streamer = Streamer::new();
+        let mut feeder: Option<Feeder> = None;
         loop {
             let m73 = async {
-                match stream.as_mut() {
-                    Some(s) if !s.m73_closed => s.m73.recv().await,
+                match feeder.as_mut() {
+                    Some(f) if !f.m73_closed => f.m73.recv().await,
                     _ => std::future::pending().await,
                 }
             };
-            tokio::select! {
-                cmd = self.commands.recv() => {
-                    let Some(cmd) = cmd else { break };
-                    match cmd {
-                        PrinterCommand::StartStream { job_id, sha256 } => {
-                            if let Some(old) = stream.take() {
-                                old.feeder.abort();
-                            }
-                            let path = self.cache.path(&sha256);
-                            let (m73_tx, m73_rx) = mpsc::channel(1024);
-                            let feeder = tokio::spawn(feed(link.clone(), path, m73_tx, job_id.to_string()).instrument(tracing::info_span!("job", job = %job_id)));
-                            stream = Some(Stream { feeder, base: acked_total, m73: m73_rx, m73_closed: false, pending_m73: VecDeque::new() });
-                        }
-                        PrinterCommand::PauseStream => { let _ = link.pause().await; }
-                        PrinterCommand::ResumeStream => { let _ = link.resume().await; }
-                        PrinterCommand::CancelStream => {
-                            if let Some(old) = stream.take() {
-                                old.feeder.abort();
-                            }
-                            // Make the printer safe at once: stop waiting and moving, heaters
-                            // and fan off, motors released; M112 if the firmware cannot.
-                            let _ = link.clear().await;
-                            let _ = link.make_safe().await;
-                        }
-                        PrinterCommand::ResetPrinter => {
-                            if let Some(old) = stream.take() {
-                                old.feeder.abort();
-                            }
-                            (link, link_events) = self.reopen(link).await;
-                            // A new link numbers its lines from 1 again.
-                            acked_total = 0;
-                        }
-                    }
-                }
-                m = m73 => {
-                    match (m, stream.as_mut()) {
-                        (Some(m), Some(s)) => s.pending_m73.push_back(m),
+            let input = tokio::select! {
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => StreamerInput::Command(cmd),
+                    None => break,
+                },
+                m = m73 => match m {
+                    Some((line, percent, remaining_min)) => StreamerInput::M73 { line, percent, remaining_min },
+                    None => {
                         // The whole file was handed to the link: stop polling the channel.
-                        (None, Some(s)) => s.m73_closed = true,
-                        (_, None) => {}
-                    }
-                }
-                ev = link_events.recv() => {
-                    let Some(ev) = ev else {
-                        tracing::error!("serial link task ended; reopening");
-                        let (l, e) = self.open();
-                        link = l;
-                        link_events = e;
-                        acked_total = 0;
+                        if let Some(f) = feeder.as_mut() {
+                            f.m73_closed = true;
+                        }
                         continue;
-                    };
-                    let mut out = Vec::new();
-                    match &ev {
-                        LinkEvent::Acked { seq } => {
-                            acked_total = *seq;
-                            if let Some(s) = stream.as_mut() {
-                                let count = acked_total.saturating_sub(s.base);
-                                while let Ok(m) = s.m73.try_recv() {
-                                    s.pending_m73.push_back(m);
-                                }
-                                let mut progress = None;
-                                while s.pending_m73.front().is_some_and(|(line, _, _)| *line <= count) {
-                                    progress = s.pending_m73.pop_front();
-                                }
-                                if let Some((_, percent, remaining_min)) = progress {
-                                    out.push(PrinterEvent::Progress { percent, remaining_min });
-                                }
-                                // The stream ends with an M400 of ours, acknowledged once the
-                                // last move is done: the file's last line counts only then, so
-                                // a job is not `finished` while the printer still moves.
-                                out.push(PrinterEvent::LinesAcked { count: count.saturating_sub(1) });
+                    }
+                },
+                ev = link_events.recv() => match ev {
+                    Some(ev) => {
+                        // Every M73 the feeder read before the lines now acknowledged.
+                        if let Some(f) = feeder.as_mut() {
+                            while let Ok((line, percent, remaining_min)) = f.m73.try_recv() {
+                                let _ = streamer.handle(StreamerInput::M73 { line, percent, remaining_min });
                             }
                         }
-                        LinkEvent::Reset { .. } | LinkEvent::Disconnected { .. } | LinkEvent::Timeout { .. } | LinkEvent::LinkError { .. } | LinkEvent::Fatal { .. } => {
-                            if let Some(old) = stream.take() {
-                                old.feeder.abort();
-                            }
-                            if !matches!(ev, LinkEvent::Fatal { .. }) {
-                                let _ = link.clear().await;
-                            }
-                        }
-                        LinkEvent::Action(a) => tracing::info!(action = %a, "printer host action"),
-                        LinkEvent::Garbage { line } => tracing::debug!(%line, "garbled line from the printer"),
-                        _ => {}
+                        StreamerInput::Link(ev)
                     }
-                    let silent = matches!(ev, LinkEvent::Timeout { .. } | LinkEvent::LinkError { .. });
-                    if let Some(pe) = printer_event(ev) {
-                        out.push(pe);
+                    None => StreamerInput::LinkEnded,
+                },
+            };
+            for op in streamer.handle(input) {
+                match op {
+                    LinkOp::StartFeeder { job_id, sha256 } => {
+                        drop(feeder.take()); // aborts the old one
+                        let path = self.cache.path(&sha256);
+                        let (m73_tx, m73_rx) = mpsc::channel(1024);
+                        let task = tokio::spawn(
+                            feed(link.clone(), path, m73_tx, job_id.to_string())
+                                .instrument(tracing::info_span!("job", job = %job_id)),
+                        );
+                        feeder = Some(Feeder {
+                            task,
+                            m73: m73_rx,
+                            m73_closed: false,
+                        });
                     }
-                    if silent {
-                        // A printer that stopped answering gets its port closed and opened
-                        // again (which resets a Marlin board): a replugged cable or a new
-                        // device behind the same path is found that way.
-                        tracing::warn!("printer silent: reopening its port");
-                        (link, link_events) = self.reopen(link).await;
-                        acked_total = 0;
+                    LinkOp::StopFeeder => feeder = None,
+                    LinkOp::Pause => {
+                        let _ = link.pause().await;
                     }
-                    for e in out {
+                    LinkOp::Resume => {
+                        let _ = link.resume().await;
+                    }
+                    LinkOp::Clear => {
+                        let _ = link.clear().await;
+                    }
+                    LinkOp::MakeSafe => {
+                        let _ = link.make_safe().await;
+                    }
+                    LinkOp::Reopen => (link, link_events) = self.reopen(link).await,
+                    LinkOp::Event(e) => {
                         if self.events.send(e).await.is_err() {
                             return;
                         }
@@ -235,30 +196,11 @@ impl PrinterTask {
                 }
             }
         }
-        if let Some(old) = stream.take() {
-            old.feeder.abort();
-        }
+        drop(feeder);
         if let Ok(link) = Arc::try_unwrap(link) {
             let _ = link.close().await;
         }
     }
-}
-
-/// Parses `M73 P<pct> [R<min>]`.
-fn parse_m73(line: &str) -> Option<(f64, Option<u64>)> {
-    let mut words = line.split_whitespace();
-    if words.next()? != "M73" {
-        return None;
-    }
-    let (mut p, mut r) = (None, None);
-    for w in words {
-        if let Some(v) = w.strip_prefix('P') {
-            p = v.parse::<f64>().ok();
-        } else if let Some(v) = w.strip_prefix('R') {
-            r = v.parse::<u64>().ok();
-        }
-    }
-    Some((p?, r))
 }
 
 /// Reads the verified file and submits its G-code lines in batches.
@@ -312,18 +254,5 @@ async fn feed(
             tracing::info!(%job, lines = n, "whole file handed to the link");
             return;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_m73;
-
-    #[test]
-    fn m73() {
-        assert_eq!(parse_m73("M73 P12 R40"), Some((12.0, Some(40))));
-        assert_eq!(parse_m73("M73 Q12 S40"), None);
-        assert_eq!(parse_m73("M73 P5"), Some((5.0, None)));
-        assert_eq!(parse_m73("G1 X1"), None);
     }
 }

@@ -15,8 +15,6 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use protocol::presence::Firmware;
-use protocol::state::{Heater, Temperatures};
 use rumqttc::{AsyncClient, LastWill, QoS};
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
@@ -24,8 +22,8 @@ use transport::outgoing::Outgoing;
 use transport::{now, BrokerAddr, MqttEvent, Session};
 
 use crate::files::FileCache;
-use crate::link::{LinkConfig, LinkEvent};
-use crate::machine::{CoreConfig, Gateway, Input, Output, PrinterEvent};
+use crate::link::LinkConfig;
+use crate::machine::{CoreConfig, Gateway, Input, Output};
 use crate::printer::Printer;
 use crate::store::Store;
 
@@ -270,55 +268,4 @@ impl Shell {
         }
         Ok(())
     }
-}
-
-/// Maps what the link driver says to what the state machine needs.
-pub(crate) fn firmware_of(info: &crate::link::FirmwareInfo) -> Firmware {
-    let mut caps: Vec<String> = info
-        .capabilities
-        .iter()
-        .filter(|(_, on)| **on)
-        .map(|(k, _)| k.clone())
-        .collect();
-    caps.sort();
-    Firmware {
-        name: info.name().unwrap_or("unknown firmware").to_owned(),
-        protocol_version: info.get("PROTOCOL_VERSION").map(str::to_owned),
-        machine_type: info.get("MACHINE_TYPE").map(str::to_owned),
-        capabilities: caps,
-    }
-}
-
-/// Temperatures in the protocol's shape.
-pub(crate) fn temperatures_of(t: &protocol::marlin::Temps) -> Temperatures {
-    Temperatures {
-        nozzle: Heater {
-            actual: t.hotend.map_or(0.0, |h| h.actual),
-            target: t.hotend.and_then(|h| h.target).unwrap_or(0.0),
-        },
-        bed: Heater {
-            actual: t.bed.map_or(0.0, |h| h.actual),
-            target: t.bed.and_then(|h| h.target).unwrap_or(0.0),
-        },
-    }
-}
-
-/// Link events that matter to the state machine; the rest are logged by the printer side.
-pub(crate) fn printer_event(ev: LinkEvent) -> Option<PrinterEvent> {
-    Some(match ev {
-        LinkEvent::Ready { firmware } => PrinterEvent::Ready {
-            firmware: firmware_of(&firmware),
-        },
-        LinkEvent::Temperatures(t) => PrinterEvent::Temperatures(temperatures_of(&t)),
-        LinkEvent::Fatal { message } => PrinterEvent::Fatal { message },
-        LinkEvent::FirmwareError { message } => PrinterEvent::FirmwareError { message },
-        LinkEvent::Reset { .. } => PrinterEvent::Reset,
-        LinkEvent::Timeout { .. } => PrinterEvent::Timeout,
-        LinkEvent::LinkError { message } => PrinterEvent::Disconnected { reason: message },
-        LinkEvent::Disconnected { reason } => PrinterEvent::Disconnected { reason },
-        LinkEvent::Acked { .. }
-        | LinkEvent::Action(_)
-        | LinkEvent::Message(_)
-        | LinkEvent::Garbage { .. } => return None,
-    })
 }
