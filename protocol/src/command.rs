@@ -2,7 +2,8 @@
 //!
 //! A command is `{v, id, kind, args, expires_at}`. The gateway answers every command it can
 //! read an id from on `cmd/result`: `ok`, `duplicate` (that id was handled before; nothing
-//! happens again), `expired` (past `expires_at`; nothing happens) or `error` with a reason.
+//! happens again), `expired` (past `expires_at`; nothing happens) or `error` with a reason for
+//! people and a [`CommandErrorCode`] for programs.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -128,6 +129,23 @@ const COMMAND_SPEC: EnvelopeSpec = EnvelopeSpec {
     fields: &["id", "expires_at", "client"],
 };
 
+impl CommandReject {
+    /// The code the gateway answers this rejection with.
+    pub fn code(&self) -> CommandErrorCode {
+        match &self.error {
+            EnvelopeError::Decode(DecodeError::TooLarge { .. }) => CommandErrorCode::TooLarge,
+            EnvelopeError::Decode(
+                DecodeError::MissingVersion | DecodeError::UnsupportedVersion { .. },
+            ) => CommandErrorCode::UnsupportedVersion,
+            EnvelopeError::UnknownKind { .. } => CommandErrorCode::UnknownKind,
+            EnvelopeError::Decode(
+                DecodeError::Syntax(_) | DecodeError::NotAnObject | DecodeError::Invalid(_),
+            )
+            | EnvelopeError::BadArgs { .. } => CommandErrorCode::Invalid,
+        }
+    }
+}
+
 impl Command {
     /// A command with no expiry.
     pub fn new(id: CommandId, action: CommandAction) -> Self {
@@ -172,7 +190,7 @@ impl Command {
 pub enum ResultStatus {
     /// Carried out (or, for start_job, accepted and under way).
     Ok,
-    /// Refused: `reason` says why. Nothing changed.
+    /// Refused: `code` says why for programs, `reason` for people. Nothing changed.
     Error,
     /// This id was handled before; nothing happened again.
     Duplicate,
@@ -181,6 +199,56 @@ pub enum ResultStatus {
     /// Its client sent more than its rate allows (`docs/protocol.md`, "Rate limits"): nothing
     /// happened; send it again (a new id is fine) after `retry_after_ms`.
     Busy,
+}
+
+/// Why a command was refused (`status: error`, and `busy`): a stable code for programs. Match on
+/// it, never on `reason`'s wording, which is for people and may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandErrorCode {
+    /// The command cannot be read (not JSON, a missing, unknown or mistyped field, bad
+    /// arguments), or an argument is out of range (`start_job` of an empty file).
+    Invalid,
+    /// The payload is larger than a command may be; it was not read.
+    TooLarge,
+    /// No `v`, or a protocol version this gateway does not speak.
+    UnsupportedVersion,
+    /// A `kind` this gateway does not know (it is older than the sender).
+    UnknownKind,
+    /// With `status: busy`: its client sent more than its rate allows; nothing happened, retry
+    /// after `retry_after_ms`.
+    Busy,
+    /// A `start_job` for another printer (`printer_id`): a copy replayed here never prints.
+    WrongPrinter,
+    /// A `start_job` for a job that already ran on this printer: it never runs again.
+    AlreadyRan,
+    /// A `start_job` for the job this printer already accepted and is still working on (the
+    /// same start sent again under a new id).
+    AlreadyAccepted,
+    /// A `start_job` while the printer is in maintenance.
+    Maintenance,
+    /// A `start_job` while the printer is not `ready`: its bed is not cleared, a job is on it, or
+    /// it is disconnected, in error or halted (its state says which).
+    NotReady,
+    /// A `start_job` whose file is larger than this printer's whole file cache: it can never
+    /// be printed here.
+    FileTooLarge,
+    /// A `start_job` whose file does not fit in the disk space free now.
+    NoDiskSpace,
+    /// `pause`, `resume` or `cancel` with no job on the printer.
+    NoJob,
+    /// `pause`, `resume` or `cancel` naming a job that is not the current one (a stale command
+    /// never hits the next job).
+    NotCurrentJob,
+    /// `pause` of a job that is not printing, or `resume` of one that is not paused.
+    WrongStage,
+    /// `cancel` of a job that already ended.
+    JobEnded,
+    /// `resume` while the gateway's link to the printer is not up.
+    LinkNotReady,
+    /// `bed_cleared` while a job is on the printer (preparing, printing, paused): cancel it
+    /// first.
+    PrinterHasJob,
 }
 
 /// The answer to one command. QoS 1, not retained.
@@ -193,9 +261,12 @@ pub struct CommandResult {
     pub id: CommandId,
     /// The outcome.
     pub status: ResultStatus,
-    /// Why, for `error` (and context for the others).
+    /// Why, for `error` (and context for the others): for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Why, for `error` and `busy`: for programs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<CommandErrorCode>,
     /// The gateway's epoch.
     pub epoch: u64,
     /// When it was answered (Unix ms).
@@ -254,6 +325,37 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_carries_its_code_and_an_answer_without_one_has_none() {
+        let refused = CommandResult {
+            v: Version,
+            id: CommandId::new("c-2").expect("id"),
+            status: ResultStatus::Error,
+            reason: Some("job j-1 already ran on this printer (done); it never runs again".into()),
+            code: Some(CommandErrorCode::AlreadyRan),
+            epoch: 3,
+            at_ms: 1_700_000_000_000,
+            retry_after_ms: None,
+        };
+        let json: serde_json::Value = serde_json::from_slice(&refused.encode()).expect("json");
+        assert_eq!(json["code"], "already_ran");
+        assert_eq!(
+            CommandResult::decode(&refused.encode()),
+            Ok(refused.clone())
+        );
+        let ok = CommandResult {
+            status: ResultStatus::Ok,
+            reason: None,
+            code: None,
+            ..refused
+        };
+        let json: serde_json::Value = serde_json::from_slice(&ok.encode()).expect("json");
+        assert!(json.get("code").is_none(), "{json}");
+        // An answer from a gateway that predates codes still reads.
+        let old = br#"{"v":1,"id":"c-3","status":"error","reason":"no job on this printer","epoch":1,"at_ms":5}"#;
+        assert_eq!(CommandResult::decode(old).expect("decodes").code, None);
+    }
+
+    #[test]
     fn every_kind_round_trips() {
         let actions = [
             CommandAction::Pause(JobRef::default()),
@@ -279,71 +381,93 @@ mod tests {
 
     #[test]
     fn rejects_keep_the_id() {
-        let cases: &[(&str, Option<&str>, &str)] = &[
+        let cases: &[(&str, Option<&str>, &str, CommandErrorCode)] = &[
             (
                 r#"{"v":1,"id":"a","kind":"launch"}"#,
                 Some("a"),
                 "unknown kind \"launch\"",
+                CommandErrorCode::UnknownKind,
             ),
             (
                 r#"{"v":1,"id":"b","kind":"start_job","args":{}}"#,
                 Some("b"),
                 "bad arguments",
+                CommandErrorCode::Invalid,
             ),
             (
                 r#"{"v":1,"id":"c","kind":"pause","args":{"job":1}}"#,
                 Some("c"),
                 "bad arguments",
+                CommandErrorCode::Invalid,
             ),
             (
                 r#"{"v":1,"id":"d","kind":"pause","x":1}"#,
                 Some("d"),
                 "unknown field `x`",
+                CommandErrorCode::Invalid,
             ),
             // A version this build does not speak, or none: still answered (issue #10).
             (
                 r#"{"v":2,"id":"e","kind":"pause"}"#,
                 Some("e"),
                 "unsupported protocol version",
+                CommandErrorCode::UnsupportedVersion,
             ),
             (
                 r#"{"id":"e2","kind":"pause"}"#,
                 Some("e2"),
                 "no protocol version",
+                CommandErrorCode::UnsupportedVersion,
             ),
             // The same key twice is refused (serde_json alone would keep the last one).
             (
                 r#"{"v":1,"id":"h","kind":"pause","kind":"cancel"}"#,
                 None,
                 "duplicate field `kind`",
+                CommandErrorCode::Invalid,
             ),
             (
                 r#"{"v":1,"id":"i","kind":"pause","args":{"job_id":"a","job_id":"b"}}"#,
                 None,
                 "duplicate field `job_id`",
+                CommandErrorCode::Invalid,
             ),
-            (r#"{"v":1,"kind":"pause"}"#, None, "missing field `id`"),
+            (
+                r#"{"v":1,"kind":"pause"}"#,
+                None,
+                "missing field `id`",
+                CommandErrorCode::Invalid,
+            ),
             (
                 r#"{"v":1,"id":"a b","kind":"pause"}"#,
                 None,
                 "invalid command id",
+                CommandErrorCode::Invalid,
             ),
             (
                 r#"{"v":1,"id":"f","kind":7}"#,
                 Some("f"),
                 "`kind` must be a string",
+                CommandErrorCode::Invalid,
             ),
             (
                 r#"{"v":1,"id":"g","kind":"pause","expires_at":-3}"#,
                 Some("g"),
                 "expires_at",
+                CommandErrorCode::Invalid,
             ),
-            (r#"not json"#, None, "not valid JSON"),
+            (
+                r#"not json"#,
+                None,
+                "not valid JSON",
+                CommandErrorCode::Invalid,
+            ),
         ];
-        for (input, id, msg) in cases {
+        for (input, id, msg, code) in cases {
             let r = Command::decode(input.as_bytes()).expect_err(input);
             assert_eq!(r.id.as_ref().map(CommandId::as_str), *id, "{input}");
             assert!(r.to_string().contains(msg), "{input}: {r}");
+            assert_eq!(r.code(), *code, "{input}: {r}");
         }
     }
 
@@ -354,6 +478,7 @@ mod tests {
         let r = Command::decode(big.as_bytes()).expect_err("too large");
         assert_eq!(r.id.as_ref().map(CommandId::as_str), Some("big-1"));
         assert!(r.to_string().contains("exceeds"), "{r}");
+        assert_eq!(r.code(), CommandErrorCode::TooLarge);
         // The id may come after the bulk, and a bad id is not answered.
         let late = format!(r#"{{"v":1,"pad":"{pad}","kind":"pause","id":"late"}}"#);
         let r = Command::decode(late.as_bytes()).expect_err("too large");

@@ -30,15 +30,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use protocol::command::{Command, CommandAction, CommandResult, ResultStatus};
+use protocol::command::{Command, CommandAction, CommandErrorCode, CommandResult, ResultStatus};
 use protocol::presence::{Meta, Status};
 use protocol::state::{JobProgress, JobStage, LedgerEntry, PrinterPhase, StateSnapshot};
 use protocol::{CommandId, Payload, PrinterId, Sha256Hex, Topic, Topics, Version};
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
 use supervisor::machine::SupervisorConfig;
 use supervisor::run::{BrokerTarget, Settings};
 use testkit::BrokerProcess;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use transport::{Forwarding, MqttEvent, Out, Reconnect};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -235,12 +236,18 @@ impl Fake {
         );
     }
 
-    fn result(&mut self, id: CommandId, status: ResultStatus, reason: Option<&str>) {
+    fn result(
+        &mut self,
+        id: CommandId,
+        status: ResultStatus,
+        refusal: Option<(CommandErrorCode, &str)>,
+    ) {
         let r = CommandResult {
             v: Version,
             id: id.clone(),
             status,
-            reason: reason.map(str::to_owned),
+            reason: refusal.map(|(_, why)| why.to_owned()),
+            code: refusal.map(|(code, _)| code),
             epoch: self.epoch,
             at_ms: unix_ms(),
             retry_after_ms: None,
@@ -264,7 +271,11 @@ impl Fake {
                     return; // frozen fleet: the start is lost (the supervisor retries later)
                 }
                 if self.phase != PrinterPhase::Ready || self.ran.contains(&s.job_id) {
-                    self.result(cmd.id, ResultStatus::Error, Some("not ready"));
+                    self.result(
+                        cmd.id,
+                        ResultStatus::Error,
+                        Some((CommandErrorCode::NotReady, "not ready")),
+                    );
                     return;
                 }
                 if self.sh.measuring.load(Ordering::Relaxed) {
@@ -339,8 +350,17 @@ impl Fake {
         }
     }
 
-    async fn run(mut self, mut el: rumqttc::EventLoop) {
-        let mut failures = 0u32;
+    async fn run(mut self, el: rumqttc::EventLoop) {
+        // printloop's one forwarding task, as a gateway uses it: backoff, a will per connection.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let forwarding = Forwarding {
+            reconnect: Reconnect::Backoff {
+                max: Duration::from_secs(5),
+                seed: self.n,
+            },
+            ..Forwarding::default()
+        };
+        let _forward = transport::forward::spawn(el, forwarding, Out::Bounded(tx));
         let mut online = false;
         loop {
             let wake = self
@@ -348,9 +368,9 @@ impl Fake {
                 .unwrap_or(self.next_heartbeat)
                 .min(self.next_heartbeat);
             tokio::select! {
-                ev = el.poll() => match ev {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        failures = 0;
+                ev = rx.recv() => match ev {
+                    None => return,
+                    Some(MqttEvent::Connected { .. }) => {
                         if !online {
                             online = true;
                             self.sh.connected.fetch_add(1, Ordering::Relaxed);
@@ -358,9 +378,8 @@ impl Fake {
                         self.seq = 0;
                         self.birth();
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => self.on_command(&p.payload),
-                    Ok(_) => {}
-                    Err(_) => {
+                    Some(MqttEvent::Message(p)) => self.on_command(&p.payload),
+                    Some(MqttEvent::Down { next_will, .. }) => {
                         if online {
                             online = false;
                             self.sh.connected.fetch_sub(1, Ordering::Relaxed);
@@ -372,15 +391,16 @@ impl Fake {
                         }
                         // The next connection's will carries the next epoch.
                         self.epoch += 1;
-                        el.mqtt_options.set_last_will(LastWill::new(
-                            self.topic(Topic::Status),
-                            Status::offline(self.epoch, unix_ms(), None).encode(),
-                            QoS::AtLeastOnce,
-                            true,
-                        ));
-                        failures += 1;
-                        tokio::time::sleep(transport::backoff(failures, Duration::from_secs(5), self.n)).await;
+                        if let Some(next) = next_will {
+                            let _ = next.send(LastWill::new(
+                                self.topic(Topic::Status),
+                                Status::offline(self.epoch, unix_ms(), None).encode(),
+                                QoS::AtLeastOnce,
+                                true,
+                            ));
+                        }
                     }
+                    Some(_) => {}
                 },
                 _ = tokio::time::sleep_until(wake.into()) => {
                     let now = Instant::now();
@@ -451,16 +471,18 @@ impl Operator {
         let mut o = o;
         o.set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024)
             .set_keep_alive(Duration::from_secs(30));
-        let (client, mut el) = AsyncClient::new(o, 64);
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (client, el) = AsyncClient::new(o, 64);
+        let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let forwarding = Forwarding {
+            reconnect: Reconnect::After(Duration::from_millis(200)),
+            ..Forwarding::default()
+        };
+        transport::forward::spawn(el, forwarding, Out::Unbounded(tx));
+        let (answers_tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let _ = tx.send(p.payload.to_vec());
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            while let Some(ev) = events.recv().await {
+                if let MqttEvent::Message(p) = ev {
+                    let _ = answers_tx.send(p.payload.to_vec());
                 }
             }
         });

@@ -1,8 +1,11 @@
 //! Commands on `cmd`: per-client admission (`busy`), duplicates and expiry, then start, pause,
 //! resume, cancel, bed-cleared and rebirth with their refusals. Every answer but `busy` and
-//! `duplicate` is recorded durably, and persisted before the result is published.
+//! `duplicate` is recorded durably, and persisted before the result is published. Refusals are
+//! typed (`Refusal`): a stable code for programs beside the message for people.
 
-use protocol::command::{Command, CommandAction, CommandResult, JobRef, ResultStatus, StartJob};
+use protocol::command::{
+    Command, CommandAction, CommandErrorCode, CommandResult, JobRef, ResultStatus, StartJob,
+};
 use protocol::state::{EventKind, JobStage, LastCommand, PrinterPhase};
 use protocol::{CommandId, Payload, Topic, Version};
 use transport::outgoing::Lane;
@@ -11,16 +14,51 @@ use crate::store::{CommandRecord, CurrentJob, LedgerRecord, Mutation};
 
 use super::{Gateway, LinkState, Now, Output, PrinterCommand, Publish};
 
+/// A refused command: its stable code for programs and its message for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Refusal {
+    /// What programs match on.
+    code: CommandErrorCode,
+    /// What people read (`reason`).
+    message: String,
+}
+
+impl Refusal {
+    fn new(code: CommandErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// How a command is answered (`busy` aside: that answer is not recorded).
+enum Answer {
+    /// Carried out.
+    Ok,
+    /// Handled before, with why; nothing happens again.
+    Duplicate(String),
+    /// Past its `expires_at`, with why; nothing happens.
+    Expired(String),
+    /// Refused; nothing changed.
+    Refused(Refusal),
+}
+
 impl Gateway {
     fn answer(
         &mut self,
         now: Now,
         id: CommandId,
-        status: ResultStatus,
-        reason: Option<String>,
+        answer: Answer,
         mut mutations: Vec<Mutation>,
         out: &mut Vec<Output>,
     ) {
+        let (status, reason, code) = match answer {
+            Answer::Ok => (ResultStatus::Ok, None, None),
+            Answer::Duplicate(why) => (ResultStatus::Duplicate, Some(why), None),
+            Answer::Expired(why) => (ResultStatus::Expired, Some(why), None),
+            Answer::Refused(r) => (ResultStatus::Error, Some(r.message), Some(r.code)),
+        };
         let record = CommandRecord {
             at_ms: now.unix_ms,
             status,
@@ -50,7 +88,7 @@ impl Gateway {
         self.state_dirty = true;
         match status {
             ResultStatus::Error => {
-                tracing::warn!(command = %id, reason = reason.as_deref().unwrap_or(""), "command refused")
+                tracing::warn!(command = %id, ?code, reason = reason.as_deref().unwrap_or(""), "command refused")
             }
             _ => tracing::info!(command = %id, ?status, "command answered"),
         }
@@ -59,6 +97,7 @@ impl Gateway {
             id,
             status,
             reason,
+            code,
             epoch: self.epoch,
             at_ms: now.unix_ms,
             retry_after_ms: None,
@@ -104,6 +143,7 @@ impl Gateway {
                 "client {client} sends more than {} commands a second: retry after {} ms",
                 self.cfg.command_rate.per_s, busy.retry_after_ms
             )),
+            code: Some(CommandErrorCode::Busy),
             epoch: self.epoch,
             at_ms: now.unix_ms,
             retry_after_ms: Some(busy.retry_after_ms),
@@ -140,16 +180,10 @@ impl Gateway {
         let cmd = match Command::decode(payload) {
             Ok(c) => c,
             Err(reject) => {
+                let why = Refusal::new(reject.code(), reject.error.to_string());
                 match reject.id {
                     Some(id) if !self.admit(now, &id, reject.client.as_ref(), out) => {}
-                    Some(id) => self.answer(
-                        now,
-                        id,
-                        ResultStatus::Error,
-                        Some(reject.error.to_string()),
-                        vec![],
-                        out,
-                    ),
+                    Some(id) => self.answer(now, id, Answer::Refused(why), vec![], out),
                     None => {
                         tracing::warn!(error = %reject.error, "command without a readable id dropped")
                     }
@@ -161,18 +195,17 @@ impl Gateway {
             return;
         }
         if let Some(prev) = self.commands.get(&cmd.id) {
-            let reason =
-                Some(format!("command already handled ({:?})", prev.status).to_lowercase());
-            self.answer(now, cmd.id, ResultStatus::Duplicate, reason, vec![], out);
+            let why = format!("command already handled ({:?})", prev.status).to_lowercase();
+            self.answer(now, cmd.id, Answer::Duplicate(why), vec![], out);
             return;
         }
         if cmd.expired(now.unix_ms) {
-            let reason = Some(format!(
+            let why = format!(
                 "expired at {} (now {})",
                 cmd.expires_at.unwrap_or_default(),
                 now.unix_ms
-            ));
-            self.answer(now, cmd.id, ResultStatus::Expired, reason, vec![], out);
+            );
+            self.answer(now, cmd.id, Answer::Expired(why), vec![], out);
             return;
         }
         let span = tracing::info_span!("command", printer = %self.cfg.printer_id, id = %cmd.id, kind = cmd.action.kind());
@@ -191,18 +224,21 @@ impl Gateway {
             }
         };
         match result {
-            Ok(muts) => self.answer(now, cmd.id, ResultStatus::Ok, None, muts, out),
-            Err(reason) => self.answer(now, cmd.id, ResultStatus::Error, Some(reason), vec![], out),
+            Ok(muts) => self.answer(now, cmd.id, Answer::Ok, muts, out),
+            Err(why) => self.answer(now, cmd.id, Answer::Refused(why), vec![], out),
         }
     }
 
-    fn check_job_ref(&self, r: &JobRef) -> Result<&CurrentJob, String> {
-        let job = self.current.as_ref().ok_or("no job on this printer")?;
+    fn check_job_ref(&self, r: &JobRef) -> Result<&CurrentJob, Refusal> {
+        let job = self
+            .current
+            .as_ref()
+            .ok_or_else(|| Refusal::new(CommandErrorCode::NoJob, "no job on this printer"))?;
         if let Some(want) = &r.job_id {
             if *want != job.job_id {
-                return Err(format!(
-                    "job {want} is not the current job ({})",
-                    job.job_id
+                return Err(Refusal::new(
+                    CommandErrorCode::NotCurrentJob,
+                    format!("job {want} is not the current job ({})", job.job_id),
                 ));
             }
         }
@@ -214,51 +250,75 @@ impl Gateway {
         now: Now,
         s: StartJob,
         out: &mut Vec<Output>,
-    ) -> Result<Vec<Mutation>, String> {
+    ) -> Result<Vec<Mutation>, Refusal> {
+        use CommandErrorCode as Code;
         if s.printer_id != self.cfg.printer_id {
-            return Err(format!(
-                "this start_job is for printer {}, not {}",
-                s.printer_id, self.cfg.printer_id
+            return Err(Refusal::new(
+                Code::WrongPrinter,
+                format!(
+                    "this start_job is for printer {}, not {}",
+                    s.printer_id, self.cfg.printer_id
+                ),
             ));
         }
         if let Some(outcome) = self.ledger.get(&s.job_id) {
             return Err(match outcome {
-                Some(o) => format!(
-                    "job {} already ran on this printer ({o:?}); it never runs again",
-                    s.job_id
-                )
-                .to_lowercase(),
-                None => format!("job {} is already on this printer", s.job_id),
+                Some(o) => Refusal::new(
+                    Code::AlreadyRan,
+                    format!(
+                        "job {} already ran on this printer ({o:?}); it never runs again",
+                        s.job_id
+                    )
+                    .to_lowercase(),
+                ),
+                None => Refusal::new(
+                    Code::AlreadyAccepted,
+                    format!("job {} is already on this printer", s.job_id),
+                ),
             });
         }
         match self.phase() {
             PrinterPhase::Ready => {}
             PrinterPhase::Idle if self.flags.maintenance => {
-                return Err("printer is in maintenance".into())
+                return Err(Refusal::new(Code::Maintenance, "printer is in maintenance"))
             }
             PrinterPhase::Idle => {
-                return Err("printer is idle: the bed must be cleared first".into())
+                return Err(Refusal::new(
+                    Code::NotReady,
+                    "printer is idle: the bed must be cleared first",
+                ))
             }
-            other => return Err(format!("printer is not ready (phase {other:?})").to_lowercase()),
+            other => {
+                return Err(Refusal::new(
+                    Code::NotReady,
+                    format!("printer is not ready (phase {other:?})").to_lowercase(),
+                ))
+            }
         }
         if s.size_bytes == 0 {
-            return Err("file is empty".into());
+            return Err(Refusal::new(Code::Invalid, "file is empty"));
         }
         let cached = self.files.get(&s.file_sha256).is_some_and(|f| f.verified);
         if !cached {
             if s.size_bytes > self.cfg.cache_max_bytes {
-                return Err(format!(
-                    "file of {} bytes is larger than the cache ({} bytes)",
-                    s.size_bytes, self.cfg.cache_max_bytes
+                return Err(Refusal::new(
+                    Code::FileTooLarge,
+                    format!(
+                        "file of {} bytes is larger than the cache ({} bytes)",
+                        s.size_bytes, self.cfg.cache_max_bytes
+                    ),
                 ));
             }
             let evictable: u64 = self.evictable_bytes(&s.file_sha256);
             if let Some(free) = self.disk_free {
                 if s.size_bytes > free + evictable {
-                    return Err(format!(
-                        "not enough disk space: {} bytes needed, {} free",
-                        s.size_bytes,
-                        free + evictable
+                    return Err(Refusal::new(
+                        Code::NoDiskSpace,
+                        format!(
+                            "not enough disk space: {} bytes needed, {} free",
+                            s.size_bytes,
+                            free + evictable
+                        ),
                     ));
                 }
             }
@@ -315,7 +375,7 @@ impl Gateway {
         r: JobRef,
         pause: bool,
         out: &mut Vec<Output>,
-    ) -> Result<Vec<Mutation>, String> {
+    ) -> Result<Vec<Mutation>, Refusal> {
         let (from, to, command, wanted) = if pause {
             (
                 JobStage::Printing,
@@ -336,10 +396,16 @@ impl Gateway {
             return Ok(vec![]);
         }
         if job.stage != from {
-            return Err(format!("job is {:?}, not {wanted}", job.stage).to_lowercase());
+            return Err(Refusal::new(
+                CommandErrorCode::WrongStage,
+                format!("job is {:?}, not {wanted}", job.stage).to_lowercase(),
+            ));
         }
         if !pause && self.link != LinkState::Ready {
-            return Err("printer link is not ready".into());
+            return Err(Refusal::new(
+                CommandErrorCode::LinkNotReady,
+                "printer link is not ready",
+            ));
         }
         let job_id = job.job_id.clone();
         out.push(Output::Printer(command));
@@ -359,10 +425,13 @@ impl Gateway {
         now: Now,
         r: JobRef,
         out: &mut Vec<Output>,
-    ) -> Result<Vec<Mutation>, String> {
+    ) -> Result<Vec<Mutation>, Refusal> {
         let job = self.check_job_ref(&r)?;
         if job.stage.is_terminal() {
-            return Err(format!("job already ended ({:?})", job.stage).to_lowercase());
+            return Err(Refusal::new(
+                CommandErrorCode::JobEnded,
+                format!("job already ended ({:?})", job.stage).to_lowercase(),
+            ));
         }
         if matches!(job.stage, JobStage::Printing | JobStage::Paused) {
             out.push(Output::Printer(PrinterCommand::CancelStream));
@@ -381,10 +450,13 @@ impl Gateway {
         &mut self,
         now: Now,
         out: &mut Vec<Output>,
-    ) -> Result<Vec<Mutation>, String> {
+    ) -> Result<Vec<Mutation>, Refusal> {
         match self.phase() {
             PrinterPhase::Preparing | PrinterPhase::Printing | PrinterPhase::Paused => {
-                return Err("a job is on the printer; cancel it first".into())
+                return Err(Refusal::new(
+                    CommandErrorCode::PrinterHasJob,
+                    "a job is on the printer; cancel it first",
+                ))
             }
             PrinterPhase::Halted => {
                 // The operator has looked at the printer: reset it (reopening the port resets

@@ -2,7 +2,7 @@
 
 use super::*;
 use protocol::command::{
-    Command, CommandAction, CommandResult, Empty, JobRef, ResultStatus, StartJob,
+    Command, CommandAction, CommandErrorCode, CommandResult, Empty, JobRef, ResultStatus, StartJob,
 };
 use protocol::files::{FileChunkRequest, FileChunkResponse};
 use protocol::presence::{Meta, Presence};
@@ -116,13 +116,7 @@ impl H {
     }
 
     fn start(&mut self, job: &str) -> (CommandResult, Vec<Output>) {
-        self.cmd(CommandAction::StartJob(StartJob {
-            job_id: jid(job),
-            printer_id: pid(),
-            file_sha256: sha(),
-            size_bytes: FILE.len() as u64,
-            name: "f.gcode".into(),
-        }))
+        self.cmd(CommandAction::StartJob(start_args(job)))
     }
 
     /// Serves every chunk request in `out` (and the ones that follow) until the file is stored
@@ -178,6 +172,17 @@ impl H {
 
     fn state(&self) -> StateSnapshot {
         self.g.snapshot(self.now)
+    }
+}
+
+/// A `start_job` of [`FILE`] on this printer.
+fn start_args(job: &str) -> StartJob {
+    StartJob {
+        job_id: jid(job),
+        printer_id: pid(),
+        file_sha256: sha(),
+        size_bytes: FILE.len() as u64,
+        name: "f.gcode".into(),
     }
 }
 
@@ -280,13 +285,7 @@ fn nominal_job_from_idle_to_finished_to_ready() {
 
     let (r, _) = h.start("j1");
     assert_eq!(r.status, ResultStatus::Error);
-    assert!(
-        r.reason
-            .as_deref()
-            .unwrap_or("")
-            .contains("bed must be cleared"),
-        "{r:?}"
-    );
+    assert_eq!(r.code, Some(CommandErrorCode::NotReady), "{r:?}");
     assert_eq!(
         h.g.phase(),
         PrinterPhase::Idle,
@@ -361,6 +360,11 @@ fn duplicate_expired_malformed_and_unknown_commands() {
     assert_eq!(events(&out1).len(), 1);
     let (r2, out2) = h.raw_cmd(&c.encode());
     assert_eq!(r2.status, ResultStatus::Duplicate);
+    assert_eq!(
+        (r1.code, r2.code),
+        (None, None),
+        "only refusals carry a code"
+    );
     assert!(events(&out2).is_empty(), "a duplicate does nothing again");
     assert!(persisted(&out2).is_empty(), "a duplicate writes nothing");
 
@@ -371,6 +375,7 @@ fn duplicate_expired_malformed_and_unknown_commands() {
     late.expires_at = Some(h.now.unix_ms - 1);
     let (r, out) = h.raw_cmd(&late.encode());
     assert_eq!(r.status, ResultStatus::Expired);
+    assert_eq!(r.code, None);
     assert!(
         published::<Meta>(&out, "/meta").is_empty(),
         "an expired rebirth does nothing"
@@ -378,14 +383,11 @@ fn duplicate_expired_malformed_and_unknown_commands() {
 
     let (r, _) = h.raw_cmd(br#"{"v":1,"id":"u1","kind":"launch","args":{}}"#);
     assert_eq!(r.status, ResultStatus::Error);
-    assert!(r.reason.as_deref().unwrap_or("").contains("unknown kind"));
+    assert_eq!(r.code, Some(CommandErrorCode::UnknownKind), "{r:?}");
 
     let (r, _) = h.raw_cmd(br#"{"v":1,"id":"m1","kind":"start_job","args":{"job_id":"x"}}"#);
     assert_eq!(r.status, ResultStatus::Error);
-    assert!(
-        r.reason.as_deref().unwrap_or("").contains("missing field"),
-        "{r:?}"
-    );
+    assert_eq!(r.code, Some(CommandErrorCode::Invalid), "{r:?}");
 
     // No readable id: nothing to answer, nothing published, no panic.
     for junk in [
@@ -402,6 +404,78 @@ fn duplicate_expired_malformed_and_unknown_commands() {
     }
 }
 
+/// Every refusal answers `error` with its code (programs match codes) and its message for
+/// people; the ones not covered by the scenarios above and below.
+#[test]
+fn each_refusal_carries_its_code() {
+    use CommandErrorCode as Code;
+    let check = |r: CommandResult, code: Code, says: &str| {
+        assert_eq!(r.status, ResultStatus::Error, "{r:?}");
+        assert_eq!(r.code, Some(code), "{r:?}");
+        assert!(r.reason.as_deref().unwrap_or("").contains(says), "{r:?}");
+    };
+    // Nothing to pause, resume or cancel; a bed cleared under a job.
+    let mut h = H::ready();
+    let (r, _) = h.cmd(CommandAction::Pause(JobRef::default()));
+    check(r, Code::NoJob, "no job on this printer");
+    let (r, _) = h.cmd(CommandAction::Cancel(JobRef::default()));
+    check(r, Code::NoJob, "no job on this printer");
+    let (r, _) = h.cmd(CommandAction::StartJob(StartJob {
+        size_bytes: 0,
+        ..start_args("j0")
+    }));
+    check(r, Code::Invalid, "file is empty");
+    let (_, out) = h.start("j1");
+    let (r, _) = h.start("j1");
+    check(r, Code::AlreadyAccepted, "already on this printer");
+    let (r, _) = h.cmd(CommandAction::Pause(JobRef::default()));
+    check(r, Code::WrongStage, "job is transferring, not printing");
+    let (r, _) = h.cmd(CommandAction::BedCleared(Empty {}));
+    check(r, Code::PrinterHasJob, "cancel it first");
+    let (r, _) = h.start("j2");
+    check(r, Code::NotReady, "phase preparing");
+    h.serve_file(out);
+    let (r, _) = h.cmd(CommandAction::Resume(JobRef {
+        job_id: Some(jid("j0")),
+    }));
+    check(r, Code::NotCurrentJob, "not the current job");
+    let (r, _) = h.cmd(CommandAction::Resume(JobRef::default()));
+    assert_eq!((r.status, r.code), (ResultStatus::Ok, None), "a no-op");
+    h.cmd(CommandAction::Pause(JobRef::default()));
+    assert_eq!(h.g.phase(), PrinterPhase::Paused);
+    // Not reachable through inputs today (a lost link interrupts a paused job), still guarded.
+    h.g.link = LinkState::Down {
+        reason: "test".into(),
+    };
+    let (r, _) = h.cmd(CommandAction::Resume(JobRef::default()));
+    check(r, Code::LinkNotReady, "link is not ready");
+    h.g.link = LinkState::Ready;
+    h.cmd(CommandAction::Cancel(JobRef::default()));
+    let (r, _) = h.cmd(CommandAction::Cancel(JobRef::default()));
+    check(r, Code::JobEnded, "already ended");
+
+    // Maintenance.
+    let mut h = H::from(Snapshot {
+        flags: Flags {
+            bed_clear: true,
+            maintenance: true,
+        },
+        ..Snapshot::default()
+    });
+    h.connect();
+    h.ready_printer();
+    let (r, _) = h.start("j1");
+    check(r, Code::Maintenance, "maintenance");
+
+    // Refused by the decoder, with an id to answer.
+    let pad = "x".repeat(protocol::codec::MAX_CONTROL_PAYLOAD);
+    let big = format!(r#"{{"v":1,"id":"big","kind":"pause","pad":"{pad}"}}"#);
+    let (r, _) = h.raw_cmd(big.as_bytes());
+    check(r, Code::TooLarge, "exceeds");
+    let (r, _) = h.raw_cmd(br#"{"v":9,"id":"v9","kind":"pause"}"#);
+    check(r, Code::UnsupportedVersion, "unsupported protocol version");
+}
+
 #[test]
 fn an_ended_job_id_never_runs_again() {
     let mut h = H::ready();
@@ -413,13 +487,7 @@ fn an_ended_job_id_never_runs_again() {
     // The same job id, with a new command id (a supervisor that forgot it sent it).
     let (r, out) = h.start("j1");
     assert_eq!(r.status, ResultStatus::Error);
-    assert!(
-        r.reason
-            .as_deref()
-            .unwrap_or("")
-            .contains("never runs again"),
-        "{r:?}"
-    );
+    assert_eq!(r.code, Some(CommandErrorCode::AlreadyRan), "{r:?}");
     assert!(!out.iter().any(|o| matches!(o, Output::Printer(_))));
     assert_eq!(h.g.phase(), PrinterPhase::Ready);
 }
@@ -761,13 +829,7 @@ fn the_cache_evicts_least_recently_used_files_and_refuses_what_cannot_fit() {
     h.cmd(CommandAction::BedCleared(Empty {}));
     let (r, out) = h.start("j2");
     assert_eq!(r.status, ResultStatus::Error);
-    assert!(
-        r.reason
-            .as_deref()
-            .unwrap_or("")
-            .contains("larger than the cache"),
-        "{r:?}"
-    );
+    assert_eq!(r.code, Some(CommandErrorCode::FileTooLarge), "{r:?}");
     assert!(published::<FileChunkRequest>(&out, "file/request").is_empty());
 
     // Not enough free disk either.
@@ -775,13 +837,7 @@ fn the_cache_evicts_least_recently_used_files_and_refuses_what_cannot_fit() {
     h.input(Input::DiskFree { bytes: 5 });
     let (r, _) = h.start("j3");
     assert_eq!(r.status, ResultStatus::Error);
-    assert!(
-        r.reason
-            .as_deref()
-            .unwrap_or("")
-            .contains("not enough disk space"),
-        "{r:?}"
-    );
+    assert_eq!(r.code, Some(CommandErrorCode::NoDiskSpace), "{r:?}");
     assert_eq!(
         h.g.phase(),
         PrinterPhase::Ready,
@@ -886,13 +942,7 @@ fn a_start_for_another_printer_is_refused() {
         name: "f.gcode".into(),
     }));
     assert_eq!(r.status, ResultStatus::Error);
-    assert!(
-        r.reason
-            .as_deref()
-            .unwrap_or("")
-            .contains("for printer p1, not p0"),
-        "{r:?}"
-    );
+    assert_eq!(r.code, Some(CommandErrorCode::WrongPrinter), "{r:?}");
     assert!(published::<FileChunkRequest>(&out, "file/request").is_empty());
     assert_eq!(h.g.phase(), PrinterPhase::Ready);
     // The job can still run where it belongs (nothing was recorded for it here).
@@ -921,6 +971,7 @@ fn a_client_over_its_rate_is_answered_busy_without_a_write_and_others_are_served
             ResultStatus::Busy => {
                 busy += 1;
                 assert!(r.retry_after_ms.is_some_and(|ms| ms > 0 && ms <= 100));
+                assert_eq!(r.code, Some(CommandErrorCode::Busy));
                 assert!(persisted(&out).is_empty(), "a refusal writes nothing");
                 assert!(
                     published::<StateSnapshot>(&out, "/state").is_empty(),
@@ -931,7 +982,10 @@ fn a_client_over_its_rate_is_answered_busy_without_a_write_and_others_are_served
                     _ => true,
                 }));
             }
-            ResultStatus::Ok => ok += 1,
+            ResultStatus::Ok => {
+                ok += 1;
+                assert_eq!(r.code, None);
+            }
             other => panic!("{other:?}"),
         }
     }

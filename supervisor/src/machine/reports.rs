@@ -210,7 +210,7 @@ impl Supervisor {
                 }
             }
             ResultStatus::Expired | ResultStatus::Error => {
-                tracing::warn!(printer = %id, job = %pending.job, status = ?r.status, reason = r.reason.as_deref().unwrap_or(""), "start refused");
+                tracing::warn!(printer = %id, job = %pending.job, status = ?r.status, code = ?r.code, reason = r.reason.as_deref().unwrap_or(""), "start refused");
                 // The printer's next report tells the truth (an earlier send may have been
                 // accepted; a job that already ran shows in its ledger): until it comes, the
                 // start stays pending, so the job is not moved. Then it is sent again when

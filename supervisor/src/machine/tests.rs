@@ -1,6 +1,7 @@
 //! Script-driven tests of the reactive loop: messages in, decisions out. No IO.
 
 use super::*;
+use protocol::command::CommandErrorCode;
 use protocol::state::{JobProgress, LedgerEntry};
 
 const FILE: &[u8] = b"G28\nG1 X10\n";
@@ -641,6 +642,7 @@ fn refusal(id: &CommandId, at_ms: u64) -> Vec<u8> {
         id: id.clone(),
         status: ResultStatus::Error,
         reason: Some("job is already on this printer".into()),
+        code: Some(CommandErrorCode::AlreadyAccepted),
         epoch: 1,
         at_ms,
         retry_after_ms: None,
@@ -1065,6 +1067,7 @@ fn a_start_answered_busy_is_sent_again_when_the_gateway_says() {
         id: first.id.clone(),
         status: ResultStatus::Busy,
         reason: None,
+        code: Some(CommandErrorCode::Busy),
         epoch: 1,
         at_ms: 0,
         retry_after_ms: Some(300),
