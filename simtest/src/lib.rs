@@ -5,11 +5,25 @@
 //! generator. Faults (partitions, crashes that lose what was not committed, broker restarts
 //! with amnesia, slow and duplicated messages, late wills, serial faults, corrupt file chunks)
 //! come at random moments, with operator actions; then a quiet period in which the views must
-//! converge. Invariants are checked after every step. See `docs/resilience.md`.
+//! converge. Simulation-only invariants are checked after every step, and the shared checker
+//! (`invariants`, the one the chaos runner uses) on what each seed left behind. See
+//! `docs/resilience.md`.
+//!
+//! Every process is the real pure state machine inside a shell that mirrors its `run.rs`
+//! (`shells`); around them: the event loop (`world`), the clients' broker links (`network`) and
+//! the broker (`broker`), process lifecycle and timers (`procs`), durable stores (`disk`),
+//! printers (`printers`), faults (`faults`), the operator (`operator`) and the checks (`check`).
 
 pub mod broker;
+mod check;
 pub mod disk;
+mod faults;
+mod network;
+mod operator;
+mod printers;
+mod procs;
 pub mod rng;
+mod shells;
 pub mod world;
 
 pub use world::{SimConfig, Summary, World};

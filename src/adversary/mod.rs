@@ -45,7 +45,6 @@ use rumqttc::{AsyncClient, QoS, SubscribeFilter};
 use serde_json::Value;
 use transport::{Acks, Forwarding, MqttEvent, Out, Reconnect};
 
-use crate::chaos::check;
 use crate::chaos::observe::Observer;
 use crate::chaos::operator::Operator;
 use crate::chaos::procs::{self, BrokerKind, Proc, Spec};
@@ -666,7 +665,7 @@ impl Farm {
         loop {
             let open: Option<Vec<String>> = self.checker.jobs().await.map(|jobs| {
                 jobs.iter()
-                    .filter(|j| !check::settled(j.state) || j.state == JobState::Queued)
+                    .filter(|j| !invariants::settled(j.state) || j.state == JobState::Queued)
                     .map(|j| format!("{} {:?}", j.job_id, j.state).to_lowercase())
                     .collect()
             });
@@ -908,7 +907,7 @@ impl Farm {
             self.observer.observed(),
             &mut v,
         );
-        v.extend(check::violations(&ev));
+        v.extend(invariants::violations(&ev));
         // Every job ends finished (a print an operator marked failed counts when its retry
         // finished).
         for j in &ev.jobs {

@@ -14,13 +14,12 @@
 //!    own retained `status` and `state` again; that time is the fault's convergence time.
 //! 4. **Settle**: no more faults or new jobs; the operator goes on until every job has ended,
 //!    the views agree, then every process is stopped (SIGTERM).
-//! 5. **Check** ([`check::violations`]): the supervisor's redb store and every gateway's redb
-//!    ledger, opened with the crates' own store code, plus the `job_started` / `file_verified`
-//!    events seen on the broker.
+//! 5. **Check** ([`invariants::violations`], the one checker the simulation uses too): the
+//!    supervisor's redb store and every gateway's redb ledger, opened with the crates' own store
+//!    code, plus the `job_started` / `file_verified` events seen on the broker.
 //!
 //! Prints one JSON line on stdout; exits 0 only with no violation (each is also on stderr).
 
-pub mod check;
 pub mod faults;
 pub(crate) mod observe;
 pub(crate) mod operator;
@@ -321,7 +320,7 @@ impl<'a> Run<'a> {
             forge_ledger_entry(&dir.join("gw-p0/gateway.redb"))?;
         }
         let evidence = run.evidence(&mut report.violations);
-        report.violations.extend(check::violations(&evidence));
+        report.violations.extend(invariants::violations(&evidence));
         report.jobs = counts(&evidence);
         Ok(report)
     }
@@ -424,7 +423,7 @@ impl<'a> Run<'a> {
             let open = match self.operator.jobs().await {
                 Some(jobs) => jobs
                     .into_iter()
-                    .filter(|j| !check::settled(j.state) || j.state == JobState::Queued)
+                    .filter(|j| !invariants::settled(j.state) || j.state == JobState::Queued)
                     .map(|j| format!("{} {:?}", j.job_id, j.state).to_lowercase())
                     .collect::<Vec<_>>(),
                 None => vec!["(the supervisor did not answer)".into()],
@@ -613,7 +612,7 @@ impl<'a> Run<'a> {
     }
 
     /// Reads every store; a store that cannot be read is a violation.
-    fn evidence(&self, violations: &mut Vec<String>) -> check::Evidence {
+    fn evidence(&self, violations: &mut Vec<String>) -> invariants::Evidence {
         read_evidence(
             self.dir,
             self.n,
@@ -632,17 +631,17 @@ impl<'a> Run<'a> {
     }
 }
 
-/// The evidence for [`check::violations`]: the supervisor's store and every gateway's ledger
+/// The evidence for [`invariants::violations`]: the supervisor's store and every gateway's ledger
 /// under `dir` (`supervisor/`, `gw-p<i>/`), read after every process stopped; a store that
 /// cannot be read is a violation.
 pub(crate) fn read_evidence(
     dir: &Path,
     n: usize,
     submitted: Vec<JobId>,
-    observed: check::Observed,
+    observed: invariants::Observed,
     violations: &mut Vec<String>,
-) -> check::Evidence {
-    let mut ev = check::Evidence {
+) -> invariants::Evidence {
+    let mut ev = invariants::Evidence {
         submitted,
         observed,
         ..Default::default()
@@ -655,7 +654,7 @@ pub(crate) fn read_evidence(
     for i in 0..n {
         let path = dir.join(format!("gw-p{i}/gateway.redb"));
         match gateway::store::Store::open(&path).and_then(|s| s.load()) {
-            Ok(snap) => ev.gateways.push(check::GatewayLedger {
+            Ok(snap) => ev.gateways.push(invariants::GatewayLedger {
                 printer: format!("p{i}"),
                 ledger: snap.ledger,
                 current: snap.current.map(|c| (c.job_id, c.file_sha256)),
@@ -724,7 +723,7 @@ fn agree(
     Ok(())
 }
 
-fn counts(ev: &check::Evidence) -> JobCounts {
+fn counts(ev: &invariants::Evidence) -> JobCounts {
     let mut c = JobCounts {
         submitted: ev.submitted.len(),
         total: ev.jobs.len(),

@@ -13,7 +13,7 @@ use protocol::{Payload as _, PrinterTopicKind, Topic, Topics};
 use rumqttc::{AsyncClient, MqttOptions, QoS, SubscribeFilter};
 use transport::{Acks, Forwarding, MqttEvent, Out, Reconnect};
 
-use super::check::Observed;
+use invariants::Observed;
 
 /// What the retained topics say about one printer.
 #[derive(Debug, Clone, Default)]

@@ -1,7 +1,13 @@
-//! The invariants a chaos run must keep, checked after the run on what the processes left on
-//! disk (the supervisor's redb store, every gateway's redb ledger) and on the events the runner
-//! saw on the broker. Pure: data in, violations out, so a fabricated store pair proves that each
-//! violation is found.
+//! The one state checker: the invariants every harness judges a run by, checked on what the
+//! run left behind — the supervisor's durable jobs, every gateway's durable ledger, the job ids
+//! the operator was told were accepted, and the `job_started` / `file_verified` events the
+//! broker carried. Pure: [`Evidence`] in, [`violations`] out, one sentence each.
+//!
+//! Used by the real-process chaos runner (`printloop chaos`, which reads the redb stores after
+//! the run), the adversarial suite, and the deterministic simulation (`simtest`, which builds the
+//! evidence from its simulated disks and broker at the end of every seed). Rules that need the
+//! whole history (a start from an unverified file at the moment it starts, a supervisor that
+//! assigns one job twice at some step) stay in the simulation, which alone sees every step.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -26,7 +32,7 @@ pub struct GatewayLedger {
     pub verified_files: BTreeSet<Sha256Hex>,
 }
 
-/// What the runner saw on the broker (non-retained events; a gap only hides, never invents).
+/// What the harness saw on the broker (non-retained events; a gap only hides, never invents).
 #[derive(Debug, Clone, Default)]
 pub struct Observed {
     /// `job_started` events: (printer, job, epoch, seq).
@@ -38,7 +44,7 @@ pub struct Observed {
 /// Everything the checker reads.
 #[derive(Debug, Clone, Default)]
 pub struct Evidence {
-    /// Job ids the supervisor accepted from the runner (`submitted` answers).
+    /// Job ids the supervisor told the operator it accepted (`submitted` answers).
     pub submitted: Vec<JobId>,
     /// Every job in the supervisor's store.
     pub jobs: Vec<JobRecord>,
