@@ -101,7 +101,10 @@ impl World {
             if !self.procs[c].alive {
                 return;
             }
-            // The serial task opens the port, which resets the board.
+            // A new process: a new streamer, and its serial task opens a new link on the port,
+            // which resets the board.
+            self.gws[g].streamer = gateway::streamer::Streamer::new();
+            self.gws[g].printer.link_seq = 0;
             self.open_port(g);
             let now = self.gnow(c);
             if let Some(m) = self.gws[g].machine.as_mut() {

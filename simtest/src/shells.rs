@@ -22,6 +22,8 @@ pub(crate) struct Gw {
     pub(crate) machine: Option<Gateway>,
     pub(crate) disk: GatewayDisk,
     pub(crate) printer: PrinterModel,
+    /// The gateway process's streamer (its printer side), lost with the process.
+    pub(crate) streamer: gateway::streamer::Streamer,
     pub(crate) pending: VecDeque<GIn>,
 }
 

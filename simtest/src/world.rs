@@ -4,7 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use gateway::machine::{CoreConfig, Now as GNow, PrinterEvent};
+use gateway::link::LinkEvent;
+use gateway::machine::{CoreConfig, Now as GNow};
 use protocol::api::JobState;
 use protocol::files::FileChunkRequest;
 use protocol::{JobId, PrinterId, Sha256Hex, Topics};
@@ -117,7 +118,7 @@ pub(crate) enum Ev {
     PrinterDue {
         g: usize,
         gen: u64,
-        ev: PrinterEvent,
+        ev: LinkEvent,
     },
     PrinterStep {
         g: usize,
@@ -268,7 +269,9 @@ impl World {
                     gen: 0,
                     ready: false,
                     stream: None,
+                    link_seq: 0,
                 },
+                streamer: gateway::streamer::Streamer::new(),
                 pending: VecDeque::new(),
             });
             procs.push(Proc {
