@@ -5,12 +5,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use protocol::api::{
-    ApiOp, ApiRequest, ApiResponse, ApiResult, BedClear, JobArgs, PrinterArgs, SubmitJob,
+    ApiOp, ApiRequest, ApiResponse, ApiResult, BedClear, JobArgs, JobState, PrinterArgs, SubmitJob,
 };
-use protocol::presence::Presence;
 use protocol::state::PrinterPhase;
 use protocol::{ClientId, CommandId, JobId, Payload, PrinterId, Topic, Version};
 use supervisor::machine::Supervisor;
+use supervisor::operator::{Act, Diligent};
 
 use crate::network::Up;
 use crate::world::{Ev, World};
@@ -22,6 +22,8 @@ pub(crate) struct Operator {
     pub(crate) pending: BTreeMap<CommandId, (Vec<u8>, u32, Option<PrinterId>)>,
     /// Jobs the supervisor confirmed it accepted.
     pub(crate) accepted: BTreeSet<JobId>,
+    /// After the faults: the diligent operator model (`supervisor::operator`).
+    pub(crate) diligent: Diligent,
 }
 
 impl World {
@@ -216,31 +218,25 @@ impl World {
             .values()
             .filter_map(|(_, _, p)| p.clone())
             .collect();
-        for p in self.dashboard() {
-            if p.held {
-                self.op_request(
-                    ApiOp::ReleasePrinter(PrinterArgs {
-                        printer_id: p.printer_id.clone(),
-                    }),
-                    None,
-                );
+        // The diligent operator model `printloop demo` and `printloop chaos` run too.
+        let printers = self.dashboard();
+        let acts = {
+            let jobs: BTreeMap<JobId, JobState> = self
+                .sup
+                .machine
+                .as_ref()
+                .map(|m| m.jobs().map(|j| (j.job_id.clone(), j.state)).collect())
+                .unwrap_or_default();
+            self.op
+                .diligent
+                .round_with(self.now, &printers, |id| jobs.get(id).copied())
+        };
+        for act in acts {
+            if busy.contains(act.printer()) {
+                continue;
             }
-            let done = matches!(
-                p.phase,
-                PrinterPhase::Finished
-                    | PrinterPhase::Idle
-                    | PrinterPhase::Error
-                    | PrinterPhase::Halted
-            );
-            if done && !busy.contains(&p.printer_id) && p.presence == Presence::Online && !p.stale {
-                self.op_request(
-                    ApiOp::BedClear(BedClear {
-                        printer_id: p.printer_id.clone(),
-                        failed: false,
-                    }),
-                    Some(p.printer_id),
-                );
-            }
+            let printer = matches!(act, Act::ClearBed { .. }).then(|| act.printer().clone());
+            self.op_request(act.op(), printer);
         }
         self.at(5_000, Ev::HealCheck);
     }

@@ -76,7 +76,18 @@ impl Diligent {
         printers: &[PrinterSummary],
         jobs: &[JobSummary],
     ) -> Vec<Act> {
-        let state_of = |id: &JobId| jobs.iter().find(|j| &j.job_id == id).map(|j| j.state);
+        self.round_with(now_ms, printers, |id| {
+            jobs.iter().find(|j| &j.job_id == id).map(|j| j.state)
+        })
+    }
+
+    /// [`Diligent::round`] with the jobs' states from `state_of`.
+    pub fn round_with(
+        &mut self,
+        now_ms: u64,
+        printers: &[PrinterSummary],
+        state_of: impl Fn(&JobId) -> Option<JobState>,
+    ) -> Vec<Act> {
         let mut acts = Vec::new();
         for p in printers {
             if p.presence != Presence::Online || p.stale {
@@ -88,7 +99,7 @@ impl Diligent {
             let failed = match p.phase {
                 PrinterPhase::Idle => false,
                 PrinterPhase::Finished => {
-                    p.job_id.as_ref().and_then(state_of) != Some(JobState::Finished)
+                    p.job_id.as_ref().and_then(&state_of) != Some(JobState::Finished)
                 }
                 PrinterPhase::Halted | PrinterPhase::Error => true,
                 _ => continue,
