@@ -76,7 +76,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // 2. The supervisor.
     let sup_settings = supervisor::run::Settings {
         machine: supervisor::machine::SupervisorConfig {
-            command_retry_ms: 5_000,
+            command_retry: Duration::from_millis(5_000),
             ..Default::default()
         },
         broker: supervisor::run::BrokerTarget::External(addr.clone()),
@@ -111,7 +111,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let mut core = gateway::machine::CoreConfig::new(id.clone());
         core.name = format!("Demo printer {i}");
         core.model = "printloop-sim".into();
-        core.heartbeat_ms = ((10_000.0 / args.speed) as u64).max(1_000);
+        core.heartbeat = Duration::from_millis(((10_000.0 / args.speed) as u64).max(1_000));
         let settings = gateway::run::Settings {
             core,
             broker: addr.clone(),

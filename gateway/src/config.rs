@@ -264,11 +264,7 @@ pub fn settings(file: FileConfig, args: &Flags) -> Result<Settings, ConfigError>
         });
     }
     let invalid = |key: &'static str| move |message: String| ConfigError::Invalid { key, message };
-    let ms = |key: &'static str, s: u64| {
-        settings::seconds(s)
-            .map(|d| d.as_millis() as u64)
-            .map_err(invalid(key))
-    };
+    let seconds = |key: &'static str, s: u64| settings::seconds(s).map_err(invalid(key));
     let mut core = CoreConfig::new(printer_id);
     core.topics = topics;
     if let Some(n) = file.name {
@@ -279,15 +275,14 @@ pub fn settings(file: FileConfig, args: &Flags) -> Result<Settings, ConfigError>
     }
     core.tags = file.tags;
     if let Some(h) = args.heartbeat_s.or(file.timing.heartbeat_s) {
-        core.heartbeat_ms = ms("timing.heartbeat_s", h)?;
+        core.heartbeat = seconds("timing.heartbeat_s", h)?;
     }
     if let Some(m) = file.timing.state_min_interval_ms {
-        core.state_min_interval_ms = settings::millis(m)
-            .map(|d| d.as_millis() as u64)
-            .map_err(invalid("timing.state_min_interval_ms"))?;
+        core.state_min_interval =
+            settings::millis(m).map_err(invalid("timing.state_min_interval_ms"))?;
     }
     if let Some(s) = file.timing.chunk_timeout_s {
-        core.chunk_timeout_ms = ms("timing.chunk_timeout_s", s)?;
+        core.chunk_timeout = seconds("timing.chunk_timeout_s", s)?;
     }
     let keepalive = settings::keepalive(args.keepalive_s.or(file.broker.keepalive_s).unwrap_or(15))
         .map_err(invalid("broker.keepalive_s"))?;
@@ -362,7 +357,7 @@ mod tests {
         };
         let s =
             settings(file(&format!("{base}[timing]\nheartbeat_s = 9\n")), &flags).expect("valid");
-        assert_eq!(s.core.heartbeat_ms, 3_000, "a flag wins over the file");
+        assert_eq!(s.core.heartbeat_ms(), 3_000, "a flag wins over the file");
         for (extra, key) in [
             ("[timing]\nheartbeat_s = 0\n", "timing.heartbeat_s"),
             ("[timing]\nchunk_timeout_s = 0\n", "timing.chunk_timeout_s"),

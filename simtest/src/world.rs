@@ -3,6 +3,7 @@
 //! Keeps the replay promise: no wall clock, no thread, no hash order — one seed, one run.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
 
 use gateway::link::LinkEvent;
 use gateway::machine::{CoreConfig, Now as GNow};
@@ -242,7 +243,7 @@ impl World {
         }
         let sup_cfg = SupervisorConfig {
             topics: topics.clone(),
-            step_timeout_ms: 60_000,
+            step_timeout: Duration::from_millis(60_000),
             // Command ids from the seed, so that a seed replays exactly.
             command_key: u128::from(cfg.seed).to_le_bytes(),
             ..SupervisorConfig::default()
@@ -254,7 +255,7 @@ impl World {
             let mut core = CoreConfig::new(id.clone());
             core.topics = topics.clone();
             core.chunk_len = 512;
-            core.chunk_timeout_ms = 3_000;
+            core.chunk_timeout = Duration::from_millis(3_000);
             core.checkpoint_lines = 20;
             core.gateway_version = "sim".into();
             gws.push(Gw {

@@ -237,20 +237,16 @@ pub fn settings(args: &SupervisorArgs) -> Result<Settings, ConfigError> {
     let t = file.timing;
     // One rule and one wording for both binaries (`transport::settings`).
     use transport::settings;
-    let ms = |key, s: u64| {
-        settings::seconds(s)
-            .map(|d| d.as_millis() as u64)
-            .map_err(|m| invalid(key, m))
-    };
+    let seconds = |key, s: u64| settings::seconds(s).map_err(|m| invalid(key, m));
     let at_least_one = |key, n: u32| settings::at_least_one(n).map_err(|m| invalid(key, m));
     if let Some(s) = t.step_timeout_s {
-        machine.step_timeout_ms = ms("timing.step_timeout_s", s)?;
+        machine.step_timeout = seconds("timing.step_timeout_s", s)?;
     }
     if let Some(s) = t.command_retry_s {
-        machine.command_retry_ms = ms("timing.command_retry_s", s)?;
+        machine.command_retry = seconds("timing.command_retry_s", s)?;
     }
     if let Some(s) = t.command_ttl_s {
-        machine.command_ttl_ms = ms("timing.command_ttl_s", s)?;
+        machine.command_ttl = seconds("timing.command_ttl_s", s)?;
     }
     if let Some(n) = t.stale_heartbeats {
         machine.stale_heartbeats = at_least_one("timing.stale_heartbeats", n)?;
@@ -314,7 +310,7 @@ mod tests {
         );
         std::fs::write(&path, "[timing]\nstep_timeout_s = 7\n").expect("write");
         let s = settings(&args).expect("valid");
-        assert_eq!(s.machine.step_timeout_ms, 7000);
+        assert_eq!(s.machine.step_timeout_ms(), 7000);
         assert!(matches!(s.broker, BrokerTarget::External(ref a) if a.port == 1));
         assert!(s.machine.ha.enabled);
         assert_eq!(s.machine.ha.discovery_prefix, "homeassistant");

@@ -16,6 +16,7 @@
 //! - `timers`: what falls due with time (heartbeat, re-publishing, chunk timeouts).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use protocol::files::MAX_CHUNK_LEN;
 use protocol::limit::{Limiter, Rate};
@@ -49,13 +50,13 @@ pub struct CoreConfig {
     /// Build volume.
     pub build_volume: Option<BuildVolume>,
     /// Heartbeat period for `state`.
-    pub heartbeat_ms: u64,
+    pub heartbeat: Duration,
     /// Minimum time between two `state` publishes caused by changes.
-    pub state_min_interval_ms: u64,
+    pub state_min_interval: Duration,
     /// Bytes per file chunk requested.
     pub chunk_len: u32,
     /// How long to wait for a chunk before asking again.
-    pub chunk_timeout_ms: u64,
+    pub chunk_timeout: Duration,
     /// How many times in a row a chunk may time out before the job fails.
     pub chunk_attempts: u32,
     /// Persist the line reached every this many lines (and at every pause/end).
@@ -67,7 +68,12 @@ pub struct CoreConfig {
     /// Commands admitted per client (a client over it is answered `busy`).
     pub command_rate: Rate,
     /// Re-publish events the broker has not echoed back after this long.
-    pub outbox_resend_ms: u64,
+    pub outbox_resend: Duration,
+}
+
+/// A duration in milliseconds, saturating (no setting comes near).
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Commands a gateway admits per client: ten a second, twenty at once. The supervisor sends a
@@ -75,6 +81,23 @@ pub struct CoreConfig {
 pub const COMMAND_RATE: Rate = Rate::new(10.0, 20.0);
 
 impl CoreConfig {
+    /// `heartbeat` in milliseconds (the machine counts in milliseconds of `Now`).
+    pub fn heartbeat_ms(&self) -> u64 {
+        ms(self.heartbeat)
+    }
+    /// `state_min_interval` in milliseconds.
+    pub fn state_min_interval_ms(&self) -> u64 {
+        ms(self.state_min_interval)
+    }
+    /// `chunk_timeout` in milliseconds.
+    pub fn chunk_timeout_ms(&self) -> u64 {
+        ms(self.chunk_timeout)
+    }
+    /// `outbox_resend` in milliseconds.
+    pub fn outbox_resend_ms(&self) -> u64 {
+        ms(self.outbox_resend)
+    }
+
     /// Defaults for `printer_id`.
     pub fn new(printer_id: PrinterId) -> Self {
         Self {
@@ -84,16 +107,16 @@ impl CoreConfig {
             model: "Marlin printer".into(),
             tags: Vec::new(),
             build_volume: None,
-            heartbeat_ms: 10_000,
-            state_min_interval_ms: 250,
+            heartbeat: Duration::from_millis(10_000),
+            state_min_interval: Duration::from_millis(250),
             chunk_len: MAX_CHUNK_LEN,
-            chunk_timeout_ms: 5_000,
+            chunk_timeout: Duration::from_millis(5_000),
             chunk_attempts: 12,
             checkpoint_lines: 200,
             cache_max_bytes: 2 * 1024 * 1024 * 1024,
             gateway_version: env!("CARGO_PKG_VERSION").into(),
             command_rate: COMMAND_RATE,
-            outbox_resend_ms: 15_000,
+            outbox_resend: Duration::from_millis(15_000),
         }
     }
 }

@@ -137,7 +137,7 @@ impl Gateway {
             epoch: self.epoch,
             seq: self.seq,
             at_ms: now.unix_ms,
-            heartbeat_s: (self.cfg.heartbeat_ms / 1000).max(1) as u32,
+            heartbeat_s: (self.cfg.heartbeat_ms() / 1000).max(1) as u32,
             phase: self.phase(),
             bed_clear: self.flags.bed_clear,
             maintenance: self.flags.maintenance,

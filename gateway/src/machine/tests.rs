@@ -637,7 +637,7 @@ fn chunk_timeouts_retry_then_fail_the_job() {
     let mut requests = 1;
     let mut failed = false;
     for _ in 0..50 {
-        let out = h.advance(h.g.cfg.chunk_timeout_ms);
+        let out = h.advance(h.g.cfg.chunk_timeout_ms());
         requests += published::<FileChunkRequest>(&out, "file/request").len();
         if events(&out).iter().any(|e| {
             matches!(
@@ -768,7 +768,7 @@ fn stale_cancel_does_not_hit_the_next_job_and_fatal_errors_halt() {
 fn heartbeat_and_rate_limit() {
     let mut h = H::new();
     h.connect();
-    let hb = h.g.cfg.heartbeat_ms;
+    let hb = h.g.cfg.heartbeat_ms();
     let out = h.advance(hb - 1);
     assert!(published::<StateSnapshot>(&out, "/state").is_empty());
     let out = h.advance(1);
@@ -784,7 +784,7 @@ fn heartbeat_and_rate_limit() {
         remaining_min: Some(3),
     }));
     assert!(published::<StateSnapshot>(&out, "/state").is_empty());
-    let out = h.advance(h.g.cfg.state_min_interval_ms);
+    let out = h.advance(h.g.cfg.state_min_interval_ms());
     assert_eq!(published::<StateSnapshot>(&out, "/state").len(), 1);
 }
 
@@ -873,7 +873,7 @@ fn a_refused_start_is_published_within_the_minimum_interval_despite_temperatures
     out.extend(h.input(Input::Printer(PrinterEvent::Temperatures(
         Temperatures::default(),
     ))));
-    out.extend(h.advance(h.g.cfg.state_min_interval_ms));
+    out.extend(h.advance(h.g.cfg.state_min_interval_ms()));
     let states = published::<StateSnapshot>(&out, "/state");
     assert_eq!(states.len(), 1, "published after the minimum interval");
     assert_eq!(states[0].phase, PrinterPhase::Ready);
@@ -1084,7 +1084,7 @@ fn an_event_the_broker_never_echoed_is_published_again() {
     let ev = h.g.outbox.len();
     assert!(ev > 0, "job_started is journaled");
     // No echo comes back (the broker lost it): it is sent again after the resend period.
-    let out = h.advance(cfg().outbox_resend_ms - 1);
+    let out = h.advance(cfg().outbox_resend_ms() - 1);
     assert!(events(&out).is_empty());
     let out = h.advance(1);
     assert_eq!(events(&out).len(), ev);

@@ -40,15 +40,18 @@ impl Gateway {
             Timer::State => Some(match self.last_state_ms {
                 None => 0,
                 Some(last) if self.state_dirty => {
-                    last + self.cfg.state_min_interval_ms.min(self.cfg.heartbeat_ms)
+                    last + self
+                        .cfg
+                        .state_min_interval_ms()
+                        .min(self.cfg.heartbeat_ms())
                 }
-                Some(last) => last + self.cfg.heartbeat_ms,
+                Some(last) => last + self.cfg.heartbeat_ms(),
             }),
             Timer::Reassert => self
                 .reassert_due
                 .then(|| self.reasserted_ms.map_or(0, |t| t + REASSERT_EVERY_MS)),
             Timer::Outbox => {
-                (!self.outbox.is_empty()).then(|| self.outbox_sent_ms + self.cfg.outbox_resend_ms)
+                (!self.outbox.is_empty()).then(|| self.outbox_sent_ms + self.cfg.outbox_resend_ms())
             }
             // While a chunk is being stored its answer has come: no timeout then.
             Timer::Chunk => self

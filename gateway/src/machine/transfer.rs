@@ -110,7 +110,7 @@ impl Gateway {
             len,
         };
         t.request_id = Some(id);
-        t.deadline_ms = now.mono_ms + self.cfg.chunk_timeout_ms;
+        t.deadline_ms = now.mono_ms + self.cfg.chunk_timeout_ms();
         out.push(Output::Publish(Publish {
             topic: self
                 .cfg

@@ -523,7 +523,7 @@ impl Supervisor {
             now,
             &b.printer_id,
             CommandAction::BedCleared(Empty {}),
-            Some(self.cfg.command_ttl_ms),
+            Some(self.cfg.command_ttl_ms()),
             out,
         );
         Ok(ApiResult::Done {})
@@ -601,7 +601,7 @@ impl Supervisor {
                 job_id: job_id.clone(),
             })
         };
-        let cmd = self.send(now, printer, action, Some(self.cfg.command_ttl_ms), out);
+        let cmd = self.send(now, printer, action, Some(self.cfg.command_ttl_ms()), out);
         tracing::info!(printer = %printer, job = ?job_id.as_ref().map(JobId::as_str), command = %cmd, "{verb} sent");
         Ok(ApiResult::Done {})
     }

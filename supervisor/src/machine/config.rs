@@ -1,5 +1,7 @@
 //! The supervisor's policies (timeouts, rates, the topic tree), with their defaults.
 
+use std::time::Duration;
+
 use super::*;
 
 /// The supervisor's policies.
@@ -10,17 +12,17 @@ pub struct SupervisorConfig {
     /// A printer is stale after this many of its heartbeats without a `state`.
     pub stale_heartbeats: u32,
     /// A start command expires this long after it was sent.
-    pub command_ttl_ms: u64,
+    pub command_ttl: Duration,
     /// A start with no sign of life after this long is sent again (a new command id).
-    pub command_retry_ms: u64,
+    pub command_retry: Duration,
     /// A job whose printer is silent this long is flagged `timed_out` (never moved).
-    pub step_timeout_ms: u64,
+    pub step_timeout: Duration,
     /// Jobs failed in a row before a printer is held out of dispatch.
     pub breaker_threshold: u32,
     /// Minimum time between two queue snapshots.
-    pub queue_min_interval_ms: u64,
+    pub queue_min_interval: Duration,
     /// A printer online without a `state` for this long is asked to re-publish (rebirth).
-    pub rebirth_after_ms: u64,
+    pub rebirth_after: Duration,
     /// Home Assistant discovery and buttons.
     pub ha: HaConfig,
     /// Secret that makes the supervisor's command ids unpredictable (random for each
@@ -29,6 +31,34 @@ pub struct SupervisorConfig {
     pub command_key: [u8; 16],
     /// API requests admitted per client (a client over it is answered busy).
     pub api_rate: Rate,
+}
+
+impl SupervisorConfig {
+    /// `command_ttl` in milliseconds (the machine counts in milliseconds of `Now`).
+    pub fn command_ttl_ms(&self) -> u64 {
+        ms(self.command_ttl)
+    }
+    /// `command_retry` in milliseconds.
+    pub fn command_retry_ms(&self) -> u64 {
+        ms(self.command_retry)
+    }
+    /// `step_timeout` in milliseconds.
+    pub fn step_timeout_ms(&self) -> u64 {
+        ms(self.step_timeout)
+    }
+    /// `queue_min_interval` in milliseconds.
+    pub fn queue_min_interval_ms(&self) -> u64 {
+        ms(self.queue_min_interval)
+    }
+    /// `rebirth_after` in milliseconds.
+    pub fn rebirth_after_ms(&self) -> u64 {
+        ms(self.rebirth_after)
+    }
+}
+
+/// A duration in milliseconds, saturating (no setting comes near).
+pub(crate) fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// API requests the supervisor admits per client: a hundred a second, two hundred at once
@@ -54,12 +84,12 @@ impl Default for SupervisorConfig {
             command_key: random_key(),
             topics: Topics::default(),
             stale_heartbeats: 3,
-            command_ttl_ms: 120_000,
-            command_retry_ms: 15_000,
-            step_timeout_ms: 300_000,
+            command_ttl: Duration::from_millis(120_000),
+            command_retry: Duration::from_millis(15_000),
+            step_timeout: Duration::from_millis(300_000),
             breaker_threshold: 3,
-            queue_min_interval_ms: 250,
-            rebirth_after_ms: 5_000,
+            queue_min_interval: Duration::from_millis(250),
+            rebirth_after: Duration::from_millis(5_000),
             ha: HaConfig::default(),
             api_rate: API_RATE,
         }

@@ -63,7 +63,8 @@ impl Supervisor {
             return;
         }
         if let Some(pending) = &p.pending {
-            if pending.job == job_id && now.mono_ms < pending.retry_at(self.cfg.command_retry_ms) {
+            if pending.job == job_id && now.mono_ms < pending.retry_at(self.cfg.command_retry_ms())
+            {
                 return; // on its way
             }
             self.counters.command_retries += 1;
@@ -78,7 +79,7 @@ impl Supervisor {
             size_bytes: job.size_bytes,
             name: job.name.clone(),
         });
-        let cmd = self.send(now, id, action, Some(self.cfg.command_ttl_ms), out);
+        let cmd = self.send(now, id, action, Some(self.cfg.command_ttl_ms()), out);
         self.counters.starts_sent += 1;
         if let Some(q) = self.queued_since_mono.remove(&job_id) {
             self.counters
@@ -103,8 +104,8 @@ impl Supervisor {
             command: cmd,
             earlier,
             sent_mono: now.mono_ms,
-            expires_unix: now.unix_ms + self.cfg.command_ttl_ms,
-            expires_mono: now.mono_ms + self.cfg.command_ttl_ms,
+            expires_unix: now.unix_ms + self.cfg.command_ttl_ms(),
+            expires_mono: now.mono_ms + self.cfg.command_ttl_ms(),
             refused: None,
             busy_retry_mono: None,
         });

@@ -85,7 +85,7 @@ impl Supervisor {
             }),
             Timer::Queue => self.queue_dirty.then(|| {
                 self.last_queue_mono
-                    .map_or(0, |l| l + self.cfg.queue_min_interval_ms)
+                    .map_or(0, |l| l + self.cfg.queue_min_interval_ms())
             }),
             Timer::HaRepublish => self.ha_republish_mono.filter(|_| ha),
             Timer::HaFleet => (ha && self.ha_fleet_dirty).then_some(0),
@@ -106,7 +106,7 @@ impl Supervisor {
             Timer::Rebirth => {
                 let behind = p.state.as_ref().is_none_or(|s| s.epoch < p.status_epoch);
                 (self.connected && online && behind).then(|| {
-                    let after = self.cfg.rebirth_after_ms;
+                    let after = self.cfg.rebirth_after_ms();
                     let first = p.online_since_mono + after;
                     p.last_rebirth_mono
                         .map_or(first, |l| first.max(l + after * 4))
@@ -116,7 +116,7 @@ impl Supervisor {
                 let since = p.silent_since_mono?;
                 let job = self.jobs.get(p.rec.assigned.as_ref()?)?;
                 (active(job.state) && job.state != JobState::TimedOut)
-                    .then(|| since + self.cfg.step_timeout_ms)
+                    .then(|| since + self.cfg.step_timeout_ms())
             }
             Timer::StartExpiry => {
                 let pending = p.pending.as_ref()?;
@@ -135,7 +135,7 @@ impl Supervisor {
                     && job.state == JobState::Assigned
                     && p.reachable()
                     && p.phase() == Some(PrinterPhase::Ready))
-                .then(|| pending.retry_at(self.cfg.command_retry_ms))
+                .then(|| pending.retry_at(self.cfg.command_retry_ms()))
             }
             _ => None,
         }

@@ -215,7 +215,7 @@ fn pause_press_pauses_once_and_a_long_pause_never_times_the_job_out() {
         state(PrinterPhase::Paused, Some((j.as_str(), JobStage::Paused))),
     );
     assert_eq!(h.job(&j).state, JobState::Paused);
-    let step = h.s.cfg.step_timeout_ms;
+    let step = h.s.cfg.step_timeout_ms();
     let mut waited = 0;
     while waited < step * 3 {
         h.advance(10_000);
