@@ -102,51 +102,17 @@ pub struct TimingSection {
     pub chunk_timeout_s: Option<u64>,
 }
 
-/// What is wrong with the configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML or has an unknown or mistyped key.
-    #[error("{path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// toml's message, which names the key and the line.
-        message: String,
-    },
-    /// A value is missing or invalid.
-    #[error("invalid `{key}`: {message}")]
-    Invalid {
-        /// The key (as in the file; flags say the same).
-        key: &'static str,
-        /// Why.
-        message: String,
-    },
-}
+pub use transport::settings::ConfigError;
 
 impl FileConfig {
     /// Reads and parses a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|message| ConfigError::Parse {
-            path: path.to_owned(),
-            message,
-        })
+        settings::load_toml(path)
     }
 
     /// Parses config text.
     pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        settings::parse_toml(text)
     }
 }
 

@@ -30,6 +30,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use transport::settings::ConfigError as SettingsError;
+
 use crate::machine::SupervisorConfig;
 use crate::run::{BrokerTarget, Settings};
 
@@ -120,30 +122,10 @@ struct TimingSection {
 /// What is wrong with the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// Cannot read the file.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// Bad TOML, unknown or mistyped key.
-    #[error("{path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// Names the key and line.
-        message: String,
-    },
-    /// A bad value.
-    #[error("invalid `{key}`: {message}")]
-    Invalid {
-        /// The key.
-        key: &'static str,
-        /// Why.
-        message: String,
-    },
+    /// The file, or a value in it or in a flag (the gateway's rules and wording,
+    /// `transport::settings`).
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
     /// The embedded broker's configuration.
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
@@ -168,14 +150,7 @@ pub fn data_dir(
 }
 
 fn read_file_config(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })
+    Ok(transport::settings::load_toml(path)?)
 }
 
 /// Resolves the settings from the file and the flags (a flag wins).
@@ -184,7 +159,7 @@ pub fn settings(args: &SupervisorArgs) -> Result<Settings, ConfigError> {
         Some(path) => read_file_config(path)?,
         None => FileConfig::default(),
     };
-    let invalid = |key, message: String| ConfigError::Invalid { key, message };
+    let invalid = |key, message: String| ConfigError::from(SettingsError::Invalid { key, message });
     let topics = protocol::Topics::new(
         args.topic_root
             .clone()

@@ -15,6 +15,7 @@ use proptest::prelude::*;
 use proptest::test_runner::Config;
 use supervisor::cli::{settings, ConfigError, SupervisorArgs};
 use supervisor::store::Store;
+use transport::settings::ConfigError as SettingsError;
 
 fn config(default: u32) -> Config {
     let env = |k: &str| std::env::var(k).ok()?.parse::<u32>().ok();
@@ -165,12 +166,16 @@ proptest! {
         let dir = tempfile::tempdir().expect("tempdir");
         match resolve(dir.path(), &toml, external) {
             Ok(()) => {}
-            Err(ConfigError::Invalid { key, message }) => {
+            Err(ConfigError::Settings(SettingsError::Invalid { key, message })) => {
                 prop_assert!(!key.is_empty() && !message.is_empty());
             }
-            Err(ConfigError::Parse { message, .. }) => prop_assert!(!message.is_empty()),
+            Err(ConfigError::Settings(SettingsError::Parse { message, .. })) => {
+                prop_assert!(!message.is_empty())
+            }
             Err(ConfigError::Broker(_)) => prop_assert!(!external),
-            Err(e @ ConfigError::Read { .. }) => return Err(TestCaseError::fail(format!("{e}"))),
+            Err(e @ ConfigError::Settings(SettingsError::Read { .. })) => {
+                return Err(TestCaseError::fail(format!("{e}")))
+            }
         }
     }
 
@@ -206,13 +211,18 @@ fn huge_timing_values_name_their_key() {
     for key in ["step_timeout_s", "command_retry_s", "command_ttl_s"] {
         let toml = format!("[timing]\n{key} = 9223372036854775807\n");
         match resolve(dir.path(), &toml, true) {
-            Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, format!("timing.{key}")),
+            Err(ConfigError::Settings(SettingsError::Invalid { key: k, .. })) => {
+                assert_eq!(k, format!("timing.{key}"))
+            }
             other => panic!("{key}: {other:?}"),
         }
     }
-    // The largest value that fits is accepted.
-    let ok = format!("[timing]\nstep_timeout_s = {}\n", u64::MAX / 1000);
+    // The longest accepted is a year (`transport::settings::MAX_SECONDS`); a second more is not.
+    let max = transport::settings::MAX_SECONDS;
+    let ok = format!("[timing]\nstep_timeout_s = {max}\n");
     assert!(resolve(dir.path(), &ok, true).is_ok());
+    let over = format!("[timing]\nstep_timeout_s = {}\n", max + 1);
+    assert!(resolve(dir.path(), &over, true).is_err());
 }
 
 /// A store file cut anywhere is refused or opens; it never panics (every 512th length).

@@ -1,9 +1,57 @@
-//! The rules both binaries apply to the numbers in their config files and flags, with one
-//! wording: a duration in seconds is at least 1 and at most a year, MQTT's keep-alive at most
-//! 65 535 s (the protocol's field is 16 bits: rumqttc would silently truncate a larger one), a
-//! count at least 1. Callers name the key (`ConfigError::Invalid { key, message }`).
+//! The rules both binaries apply to their config files and flags, with one wording: a file is
+//! TOML whose unknown or mistyped keys are named with their line ([`load_toml`]); a duration in
+//! seconds is at least 1 and at most a year, MQTT's keep-alive at most 65 535 s (the protocol's
+//! field is 16 bits: rumqttc would silently truncate a larger one), a count at least 1; a bad
+//! value is [`ConfigError::Invalid`] naming its key as the file spells it.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// What is wrong with a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown or mistyped key.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, which names the key and the line.
+        message: String,
+    },
+    /// A value is missing or invalid.
+    #[error("invalid `{key}`: {message}")]
+    Invalid {
+        /// The key (as in the file; flags say the same).
+        key: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Reads and parses a TOML config file.
+pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_toml(&text).map_err(|message| ConfigError::Parse {
+        path: path.to_owned(),
+        message,
+    })
+}
+
+/// Parses TOML config text; the error names the key and the line.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    toml::from_str(text).map_err(|e| e.to_string())
+}
 
 /// The longest duration a setting may have: a year.
 pub const MAX_SECONDS: u64 = 365 * 24 * 3600;
