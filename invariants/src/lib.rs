@@ -220,7 +220,15 @@ pub fn violations(ev: &Evidence) -> Vec<String> {
                 continue;
             }
             if let Some(job) = jobs.get(id) {
-                if !g.verified_files.contains(&job.sha256) {
+                // Verified in the cache at the end, or verified for this job on the way (a
+                // verified file can leave the cache later: evicted for a bigger one, or removed
+                // when a later job's check of it failed).
+                let seen = ev
+                    .observed
+                    .verified
+                    .iter()
+                    .any(|(p, j, sha)| p == &g.printer && j == id && sha == &job.sha256);
+                if !g.verified_files.contains(&job.sha256) && !seen {
                     out.push(format!(
                         "job {id} finished on {} but its file {} is not verified there",
                         g.printer, job.sha256
@@ -412,8 +420,15 @@ mod tests {
         ev.observed.verified.push(("p1".into(), id("j2"), sha('b')));
         expect_one(&ev, "p1 verified file");
 
+        // Evicted from the cache after it was verified for the job: fine.
         let mut ev = good();
         ev.gateways[0].verified_files.clear();
+        ev.observed
+            .verified
+            .push(("p0".into(), id("j2.r1"), sha('a')));
+        assert_eq!(violations(&ev), Vec::<String>::new());
+        // Neither in the cache nor verified for the job on the way.
+        ev.observed.verified.clear();
         expect_one(&ev, "job j1 finished on p0 but its file");
 
         let mut ev = good();
