@@ -5,6 +5,7 @@
 //! The demo submits M jobs (real slicer output built into the binary), plays the operator who
 //! clears the beds (every such action is logged as the operator's), and shows live progress.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -39,6 +40,29 @@ pub struct DemoArgs {
     /// of starting the embedded one.
     #[arg(long, value_name = "URL")]
     broker: Option<String>,
+    /// Put the embedded broker on free ports instead of broker.toml's (several demos side by
+    /// side: two demos racing for 1883 could each take the other's broker for its own).
+    #[arg(long)]
+    free_ports: bool,
+    /// Serve the dashboard here (a free loopback port when this one is taken; "off": none).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: String,
+    /// No simulated operator: beds wait for you to clear them (from the dashboard or
+    /// `printloop bed-clear`), as on a real farm.
+    #[arg(long)]
+    manual: bool,
+    /// Keep the farm's state (database, files, tokens) here instead of a temporary directory.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+/// The demo's directory (kept, or temporary).
+struct Dir(PathBuf);
+
+impl Dir {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
 }
 
 /// Runs the demo.
@@ -47,23 +71,36 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         (1..=64).contains(&args.printers),
         "--printers must be 1 to 64"
     );
-    anyhow::ensure!((1..=1000).contains(&args.jobs), "--jobs must be 1 to 1000");
+    anyhow::ensure!((0..=1000).contains(&args.jobs), "--jobs must be 0 to 1000");
     anyhow::ensure!(
         args.speed.is_finite() && (0.1..=1000.0).contains(&args.speed),
         "--speed must be 0.1 to 1000"
     );
     let started = Instant::now();
-    let dir = tempfile::Builder::new()
-        .prefix("printloop-demo-")
-        .tempdir()
-        .context("creating the demo's directory")?;
+    let temp = match &args.data_dir {
+        Some(_) => None,
+        None => Some(
+            tempfile::Builder::new()
+                .prefix("printloop-demo-")
+                .tempdir()
+                .context("creating the demo's directory")?,
+        ),
+    };
+    let dir = match (&args.data_dir, &temp) {
+        (Some(d), _) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            Dir(d.clone())
+        }
+        (None, Some(t)) => Dir(t.path().to_owned()),
+        (None, None) => unreachable!("a temporary directory is made when none is given"),
+    };
 
     // 1. The broker: the one named, or the embedded one on broker.toml's ports (free ones if
     // they are taken).
     let addr = match &args.broker {
         Some(url) => transport::BrokerAddr::parse(url)
             .map_err(|e| anyhow::anyhow!("--broker {url:?}: {}", e.0))?,
-        None => start_embedded_broker()?,
+        None => start_embedded_broker(args.free_ports)?,
     };
     let url = format!("mqtt://{}:{}", addr.host, addr.port);
     println!("demo: broker at {url} (watch from another terminal: printloop watch --broker {url})");
@@ -73,15 +110,37 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    // 2. The supervisor.
+    // 2. The supervisor, with an operator's API token for the dashboard (the demo's own: it
+    // lives in the demo's temporary directory and goes with it).
+    let sup_dir = dir.path().join("supervisor");
+    let http = match args.http.as_str() {
+        "off" => None,
+        a => {
+            let want: std::net::SocketAddr = a
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--http {a:?}: {e}"))?;
+            // Taken (another demo, another program): any free port on the same address.
+            match std::net::TcpListener::bind(want) {
+                Ok(_) => Some(want),
+                Err(_) => Some(std::net::SocketAddr::new(want.ip(), 0)),
+            }
+        }
+    };
+    let tokens_file = sup_dir.join(supervisor::http::tokens::TOKENS_FILE);
+    // A kept directory has the last run's demo token: a new one replaces it.
+    let _ = supervisor::http::tokens::remove(&tokens_file, "demo");
+    let token =
+        supervisor::http::tokens::add(&tokens_file, "demo", protocol::web::Role::Operator, 0)
+            .context("making the demo's API token")?;
     let sup_settings = supervisor::run::Settings {
         machine: supervisor::machine::SupervisorConfig {
             command_retry: Duration::from_millis(5_000),
             ..Default::default()
         },
         broker: supervisor::run::BrokerTarget::External(addr.clone()),
-        data_dir: dir.path().join("supervisor"),
+        data_dir: sup_dir,
         metrics: None,
+        http,
         keepalive: Duration::from_secs(5),
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -90,7 +149,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         stopped(stop_rx.clone()),
         Some(ready_tx),
     ));
-    ready_rx.await.context("the supervisor did not start")?;
+    let handle = ready_rx.await.context("the supervisor did not start")?;
+    if let Some(web) = handle.http {
+        println!("demo: dashboard at http://{web}/#token={token}");
+    }
 
     // 3. The printers: a simulator on a pty each, driven by a real gateway.
     let mut sims = Vec::new();
@@ -193,7 +255,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         };
         // The operator model shared with `printloop chaos` and the simulation.
         let now_ms = started.elapsed().as_millis() as u64;
-        for act in operator.round(now_ms, &printers, &jobs) {
+        let acts = if args.manual {
+            Vec::new()
+        } else {
+            operator.round(now_ms, &printers, &jobs)
+        };
+        for act in acts {
             let what = match &act {
                 Act::Release(_) => "releases the printer held after repeated failures".to_owned(),
                 Act::ClearBed {
@@ -305,12 +372,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 /// The embedded broker on the built-in broker.toml's ports, or on free ones if they are taken.
-fn start_embedded_broker() -> anyhow::Result<transport::BrokerAddr> {
+fn start_embedded_broker(free_ports: bool) -> anyhow::Result<transport::BrokerAddr> {
     let config = broker::BrokerConfig::from_toml_str(
         include_str!("../broker.toml"),
         "broker.toml (built in)",
     )
     .context("the built-in broker.toml")?;
+    if free_ports {
+        let moved = config.with_free_ports().context("finding free ports")?;
+        return supervisor::run::start_broker(
+            &supervisor::run::BrokerTarget::Embedded(Box::new(moved)),
+            None,
+        )
+        .context("starting the embedded broker");
+    }
     let target = supervisor::run::BrokerTarget::Embedded(Box::new(config.clone()));
     match supervisor::run::start_broker(&target, None) {
         Ok(a) => Ok(a),

@@ -383,6 +383,115 @@ pub fn clients(args: ClientsArgs) -> Result<(), EnrollError> {
     Ok(())
 }
 
+/// `printloop tokens`: the HTTP API's tokens (dashboard, REST, slicers).
+#[derive(Debug, Args)]
+pub struct TokensArgs {
+    #[command(subcommand)]
+    command: TokensCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokensCommand {
+    /// Make a token and print it (shown once; only its hash is kept).
+    Add {
+        /// Its name (letters, digits, '-', '_', '.'): shown in logs and used as its client name.
+        name: String,
+        /// viewer (reads everything, changes nothing) or operator (also acts).
+        #[arg(long, value_enum)]
+        role: TokenRole,
+        /// Write the token to this file (mode 0600) instead of printing it.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Remove a token: it stops working at once (no restart).
+    Remove {
+        /// Its name.
+        name: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// List the tokens (names and roles; never a token or hash).
+    List {
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+}
+
+/// A token's role on the command line.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TokenRole {
+    Viewer,
+    Operator,
+}
+
+fn tokens_path(registry: &RegistryArgs) -> Result<PathBuf, EnrollError> {
+    let clients = registry.path()?;
+    Ok(clients.with_file_name(supervisor::http::tokens::TOKENS_FILE))
+}
+
+/// Runs `printloop tokens`.
+pub fn tokens(args: TokensArgs) -> Result<(), EnrollError> {
+    use supervisor::http::tokens;
+    let bad = |e: tokens::TokensError| EnrollError::Invalid(e.to_string());
+    match args.command {
+        TokensCommand::Add {
+            name,
+            role,
+            token_file,
+            registry,
+        } => {
+            let path = tokens_path(&registry)?;
+            let role = match role {
+                TokenRole::Viewer => protocol::web::Role::Viewer,
+                TokenRole::Operator => protocol::web::Role::Operator,
+            };
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            let token = tokens::add(&path, &name, role, now_ms).map_err(bad)?;
+            match token_file {
+                Some(f) => {
+                    broker::clients::write_private(&f, format!("{token}\n").as_bytes(), 0o600)?;
+                    eprintln!("token {name:?} ({role:?}) is in {}", f.display());
+                }
+                None => {
+                    eprintln!(
+                        "token {name:?} ({role:?}), shown once (only its hash is kept in {}):",
+                        path.display()
+                    );
+                    println!("{token}");
+                }
+            }
+        }
+        TokensCommand::Remove { name, registry } => {
+            let path = tokens_path(&registry)?;
+            if tokens::remove(&path, &name).map_err(bad)? {
+                eprintln!("token {name:?} removed");
+            } else {
+                return Err(EnrollError::Invalid(format!("no token named {name:?}")));
+            }
+        }
+        TokensCommand::List { registry } => {
+            let path = tokens_path(&registry)?;
+            let list = tokens::Tokens::open(path).map_err(bad)?.list();
+            if list.is_empty() {
+                eprintln!("no tokens (printloop tokens add NAME --role operator)");
+            }
+            for t in list {
+                let role = match t.role {
+                    protocol::web::Role::Viewer => "viewer",
+                    protocol::web::Role::Operator => "operator",
+                };
+                println!("{:<24} {role}", t.name);
+            }
+        }
+    }
+    Ok(())
+}
+
 fn give_password(user: &str, password: &str, file: Option<&Path>) -> Result<(), EnrollError> {
     match file {
         Some(f) => {

@@ -47,6 +47,8 @@ enum Command {
     /// The farm's MQTT logins: register Home Assistant, Node-RED, the supervisor or operators;
     /// write Mosquitto's password file and ACL (printers: `printloop printers add`).
     Clients(enroll::ClientsArgs),
+    /// The HTTP API's tokens for the dashboard, scripts and slicers (viewer or operator).
+    Tokens(enroll::TokensArgs),
     /// Let a printer held by the circuit breaker take work again.
     Release(ops::cli::ReleaseArgs),
     /// Watch the printers' progress live (from the retained MQTT topics).
@@ -124,6 +126,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Clients(args) => enroll::clients(args).map_err(anyhow::Error::from),
+        Command::Tokens(args) => enroll::tokens(args).map_err(anyhow::Error::from),
         Command::Jobs(args) => operator(ops::cli::jobs(args)),
         Command::Printers(args) => operator(ops::cli::printers(args)),
         Command::BedClear(args) => operator(ops::cli::bed_clear(args)),

@@ -353,7 +353,7 @@ impl Fleet {
             .arg(self.dir.path().join("sup"))
             .arg("--config")
             .arg(&config)
-            .args(["--metrics", "off"])
+            .args(["--metrics", "off", "--http", "off"])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())

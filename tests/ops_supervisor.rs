@@ -66,7 +66,7 @@ async fn operator_commands_work_with_the_real_supervisor() {
             ])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
-            .args(["--metrics", "off"])
+            .args(["--metrics", "off", "--http", "off"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone"))
             .stderr(log)

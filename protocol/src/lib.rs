@@ -16,6 +16,7 @@ pub mod presence;
 pub mod schema;
 pub mod state;
 pub mod topics;
+pub mod web;
 
 pub use codec::{DecodeError, EnvelopeError, Payload, Version, PROTOCOL_VERSION};
 pub use ids::{ClientId, CommandId, IdError, JobId, PrinterId, Sha256Hex};

@@ -150,6 +150,8 @@ impl World {
                 SOut::StoreUpload { .. } => {
                     self.violate("the simulation uploads nothing, yet an upload was stored".into())
                 }
+                SOut::Reply { .. } => self
+                    .violate("the simulation makes no HTTP request, yet one was answered".into()),
             }
         }
     }

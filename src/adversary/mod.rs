@@ -388,6 +388,8 @@ impl Farm {
                 s(&config),
                 "--metrics".into(),
                 "off".into(),
+                "--http".into(),
+                "off".into(),
             ],
             log: logs.join("supervisor.log"),
             stdin: false,

@@ -283,6 +283,8 @@ impl<'a> Run<'a> {
                 config.display().to_string(),
                 "--metrics".into(),
                 "off".into(),
+                "--http".into(),
+                "off".into(),
             ],
             log: logs.join("supervisor.log"),
             stdin: false,

@@ -536,7 +536,7 @@ async fn scrape(addr: std::net::SocketAddr) -> Option<String> {
         .await
         .ok()?
         .ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
         .ok()?;
     let mut body = String::new();
@@ -640,6 +640,7 @@ fn main() -> Result<(), BoxError> {
         broker: BrokerTarget::External(transport::BrokerAddr::loopback(port)),
         data_dir: sup_dir,
         metrics: Some("127.0.0.1:0".parse()?),
+        http: None,
         keepalive: Duration::from_secs(15),
     };
     let sup_thread = std::thread::Builder::new()

@@ -13,6 +13,9 @@
 //! [metrics]
 //! listen = "127.0.0.1:9464"           # Prometheus: GET /metrics
 //!
+//! [http]                              # dashboard, REST API, slicer uploads (docs/http.md)
+//! listen = "127.0.0.1:8080"           # beyond loopback every request needs an API token anyway
+//!
 //! [timing]
 //! step_timeout_s = 300                # a silent printer's job is flagged timed_out (never moved)
 //! command_retry_s = 15                # a start with no sign of life is sent again
@@ -59,6 +62,10 @@ pub struct SupervisorArgs {
     /// Serve Prometheus metrics at this address ("off" to disable).
     #[arg(long)]
     pub metrics: Option<String>,
+    /// Serve the dashboard, the REST API and slicer uploads at this address (default
+    /// 127.0.0.1:8080; "off" to disable). Every request needs an API token (`printloop tokens`).
+    #[arg(long)]
+    pub http: Option<String>,
     /// Topic root.
     #[arg(long)]
     pub topic_root: Option<String>,
@@ -79,6 +86,8 @@ struct FileConfig {
     broker: BrokerSection,
     #[serde(default)]
     metrics: MetricsSection,
+    #[serde(default)]
+    http: HttpSection,
     #[serde(default)]
     timing: TimingSection,
     #[serde(default)]
@@ -106,6 +115,12 @@ struct BrokerSection {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MetricsSection {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpSection {
     listen: Option<String>,
 }
 
@@ -205,6 +220,14 @@ pub fn settings(args: &SupervisorArgs) -> Result<Settings, ConfigError> {
         ),
         None => Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
     };
+    let http = match args.http.clone().or(file.http.listen).as_deref() {
+        Some("off") => None,
+        Some(a) => Some(
+            a.parse::<SocketAddr>()
+                .map_err(|e| invalid("http.listen", format!("{a:?}: {e}")))?,
+        ),
+        None => Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+    };
     let mut machine = SupervisorConfig {
         topics,
         ..SupervisorConfig::default()
@@ -246,6 +269,7 @@ pub fn settings(args: &SupervisorArgs) -> Result<Settings, ConfigError> {
         broker,
         data_dir,
         metrics,
+        http,
         keepalive,
     })
 }
@@ -267,6 +291,7 @@ mod tests {
             username: None,
             ca_file: None,
             metrics: None,
+            http: None,
             topic_root: None,
             ha_discovery_prefix: None,
             no_ha: false,

@@ -285,6 +285,11 @@ impl FileStore {
         Ok(out)
     }
 
+    /// Where whole-file uploads wait while they arrive (same file system as the store).
+    pub fn incoming_dir(&self) -> PathBuf {
+        self.uploads.clone()
+    }
+
     /// Bytes of an upload in progress stored so far (0 when there is none).
     pub fn upload_received(&self, sha: &Sha256Hex) -> Result<u64, FileError> {
         let part = self.part(sha);

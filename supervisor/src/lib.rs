@@ -9,8 +9,8 @@
 pub mod cli;
 pub mod files;
 pub mod ha;
+pub mod http;
 pub mod machine;
-pub mod metrics;
 pub mod model;
 pub mod operator;
 pub mod run;

@@ -8,7 +8,9 @@
 //! - publishes wait in the shell's [`Outgoing`] queue, by priority (presence, state and
 //!   commands before answers, answers before `busy` refusals), and go to rumqttc as its queue
 //!   has room: a burst of ten thousand requests is answered in full and never blocks the loop;
-//! - `/metrics` reads a rendered snapshot, never the machine.
+//! - the HTTP server (`crate::http`) never touches the machine: its operations arrive as calls
+//!   through a bounded channel, its reads come from a frame rendered a few times a second;
+//!   `/metrics` reads metrics set once a second.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -19,14 +21,14 @@ use std::time::{Duration, Instant};
 use protocol::files::{FileChunkRequest, FileChunkResponse};
 use protocol::{Payload, PrinterId, Topic, Topics};
 use rumqttc::{AsyncClient, LastWill, QoS};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tracing::Instrument as _;
 use transport::outgoing::Outgoing;
 use transport::{now, BrokerAddr, MqttEvent, Session};
 
 use crate::files::FileStore;
+use crate::http::metrics::Metrics;
 use crate::machine::{Input, Now, Output, Supervisor, SupervisorConfig, UploadOutcome};
-use crate::metrics::Metrics;
 use crate::model::Mutation;
 use crate::store::Store;
 
@@ -51,8 +53,10 @@ pub struct Settings {
     pub broker: BrokerTarget,
     /// Where `supervisor.redb`, `files/` and `uploads/` live.
     pub data_dir: PathBuf,
-    /// Serve Prometheus metrics here.
+    /// Serve Prometheus metrics here (alone; `/metrics` is on the HTTP server too).
     pub metrics: Option<SocketAddr>,
+    /// Serve the dashboard, the REST API and slicer uploads here.
+    pub http: Option<SocketAddr>,
     /// MQTT keep-alive.
     pub keepalive: Duration,
 }
@@ -80,14 +84,9 @@ pub enum RunError {
     /// The MQTT connection cannot be set up.
     #[error(transparent)]
     Transport(#[from] transport::TransportError),
-    /// The metrics listener cannot bind.
-    #[error("metrics listener {addr}: {source}")]
-    Metrics {
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
+    /// The HTTP or metrics listener cannot start.
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
 }
 
 /// Most broker messages handled in one batch (one durable commit).
@@ -100,6 +99,8 @@ pub struct Handle {
     pub broker: BrokerAddr,
     /// The metrics listener, if any.
     pub metrics: Option<SocketAddr>,
+    /// The HTTP server (dashboard, API), if any.
+    pub http: Option<SocketAddr>,
 }
 
 /// The user name of the supervisor's own login to the broker it embeds. Its password is made
@@ -260,25 +261,42 @@ async fn serve(
         serve_chunks(chunk_rx, files.clone(), client.clone(), topics.clone()).in_current_span(),
     );
 
-    // Metrics.
-    let metrics = Metrics::new();
-    let (metrics_tx, metrics_rx) = watch::channel(String::new());
+    // Metrics, and the HTTP server.
+    let metrics = Arc::new(Metrics::new());
     let metrics_addr = match settings.metrics {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::Metrics { addr, source })?;
-            let bound = listener.local_addr().unwrap_or(addr);
-            tokio::spawn(crate::metrics::serve(listener, metrics_rx));
+            let bound = crate::http::start_metrics(
+                addr,
+                settings.data_dir.clone(),
+                files.clone(),
+                metrics.clone(),
+            )
+            .await?;
             tracing::info!(%bound, "metrics at http://{bound}/metrics");
             Some(bound)
         }
         None => None,
     };
+    let (http_shell, mut http_calls, http_addr) = match settings.http {
+        Some(addr) => {
+            let server = crate::http::start(
+                &crate::http::HttpSettings {
+                    addr,
+                    data_dir: settings.data_dir.clone(),
+                },
+                files.clone(),
+                metrics.clone(),
+            )
+            .await?;
+            (Some(server.shell), Some(server.calls), Some(server.addr))
+        }
+        None => (None, None, None),
+    };
     if let Some(ready) = ready {
         let _ = ready.send(Handle {
             broker: broker_addr.clone(),
             metrics: metrics_addr,
+            http: http_addr,
         });
     }
 
@@ -291,9 +309,14 @@ async fn serve(
         upload_tx,
         pending: std::collections::VecDeque::new(),
         outgoing: Outgoing::default(),
+        http: http_shell,
     };
-    let mut metrics = metrics;
     let mut refresh = tokio::time::interval(Duration::from_secs(1));
+    // The dashboard's frame: as often as a stream may send one.
+    let mut frame_every = tokio::time::interval(Duration::from_millis(
+        1000 / crate::http::stream_frames_per_s(),
+    ));
+    frame_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // systemd (Type=notify): ready once the store is open, the broker (if embedded) serves and
     // the MQTT task runs; the watchdog is fed from a timer arm of this loop only
     // (transport::systemd), so a wedged loop is restarted.
@@ -356,12 +379,30 @@ async fn serve(
                 }
             }
             Some(input) = upload_rx.recv() => shell.pending.push_back(input),
+            Some(call) = async {
+                match http_calls.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(h) = shell.http.as_mut() {
+                    match h.accept(call) {
+                        Ok(input) => shell.pending.push_back(input),
+                        Err(query) => query.answer(&machine, now(start)),
+                    }
+                }
+            }
+            _ = frame_every.tick(), if shell.http.is_some() => {
+                if let Some(h) = shell.http.as_mut() {
+                    h.publish(&machine, now(start));
+                }
+            }
             _ = refresh.tick() => {
                 if let Some(set) = enrolment.changed() {
                     shell.pending.push_back(Input::Enrolled(set));
                 }
-                metrics.observe(machine.take_dispatch_latencies());
-                let _ = metrics_tx.send(metrics.render(&machine, now(start)));
+                let latencies = machine.take_dispatch_latencies();
+                metrics.update(&machine, latencies);
             }
             _ = tokio::time::sleep_until(deadline.into()) => shell.pending.push_back(Input::Tick),
             _ = feed.tick() => systemd.feed(),
@@ -392,6 +433,7 @@ struct Shell {
     chunk_tx: mpsc::Sender<(PrinterId, FileChunkRequest)>,
     upload_tx: mpsc::Sender<Input>,
     pending: std::collections::VecDeque<Input>,
+    http: Option<crate::http::Shell>,
 }
 
 impl Shell {
@@ -425,7 +467,12 @@ impl Shell {
                         tracing::warn!(%printer, "file server busy: chunk request dropped (the gateway asks again)");
                     }
                 }
-                Output::StoreUpload { client, id, chunk } => {
+                Output::Reply { client, response } => {
+                    if let Some(h) = self.http.as_mut() {
+                        h.reply(&client, response);
+                    }
+                }
+                Output::StoreUpload { caller, id, chunk } => {
                     let files = self.files.clone();
                     let tx = self.upload_tx.clone();
                     let at = now.unix_ms;
@@ -448,7 +495,7 @@ impl Shell {
                             },
                         };
                         let _ = tx.blocking_send(Input::Uploaded {
-                            client,
+                            caller,
                             id,
                             outcome,
                         });

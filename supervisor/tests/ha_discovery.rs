@@ -115,6 +115,7 @@ async fn discovery_republish_press_and_forget_on_a_real_broker() {
         broker: BrokerTarget::External(transport::BrokerAddr::loopback(port)),
         data_dir: dir.path().to_path_buf(),
         metrics: None,
+        http: None,
         keepalive: Duration::from_secs(5),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

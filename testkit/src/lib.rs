@@ -13,7 +13,9 @@
 //!
 //! Every wait is bounded; a missing `mosquitto` binary is an error (tests fail, they never skip).
 mod client;
+mod demo;
 mod embedded;
+pub mod http;
 mod mosquitto;
 mod process;
 mod secure;
@@ -24,6 +26,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub use client::{mqtt_options, TestClient, RECV_TIMEOUT};
+pub use demo::{DemoFarm, DemoOptions};
 pub use embedded::{shipped_broker_toml, EmbeddedBroker};
 pub use mosquitto::{mosquitto_passwd, Mosquitto, MosquittoGuard, MosquittoOptions};
 pub use process::BrokerProcess;

@@ -8,7 +8,7 @@ impl Supervisor {
     pub(super) fn answer(
         &mut self,
         now: Now,
-        client: &ClientId,
+        caller: &Caller,
         id: &CommandId,
         result: Result<ApiResult, Refusal>,
         remember: bool,
@@ -36,7 +36,7 @@ impl Supervisor {
         };
         let payload = resp.encode();
         if remember {
-            let key = format!("{client}/{id}");
+            let key = caller.answer_key(id);
             self.answers.insert(key.clone(), payload.clone());
             out.push(Output::Persist(vec![Mutation::PutRequest {
                 key,
@@ -44,24 +44,44 @@ impl Supervisor {
                 at_ms: now.unix_ms,
             }]));
         }
-        self.publish_in(
-            Lane::Answer,
-            out,
-            self.topic(Topic::ApiResponse(client.clone())),
-            payload,
-            false,
-        );
+        self.deliver(caller, Lane::Answer, resp, payload, out);
     }
 
-    /// Admits a request of `client`, or answers it busy (nothing done, nothing stored, in the
+    /// Sends an answer where its caller waits: a publish on `api/response/<client>`, or a
+    /// reply to the HTTP shell.
+    fn deliver(
+        &mut self,
+        caller: &Caller,
+        lane: Lane,
+        resp: ApiResponse,
+        payload: Vec<u8>,
+        out: &mut Vec<Output>,
+    ) {
+        match caller {
+            Caller::Mqtt(client) => self.publish_in(
+                lane,
+                out,
+                self.topic(Topic::ApiResponse(client.clone())),
+                payload,
+                false,
+            ),
+            Caller::Http(client) => out.push(Output::Reply {
+                client: client.clone(),
+                response: resp,
+            }),
+        }
+    }
+
+    /// Admits a request of `caller`, or answers it busy (nothing done, nothing stored, in the
     /// lowest lane) and says no.
     pub(super) fn admit_api(
         &mut self,
         now: Now,
-        client: &ClientId,
+        caller: &Caller,
         id: &CommandId,
         out: &mut Vec<Output>,
     ) -> bool {
+        let client = caller.client();
         let Err(busy) = self.api_limiter.admit(client.as_str(), now.mono_ms) else {
             return true;
         };
@@ -82,24 +102,28 @@ impl Supervisor {
             code: Some(ApiErrorCode::Busy),
             retry_after_ms: Some(busy.retry_after_ms),
         };
-        self.publish_in(
-            Lane::Refusal,
-            out,
-            self.topic(Topic::ApiResponse(client.clone())),
-            resp.encode(),
-            false,
-        );
+        let payload = resp.encode();
+        self.deliver(caller, Lane::Refusal, resp, payload, out);
         false
+    }
+
+    /// A request over HTTP: decoded and checked by the HTTP shell already (its client is the
+    /// API token's name); admitted at the same rate and carried out like any other.
+    pub(super) fn on_http(&mut self, now: Now, req: ApiRequest, out: &mut Vec<Output>) {
+        let caller = Caller::Http(req.client.clone());
+        if self.admit_api(now, &caller, &req.id, out) {
+            self.run_request(now, caller, req, out);
+        }
     }
 
     pub(super) fn on_api(&mut self, now: Now, payload: &[u8], out: &mut Vec<Output>) {
         let req = match ApiRequest::decode(payload) {
-            Ok(r) if !self.admit_api(now, &r.client, &r.id, out) => return,
+            Ok(r) if !self.admit_api(now, &Caller::Mqtt(r.client.clone()), &r.id, out) => return,
             Err(ApiReject {
                 client: Some(client),
                 id: Some(id),
                 ..
-            }) if !self.admit_api(now, &client, &id, out) => return,
+            }) if !self.admit_api(now, &Caller::Mqtt(client.clone()), &id, out) => return,
             Ok(r) if r.client.as_str() == HA_CLIENT => {
                 // Home Assistant's presses are requests of this client with ids made from the
                 // printer's state; one from the network could claim such an id first and make
@@ -110,7 +134,7 @@ impl Supervisor {
                     ApiErrorCode::ReservedClient,
                     format!("the client name {HA_CLIENT:?} is reserved for Home Assistant's buttons; choose another"),
                 );
-                self.answer(now, &r.client, &r.id, Err(why), false, out);
+                self.answer(now, &Caller::Mqtt(r.client), &r.id, Err(why), false, out);
                 return;
             }
             Ok(r) => r,
@@ -119,7 +143,7 @@ impl Supervisor {
                 match (reject.client, reject.id) {
                     (Some(client), Some(id)) => self.answer(
                         now,
-                        &client,
+                        &Caller::Mqtt(client),
                         &id,
                         Err(Refusal::new(
                             ApiErrorCode::Invalid,
@@ -135,29 +159,32 @@ impl Supervisor {
                 return;
             }
         };
-        self.run_request(now, req, out);
+        self.run_request(now, Caller::Mqtt(req.client.clone()), req, out);
     }
 
     /// Carries out a decoded request (from `api/request`, or made from a button press) and
     /// answers it; a request id seen before gets its first answer again and nothing happens.
-    pub(super) fn run_request(&mut self, now: Now, req: ApiRequest, out: &mut Vec<Output>) {
-        let key = format!("{}/{}", req.client, req.id);
-        if let Some(prev) = self.answers.get(&key) {
+    pub(super) fn run_request(
+        &mut self,
+        now: Now,
+        caller: Caller,
+        req: ApiRequest,
+        out: &mut Vec<Output>,
+    ) {
+        if let Some(prev) = self.answers.get(&caller.answer_key(&req.id)).cloned() {
             // A retried request gets the same answer, and nothing happens twice.
-            self.publish(
-                out,
-                self.topic(Topic::ApiResponse(req.client.clone())),
-                prev.clone(),
-                false,
-            );
+            match ApiResponse::decode(&prev) {
+                Ok(resp) => self.deliver(&caller, Lane::Answer, resp, prev, out),
+                Err(e) => tracing::error!(error = %e, "a remembered answer does not decode"),
+            }
             return;
         }
         let span = tracing::info_span!("api", client = %req.client, id = %req.id);
         let _e = span.enter();
-        let (client, id) = (req.client.clone(), req.id.clone());
+        let id = req.id.clone();
         let (result, remember) = match req.op {
             ApiOp::UploadChunk(chunk) => {
-                out.push(Output::StoreUpload { client, id, chunk });
+                out.push(Output::StoreUpload { caller, id, chunk });
                 return;
             }
             ApiOp::SubmitJob(s) => (self.api_submit(now, s, out), true),
@@ -186,14 +213,14 @@ impl Supervisor {
         if let Err(e) = &result {
             tracing::warn!(error = %e, "request refused");
         }
-        self.answer(now, &client, &id, result, remember, out);
+        self.answer(now, &caller, &id, result, remember, out);
         self.queue_dirty = true;
     }
 
     pub(super) fn on_uploaded(
         &mut self,
         now: Now,
-        client: ClientId,
+        caller: Caller,
         id: CommandId,
         outcome: UploadOutcome,
         out: &mut Vec<Output>,
@@ -218,7 +245,7 @@ impl Supervisor {
             }
             UploadOutcome::Failed(e) => Err(Refusal::new(ApiErrorCode::UploadRefused, e)),
         };
-        self.answer(now, &client, &id, result, false, out);
+        self.answer(now, &caller, &id, result, false, out);
     }
 
     pub(super) fn api_submit(

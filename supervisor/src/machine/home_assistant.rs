@@ -38,7 +38,7 @@ impl Supervisor {
         payload: &[u8],
         out: &mut Vec<Output>,
     ) {
-        let client = ClientId::new(HA_CLIENT).expect("a valid client id");
+        let caller = Caller::Mqtt(ClientId::new(HA_CLIENT).expect("a valid client id"));
         let action = match PressAction::parse(payload) {
             Ok(a) => a,
             Err(e) => {
@@ -53,28 +53,29 @@ impl Supervisor {
             .and_then(|p| p.state.as_ref())
             .map_or((0, 0), |s| (s.epoch, s.seq));
         let id = press_id(&printer, action, seen);
-        if self.answers.contains_key(&format!("{client}/{id}")) {
+        if self.answers.contains_key(&caller.answer_key(&id)) {
             tracing::debug!(printer = %printer, action = action.as_str(), "Home Assistant press repeated: done once");
             return;
         }
-        if !self.admit_api(now, &client, &id, out) {
+        if !self.admit_api(now, &caller, &id, out) {
             return;
         }
         let op = match self.press_op(&printer, action) {
             Ok(op) => op,
             Err(e) => {
                 tracing::warn!(printer = %printer, action = action.as_str(), error = %e, "Home Assistant press refused");
-                self.answer(now, &client, &id, Err(e), false, out);
+                self.answer(now, &caller, &id, Err(e), false, out);
                 return;
             }
         };
         tracing::info!(printer = %printer, action = action.as_str(), "Home Assistant press");
         self.run_request(
             now,
+            caller.clone(),
             ApiRequest {
                 v: Version,
                 id,
-                client,
+                client: caller.client().clone(),
                 op,
             },
             out,

@@ -41,12 +41,48 @@ pub enum Output {
     /// Store an upload chunk; answer with `Input::Uploaded`.
     StoreUpload {
         /// Who asked.
-        client: ClientId,
+        caller: Caller,
         /// The request id.
         id: CommandId,
         /// The chunk.
         chunk: UploadChunk,
     },
+    /// The answer to an HTTP caller's request (`Input::Http`): the shell hands it to the
+    /// waiting HTTP handler. MQTT callers are answered by a `Publish`.
+    Reply {
+        /// Whose request.
+        client: ClientId,
+        /// The answer (its `id` is the request's).
+        response: ApiResponse,
+    },
+}
+
+/// Who asked, and so where the answer goes. The two kinds never share request ids: an HTTP
+/// token named `cli` and an MQTT client named `cli` are different callers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Caller {
+    /// An MQTT client: answered on `api/response/<client>`.
+    Mqtt(ClientId),
+    /// An HTTP API token (by name): answered by [`Output::Reply`].
+    Http(ClientId),
+}
+
+impl Caller {
+    /// The client name (the rate limit and the log use it).
+    pub fn client(&self) -> &ClientId {
+        match self {
+            Caller::Mqtt(c) | Caller::Http(c) => c,
+        }
+    }
+
+    /// Where the answer to request `id` is remembered (a repeat gets it again). MQTT keys are
+    /// `<client>/<id>` as before; HTTP keys start with `@`, which no client id can.
+    pub(super) fn answer_key(&self, id: &CommandId) -> String {
+        match self {
+            Caller::Mqtt(c) => format!("{c}/{id}"),
+            Caller::Http(c) => format!("@http/{c}/{id}"),
+        }
+    }
 }
 
 /// The result of storing an upload chunk.
@@ -79,10 +115,13 @@ pub enum Input {
         /// Payload.
         payload: Vec<u8>,
     },
+    /// An operator request that came over HTTP (the REST API, the dashboard, a slicer): its
+    /// `client` is the API token's name; answered by [`Output::Reply`].
+    Http(ApiRequest),
     /// An upload chunk was handled.
     Uploaded {
         /// Who asked.
-        client: ClientId,
+        caller: Caller,
         /// The request id.
         id: CommandId,
         /// What happened.

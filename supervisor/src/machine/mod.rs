@@ -51,6 +51,7 @@ pub const SUPERVISOR_CLIENT: &str = "supervisor";
 
 mod api;
 mod config;
+mod dashboard;
 mod dispatch;
 mod home_assistant;
 mod io;
@@ -62,8 +63,9 @@ mod views;
 use api::phase_name;
 pub use api::Refusal;
 pub use config::{SupervisorConfig, API_RATE};
+pub use dashboard::UTILISATION_WINDOW_MS;
 pub(crate) use home_assistant::HA_ROUND_MS;
-pub use io::{Input, Output, Publish, UploadOutcome};
+pub use io::{Caller, Input, Output, Publish, UploadOutcome};
 pub use protocol::Now;
 use queue::summary;
 use timers::Timer;
@@ -286,11 +288,12 @@ impl Supervisor {
             Input::Connected => self.on_connected(now, out),
             Input::Disconnected => self.connected = false,
             Input::Message { topic, payload } => self.on_message(now, &topic, &payload, out),
+            Input::Http(req) => self.on_http(now, req, out),
             Input::Uploaded {
-                client,
+                caller,
                 id,
                 outcome,
-            } => self.on_uploaded(now, client, id, outcome, out),
+            } => self.on_uploaded(now, caller, id, outcome, out),
             Input::Tick => {}
             Input::Enrolled(set) => self.on_enrolled(set, out),
         }

@@ -16,9 +16,25 @@ impl Supervisor {
 
     /// The queue snapshot as it is now.
     pub fn queue_snapshot(&self, now: Now) -> QueueSnapshot {
-        let mut counts = QueueCounts::default();
+        let counts = self.queue_counts();
         let mut open: Vec<&JobRecord> = self.jobs.values().filter(|j| j.is_open()).collect();
-        for j in &open {
+        open.sort_by_key(|j| (j.state != JobState::Queued, -j.priority, j.seq));
+        let truncated = open.len() > 100;
+        QueueSnapshot {
+            v: Version,
+            epoch: self.epoch,
+            seq: self.queue_seq,
+            at_ms: now.unix_ms,
+            counts,
+            jobs: open.into_iter().take(100).map(summary).collect(),
+            truncated,
+        }
+    }
+
+    /// Job counts by state, over every job that is not done or cancelled.
+    pub fn queue_counts(&self) -> QueueCounts {
+        let mut counts = QueueCounts::default();
+        for j in self.jobs.values().filter(|j| j.is_open()) {
             match j.state {
                 JobState::Queued => counts.queued += 1,
                 JobState::Assigned | JobState::Transferring | JobState::Starting => {
@@ -32,17 +48,7 @@ impl Supervisor {
                 JobState::Done | JobState::Cancelled => {}
             }
         }
-        open.sort_by_key(|j| (j.state != JobState::Queued, -j.priority, j.seq));
-        let truncated = open.len() > 100;
-        QueueSnapshot {
-            v: Version,
-            epoch: self.epoch,
-            seq: self.queue_seq,
-            at_ms: now.unix_ms,
-            counts,
-            jobs: open.into_iter().take(100).map(summary).collect(),
-            truncated,
-        }
+        counts
     }
 
     // ----- operator API -----

@@ -17,6 +17,13 @@ impl Supervisor {
         let was = p.presence;
         p.status_epoch = s.epoch;
         p.presence = s.presence;
+        if was != s.presence {
+            let text = match s.presence {
+                Presence::Online => "online",
+                Presence::Offline => "offline",
+            };
+            p.activity.push(now.unix_ms, "presence", text.to_owned());
+        }
         match s.presence {
             Presence::Online => {
                 p.online_since_mono = now.mono_ms;
@@ -126,6 +133,11 @@ impl Supervisor {
             return; // a duplicate (QoS 1 redelivery or an outbox re-send)
         }
         p.last_event = (e.epoch, e.seq);
+        p.activity.push(
+            e.at_ms,
+            "event",
+            super::dashboard::describe("kind", &e.event),
+        );
         match e.event {
             EventKind::JobEnded {
                 job_id,
@@ -174,6 +186,12 @@ impl Supervisor {
         let Some(p) = self.printers.get_mut(&id) else {
             return;
         };
+        let what = match (&r.reason, r.code) {
+            (Some(why), Some(code)) => format!("{} {:?}: {why} ({code:?})", r.id, r.status),
+            (Some(why), None) => format!("{} {:?}: {why}", r.id, r.status),
+            _ => format!("{} {:?}", r.id, r.status),
+        };
+        p.activity.push(r.at_ms, "command", what.to_lowercase());
         let Some(pending) = p.pending.clone() else {
             return;
         };

@@ -138,7 +138,7 @@ impl H {
 
     fn store_file(&mut self) {
         self.input(Input::Uploaded {
-            client: ClientId::new("cli").expect("id"),
+            caller: Caller::Mqtt(ClientId::new("cli").expect("id")),
             id: CommandId::new("u").expect("id"),
             outcome: UploadOutcome::Progress {
                 received: FILE.len() as u64,

@@ -54,6 +54,8 @@ pub(super) struct PrinterView {
     pub(super) ha_published: Option<u64>,
     /// In the client registry (or there is none): only then does it get work.
     pub(super) enrolled: bool,
+    /// Its recent events, command results and presence changes (its dashboard page).
+    pub(super) activity: super::dashboard::ActivityLog,
     /// Reports that contradict the marks above (a `state` not newer than the one held, or
     /// one of an epoch below an `offline` status): a stream of them is the live printer.
     pub(super) behind: Option<Behind>,
@@ -126,6 +128,7 @@ impl PrinterView {
             meta: None,
             ha_published: None,
             enrolled: true,
+            activity: Default::default(),
         }
     }
 

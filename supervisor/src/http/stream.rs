@@ -1,0 +1,132 @@
+//! `GET /api/v1/stream`: the dashboard's live feed (Server-Sent Events).
+//!
+//! The first event is the whole `fleet`; after it, `tiles` carries only the tiles whose
+//! version changed (and the printers removed), `queue` and `history` only when those changed.
+//! Frames are coalesced: a connection gets at most [`FRAMES_PER_S`] a second whatever the
+//! fleet size or its rate of change, so a thousand busy printers cost a browser a few small
+//! frames a second. EventSource reconnects by itself; a new connection starts with `fleet`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures_util::stream::{self, Stream, StreamExt as _};
+use protocol::PrinterId;
+use tokio::sync::watch;
+
+use super::auth::Viewer;
+use super::view::Frame;
+use super::App;
+
+/// Most frames a second per connection.
+pub const FRAMES_PER_S: u64 = 4;
+/// A comment this often keeps proxies from closing an idle stream.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// How soon a browser reconnects after losing the stream.
+const RETRY: Duration = Duration::from_secs(2);
+
+struct Conn {
+    rx: watch::Receiver<Arc<Frame>>,
+    first: bool,
+    sent: HashMap<PrinterId, u64>,
+    queue_version: u64,
+    ended_version: u64,
+}
+
+impl Conn {
+    fn full(&mut self, f: &Frame) -> Vec<Event> {
+        self.sent = f
+            .tiles
+            .iter()
+            .map(|t| (t.printer_id.clone(), t.version))
+            .collect();
+        self.queue_version = f.queue_version;
+        self.ended_version = f.ended_version;
+        vec![Event::default()
+            .event("fleet")
+            .retry(RETRY)
+            .data(f.fleet_json())]
+    }
+
+    fn diff(&mut self, f: &Frame) -> Vec<Event> {
+        let mut out = Vec::new();
+        let mut changed = String::new();
+        let mut present = HashMap::with_capacity(f.tiles.len());
+        for t in &f.tiles {
+            if self.sent.get(&t.printer_id) != Some(&t.version) {
+                if !changed.is_empty() {
+                    changed.push(',');
+                }
+                changed.push_str(&t.json);
+            }
+            present.insert(t.printer_id.clone(), t.version);
+        }
+        let removed: Vec<&PrinterId> = self
+            .sent
+            .keys()
+            .filter(|id| !present.contains_key(*id))
+            .collect();
+        if !changed.is_empty() || !removed.is_empty() {
+            let removed = serde_json::to_string(&removed).unwrap_or_else(|_| "[]".into());
+            out.push(Event::default().event("tiles").data(format!(
+                "{{\"at_ms\":{},\"printers\":[{changed}],\"removed\":{removed},\"counts\":{}}}",
+                f.at_ms,
+                f.counts_json()
+            )));
+        }
+        self.sent = present;
+        if f.queue_version != self.queue_version {
+            self.queue_version = f.queue_version;
+            out.push(Event::default().event("queue").data(f.queue_json()));
+        }
+        if f.ended_version != self.ended_version {
+            self.ended_version = f.ended_version;
+            out.push(
+                Event::default()
+                    .event("history")
+                    .data(format!("{{\"ended\":{}}}", f.ended_json())),
+            );
+        }
+        out
+    }
+}
+
+/// The stream of one connection.
+pub(crate) fn events(
+    rx: watch::Receiver<Arc<Frame>>,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let conn = Conn {
+        rx,
+        first: true,
+        sent: HashMap::new(),
+        queue_version: 0,
+        ended_version: 0,
+    };
+    stream::unfold(conn, |mut c| async move {
+        if !c.first {
+            tokio::time::sleep(Duration::from_millis(1000 / FRAMES_PER_S)).await;
+            // The server's frames stopped (it is stopping): end the stream.
+            c.rx.changed().await.ok()?;
+        }
+        let frame = c.rx.borrow_and_update().clone();
+        let events = if c.first {
+            c.first = false;
+            c.full(&frame)
+        } else {
+            c.diff(&frame)
+        };
+        Some((stream::iter(events.into_iter().map(Ok)), c))
+    })
+    .flatten()
+}
+
+/// `GET /api/v1/stream`.
+pub(crate) async fn serve(
+    State(app): State<App>,
+    Viewer(_): Viewer,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    Sse::new(events(app.frames.clone())).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}
