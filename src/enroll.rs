@@ -492,6 +492,90 @@ pub fn tokens(args: TokensArgs) -> Result<(), EnrollError> {
     Ok(())
 }
 
+/// `printloop webhooks`: URLs that get job and printer events (docs/http.md, "Webhooks").
+#[derive(Debug, Args)]
+pub struct WebhooksArgs {
+    #[command(subcommand)]
+    command: WebhooksCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum WebhooksCommand {
+    /// Register a URL; prints the hook's id and its HMAC key (shown once).
+    Add {
+        /// Where events are POSTed (http:// or https://).
+        url: String,
+        /// Only these kinds (comma-separated: job.started, job.finished, job.failed,
+        /// printer.awaiting_bed_clear, printer.halted); default all.
+        #[arg(long, value_delimiter = ',')]
+        events: Vec<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Remove a hook by id.
+    Remove {
+        /// Its id (wh-…).
+        id: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// List the hooks (never a key).
+    List {
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+}
+
+/// Runs `printloop webhooks`.
+pub fn webhooks(args: WebhooksArgs) -> Result<(), EnrollError> {
+    use supervisor::http::webhooks::{self, Hook, WEBHOOKS_FILE};
+    let bad = |e: webhooks::WebhooksError| EnrollError::Invalid(e.to_string());
+    let path_of = |r: &RegistryArgs| r.path().map(|p| p.with_file_name(WEBHOOKS_FILE));
+    match args.command {
+        WebhooksCommand::Add {
+            url,
+            events,
+            registry,
+        } => {
+            let mut kinds = Vec::new();
+            for e in &events {
+                let k = protocol::web::WebhookKind::ALL
+                    .into_iter()
+                    .find(|k| k.as_str() == e.trim())
+                    .ok_or_else(|| EnrollError::Invalid(format!("unknown event kind {e:?}")))?;
+                kinds.push(k);
+            }
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            let hook = webhooks::add(&path_of(&registry)?, &url, kinds, now_ms).map_err(bad)?;
+            eprintln!("webhook {} registered; its HMAC key (shown once):", hook.id);
+            println!("{} {}", hook.id, hook.secret);
+        }
+        WebhooksCommand::Remove { id, registry } => {
+            if !webhooks::remove(&path_of(&registry)?, &id).map_err(bad)? {
+                return Err(EnrollError::Invalid(format!("no webhook {id:?}")));
+            }
+            eprintln!("webhook {id} removed");
+        }
+        WebhooksCommand::List { registry } => {
+            let hooks: Vec<Hook> = supervisor::http::registry::load(&path_of(&registry)?)
+                .map_err(|e| EnrollError::Invalid(e.to_string()))?;
+            for h in hooks {
+                let kinds: Vec<&str> = h.events.iter().map(|k| k.as_str()).collect();
+                let kinds = if kinds.is_empty() {
+                    "all".to_owned()
+                } else {
+                    kinds.join(",")
+                };
+                println!("{} {} {kinds}", h.id, h.url);
+            }
+        }
+    }
+    Ok(())
+}
+
 fn give_password(user: &str, password: &str, file: Option<&Path>) -> Result<(), EnrollError> {
     match file {
         Some(f) => {

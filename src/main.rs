@@ -49,6 +49,8 @@ enum Command {
     Clients(enroll::ClientsArgs),
     /// The HTTP API's tokens for the dashboard, scripts and slicers (viewer or operator).
     Tokens(enroll::TokensArgs),
+    /// URLs that get job and printer events, signed (webhooks).
+    Webhooks(enroll::WebhooksArgs),
     /// Let a printer held by the circuit breaker take work again.
     Release(ops::cli::ReleaseArgs),
     /// Watch the printers' progress live (from the retained MQTT topics).
@@ -127,6 +129,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Clients(args) => enroll::clients(args).map_err(anyhow::Error::from),
         Command::Tokens(args) => enroll::tokens(args).map_err(anyhow::Error::from),
+        Command::Webhooks(args) => enroll::webhooks(args).map_err(anyhow::Error::from),
         Command::Jobs(args) => operator(ops::cli::jobs(args)),
         Command::Printers(args) => operator(ops::cli::printers(args)),
         Command::BedClear(args) => operator(ops::cli::bed_clear(args)),

@@ -509,6 +509,35 @@ fn every_rest_operation_answers_as_documented_and_prints_a_job() {
     assert!(frames <= 13, "{frames} tile frames in 3 s: not coalesced");
     eprintln!("stream: {} events, {bytes} bytes in 3 s", events.len());
 
+    // Webhooks: registered (the key shown once), listed (never the key), removed.
+    let r = api.call(
+        "post",
+        "/api/v1/webhooks",
+        Some(json!({"url": "http://127.0.0.1:9/hook", "events": ["job.finished"]})),
+        &[],
+    );
+    spec.check("post", "/api/v1/webhooks", &r);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let hook = r.json().expect("json");
+    let r = api.call("get", "/api/v1/webhooks", None, &[]);
+    spec.check("get", "/api/v1/webhooks", &r);
+    assert!(!r.text().contains(hook["secret"].as_str().expect("secret")));
+    let r = api.call(
+        "post",
+        "/api/v1/webhooks",
+        Some(json!({"url": "gopher://x"})),
+        &[],
+    );
+    spec.check("post", "/api/v1/webhooks", &r);
+    assert_eq!((r.status, code(&r).as_str()), (400, "invalid"));
+    let id = hook["id"].as_str().expect("id");
+    let r = api.call("delete", &format!("/api/v1/webhooks/{id}"), None, &[]);
+    spec.check("delete", "/api/v1/webhooks/{id}", &r);
+    assert_eq!(r.status, 204);
+    let r = api.call("delete", &format!("/api/v1/webhooks/{id}"), None, &[]);
+    spec.check("delete", "/api/v1/webhooks/{id}", &r);
+    assert_eq!((r.status, code(&r).as_str()), (404, "not_found"));
+
     // Sessions (a browser's) and the document itself.
     let r = request(
         farm.http,

@@ -247,3 +247,69 @@ pub enum HttpErrorCode {
     /// The supervisor is stopping or overloaded; try again (503).
     Unavailable,
 }
+
+/// What a webhook tells (`docs/http.md`, "Webhooks").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum WebhookKind {
+    /// A job started printing.
+    #[serde(rename = "job.started")]
+    JobStarted,
+    /// A job printed to the end.
+    #[serde(rename = "job.finished")]
+    JobFinished,
+    /// A job failed, was interrupted (its printer restarted) or timed out.
+    #[serde(rename = "job.failed")]
+    JobFailed,
+    /// A printer's job ended: its bed waits for a person to clear it.
+    #[serde(rename = "printer.awaiting_bed_clear")]
+    AwaitingBedClear,
+    /// A printer halted (its firmware stopped: it needs a person).
+    #[serde(rename = "printer.halted")]
+    PrinterHalted,
+}
+
+impl WebhookKind {
+    /// Every kind, for filters.
+    pub const ALL: [WebhookKind; 5] = [
+        WebhookKind::JobStarted,
+        WebhookKind::JobFinished,
+        WebhookKind::JobFailed,
+        WebhookKind::AwaitingBedClear,
+        WebhookKind::PrinterHalted,
+    ];
+
+    /// Its name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookKind::JobStarted => "job.started",
+            WebhookKind::JobFinished => "job.finished",
+            WebhookKind::JobFailed => "job.failed",
+            WebhookKind::AwaitingBedClear => "printer.awaiting_bed_clear",
+            WebhookKind::PrinterHalted => "printer.halted",
+        }
+    }
+}
+
+/// A webhook's body: POSTed as JSON, signed (`X-Printloop-Signature`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookEvent {
+    /// Stable for the event: a repeat delivery carries the same id (deduplicate on it).
+    pub id: String,
+    /// What happened.
+    #[serde(rename = "type")]
+    pub kind: WebhookKind,
+    /// When (Unix ms).
+    pub at_ms: u64,
+    /// The printer.
+    pub printer_id: PrinterId,
+    /// The job, for job events and a bed to clear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<JobId>,
+    /// Its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
+    /// Why it failed, or the printer's error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}

@@ -160,6 +160,8 @@ impl SupervisorDisk {
                 SupMut::PutRequest { key, response, .. } => {
                     self.requests.insert(key.clone(), response.clone());
                 }
+                // The simulated farm registers no webhooks: its shell never fills the outbox.
+                SupMut::PutOutbox { .. } | SupMut::RemoveOutbox(_) => {}
             }
         }
     }

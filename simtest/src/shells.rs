@@ -118,7 +118,8 @@ impl World {
                 return;
             }
             match o {
-                SOut::Persist(_) => {}
+                // No webhooks in the simulated farm (their delivery is tested for real).
+                SOut::Persist(_) | SOut::Notify(_) => {}
                 SOut::Subscribe { filter, qos0 } => self.client_send(
                     SUP,
                     Up::Subscribe {

@@ -121,6 +121,15 @@ pub enum Mutation {
         /// When (for pruning).
         at_ms: u64,
     },
+    /// A webhook event waiting for delivery (`crate::http::webhooks::OutboxEntry`, encoded).
+    PutOutbox {
+        /// Its place in the outbox (delivery order).
+        seq: u64,
+        /// The entry.
+        entry: Vec<u8>,
+    },
+    /// Delivered to every webhook that wanted it.
+    RemoveOutbox(u64),
 }
 
 /// Everything the supervisor needs at start-up.

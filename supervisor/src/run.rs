@@ -188,7 +188,7 @@ async fn serve(
         path: settings.data_dir.clone(),
         source,
     })?;
-    let store = Store::open(&settings.data_dir.join("supervisor.redb"))?;
+    let store = Arc::new(Store::open(&settings.data_dir.join("supervisor.redb"))?);
     let files = FileStore::open(&settings.data_dir).map_err(|source| RunError::DataDir {
         path: settings.data_dir.clone(),
         source,
@@ -300,6 +300,14 @@ async fn serve(
         });
     }
 
+    // Webhooks: delivered from the store's outbox by their own task.
+    let outbox =
+        crate::http::webhooks::start(settings.data_dir.clone(), store.clone()).map_err(|e| {
+            RunError::DataDir {
+                path: settings.data_dir.join(crate::http::webhooks::WEBHOOKS_FILE),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
     let (upload_tx, mut upload_rx) = mpsc::channel::<Input>(16);
     let mut shell = Shell {
         store,
@@ -310,6 +318,7 @@ async fn serve(
         pending: std::collections::VecDeque::new(),
         outgoing: Outgoing::default(),
         http: http_shell,
+        outbox,
     };
     let mut refresh = tokio::time::interval(Duration::from_secs(1));
     // The dashboard's frame: as often as a stream may send one.
@@ -427,7 +436,8 @@ const OUTGOING_RETRY: Duration = Duration::from_millis(5);
 
 struct Shell {
     outgoing: Outgoing,
-    store: Store,
+    store: Arc<Store>,
+    outbox: crate::http::webhooks::Outbox,
     files: Arc<FileStore>,
     client: AsyncClient,
     chunk_tx: mpsc::Sender<(PrinterId, FileChunkRequest)>,
@@ -438,10 +448,19 @@ struct Shell {
 
 impl Shell {
     /// Carries out outputs: every `Persist` of the batch first, in one transaction (their
-    /// order kept), then the rest in order. A store failure stops the supervisor: it must not
-    /// publish what it could not make durable.
+    /// order kept) with the webhook events the batch made, then the rest in order. A store
+    /// failure stops the supervisor: it must not publish what it could not make durable.
     fn execute(&mut self, now: Now, outs: Vec<Output>) -> Result<(), RunError> {
-        let mutations: Vec<Mutation> = outs
+        let notices: Vec<protocol::web::WebhookEvent> = outs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Notify(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect();
+        let events = self.outbox.enqueue(notices);
+        let wake = !events.is_empty();
+        let mut mutations: Vec<Mutation> = outs
             .iter()
             .filter_map(|o| match o {
                 Output::Persist(m) => Some(m.iter().cloned()),
@@ -449,10 +468,14 @@ impl Shell {
             })
             .flatten()
             .collect();
+        mutations.extend(events);
         self.store.apply(&mutations)?;
+        if wake {
+            self.outbox.wake();
+        }
         for o in outs {
             match o {
-                Output::Persist(_) => {}
+                Output::Persist(_) | Output::Notify(_) => {}
                 Output::Subscribe { filter, qos0 } => {
                     let qos = if qos0 {
                         QoS::AtMostOnce

@@ -38,6 +38,8 @@ const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
 const REQUESTS: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("requests");
 /// (`at_ms`, `<client>/<id>`) → (), oldest first.
 const REQUEST_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("request_time");
+/// Webhook events waiting for delivery, in order (`Mutation::PutOutbox`).
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 
 const KEY_FORMAT: &str = "format";
 const KEY_KIND: &str = "kind";
@@ -297,6 +299,7 @@ impl Store {
             tx.open_table(REQUESTS).map_err(self.db("open requests"))?;
             tx.open_table(REQUEST_TIME)
                 .map_err(self.db("open request times"))?;
+            tx.open_table(OUTBOX).map_err(self.db("open outbox"))?;
         }
         tx.commit().map_err(self.db("commit"))?;
         Ok(())
@@ -445,6 +448,25 @@ impl Store {
         Ok(out)
     }
 
+    /// The webhook outbox, in order (at most `limit` entries).
+    pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read().map_err(self.db("begin read"))?;
+        let table = match tx.open_table(OUTBOX) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.db("open outbox")(e)),
+        };
+        let mut out = Vec::new();
+        for row in table.iter().map_err(self.db("read outbox"))? {
+            let (k, v) = row.map_err(self.db("read outbox"))?;
+            out.push((k.value(), v.value().to_vec()));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// Applies `mutations` in one durable transaction (nothing of it if it fails).
     pub fn apply(&self, mutations: &[Mutation]) -> Result<(), StoreError> {
         if mutations.is_empty() {
@@ -468,6 +490,7 @@ impl Store {
             let mut times = tx
                 .open_table(REQUEST_TIME)
                 .map_err(self.db("open request times"))?;
+            let mut outbox = tx.open_table(OUTBOX).map_err(self.db("open outbox"))?;
             let mut added_request = false;
             for m in mutations {
                 match m {
@@ -532,6 +555,14 @@ impl Store {
                             .insert((*at_ms, key.as_str()), ())
                             .map_err(self.db("write request time"))?;
                         added_request = true;
+                    }
+                    Mutation::PutOutbox { seq, entry } => {
+                        outbox
+                            .insert(*seq, entry.as_slice())
+                            .map_err(self.db("write outbox"))?;
+                    }
+                    Mutation::RemoveOutbox(seq) => {
+                        outbox.remove(*seq).map_err(self.db("remove outbox"))?;
                     }
                 }
             }

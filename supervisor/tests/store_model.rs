@@ -95,6 +95,9 @@ fn arb_mutation() -> impl Strategy<Value = Mutation> {
                 at_ms,
             }
         ),
+        2 => (0..6u64, proptest::collection::vec(any::<u8>(), 0..8))
+            .prop_map(|(seq, entry)| Mutation::PutOutbox { seq, entry }),
+        1 => (0..6u64).prop_map(Mutation::RemoveOutbox),
     ]
 }
 
@@ -106,6 +109,7 @@ struct Reference {
     printers: HashMap<PrinterId, PrinterRecord>,
     files: HashMap<Sha256Hex, FileRecord>,
     requests: HashMap<String, (u64, Vec<u8>)>,
+    outbox: std::collections::BTreeMap<u64, Vec<u8>>,
 }
 
 impl Reference {
@@ -134,6 +138,12 @@ impl Reference {
                 } => {
                     self.requests.insert(key, (at_ms, response));
                     any_request = true;
+                }
+                Mutation::PutOutbox { seq, entry } => {
+                    self.outbox.insert(seq, entry);
+                }
+                Mutation::RemoveOutbox(seq) => {
+                    self.outbox.remove(&seq);
                 }
             }
         }
@@ -230,6 +240,8 @@ proptest! {
                 store = open(&path);
             }
             prop_assert_eq!(store.load().expect("load"), reference.snapshot());
+            let outbox: Vec<(u64, Vec<u8>)> = reference.outbox.clone().into_iter().collect();
+            prop_assert_eq!(store.outbox(usize::MAX).expect("outbox"), outbox);
             for include_ended in [false, true] {
                 let mut want = reference.jobs(include_ended);
                 want.truncate(*limit);

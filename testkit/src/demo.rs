@@ -47,6 +47,7 @@ pub struct DemoFarm {
     /// The farm's directory (`supervisor/` holds the database, files, tokens).
     pub dir: tempfile::TempDir,
     lines: mpsc::Receiver<String>,
+    printloop: PathBuf,
 }
 
 fn token_add(printloop: &Path, data_dir: &Path, name: &str, role: &str) -> Result<String> {
@@ -64,6 +65,75 @@ fn token_add(printloop: &Path, data_dir: &Path, name: &str, role: &str) -> Resul
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+type Spawned = (Child, SocketAddr, String, mpsc::Receiver<String>);
+
+/// Starts `printloop demo` on `dir` and waits (60 s at most) until it serves and its printers
+/// run.
+fn spawn(printloop: &Path, dir: &Path, opts: &DemoOptions) -> Result<Spawned> {
+    let mut cmd = Command::new(printloop);
+    cmd.args([
+        "demo",
+        "--http",
+        "127.0.0.1:0",
+        "--free-ports",
+        "--printers",
+    ])
+    .arg(opts.printers.to_string())
+    .arg("--jobs")
+    .arg(opts.jobs.to_string())
+    .arg("--speed")
+    .arg(opts.speed.to_string())
+    .arg("--data-dir")
+    .arg(dir)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::from(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("demo.log"))?,
+    ));
+    if opts.manual {
+        cmd.arg("--manual");
+    }
+    let mut child = cmd.spawn().context("starting printloop demo")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut farm = None;
+    while Instant::now() < deadline {
+        let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) else {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "the demo exited ({status}) before serving: {}",
+                    std::fs::read_to_string(dir.join("demo.log")).unwrap_or_default()
+                );
+            }
+            continue;
+        };
+        if let Some(rest) = line.strip_prefix("demo: dashboard at http://") {
+            let (addr, token) = rest.split_once("/#token=").context("dashboard line")?;
+            farm = Some((addr.parse::<SocketAddr>()?, token.to_owned()));
+        }
+        if line.contains("jobs queued at") {
+            break;
+        }
+    }
+    let Some((http, operator)) = farm else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("the demo printed no dashboard URL within 60 s");
+    };
+    Ok((child, http, operator, lines))
+}
+
 impl DemoFarm {
     /// Starts `printloop demo` and waits (60 s at most) for its dashboard URL.
     pub fn start(printloop: &Path, opts: &DemoOptions) -> Result<Self> {
@@ -72,63 +142,7 @@ impl DemoFarm {
             .tempdir()?;
         let sup = dir.path().join("supervisor");
         let viewer = token_add(printloop, &sup, "wall", "viewer")?;
-        let mut cmd = Command::new(printloop);
-        cmd.args([
-            "demo",
-            "--http",
-            "127.0.0.1:0",
-            "--free-ports",
-            "--printers",
-        ])
-        .arg(opts.printers.to_string())
-        .arg("--jobs")
-        .arg(opts.jobs.to_string())
-        .arg("--speed")
-        .arg(opts.speed.to_string())
-        .arg("--data-dir")
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(std::fs::File::create(
-            dir.path().join("demo.log"),
-        )?));
-        if opts.manual {
-            cmd.arg("--manual");
-        }
-        let mut child = cmd.spawn().context("starting printloop demo")?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut farm = None;
-        while Instant::now() < deadline {
-            let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) else {
-                if let Some(status) = child.try_wait()? {
-                    bail!(
-                        "the demo exited ({status}) before serving: {}",
-                        std::fs::read_to_string(dir.path().join("demo.log")).unwrap_or_default()
-                    );
-                }
-                continue;
-            };
-            if let Some(rest) = line.strip_prefix("demo: dashboard at http://") {
-                let (addr, token) = rest.split_once("/#token=").context("dashboard line")?;
-                farm = Some((addr.parse::<SocketAddr>()?, token.to_owned()));
-            }
-            if line.contains("jobs queued at") {
-                break;
-            }
-        }
-        let Some((http, operator)) = farm else {
-            let _ = child.kill();
-            bail!("the demo printed no dashboard URL within 60 s");
-        };
+        let (child, http, operator, lines) = spawn(printloop, dir.path(), opts)?;
         Ok(Self {
             child,
             http,
@@ -136,7 +150,25 @@ impl DemoFarm {
             viewer,
             dir,
             lines,
+            printloop: printloop.to_owned(),
         })
+    }
+
+    /// Kills the whole farm with SIGKILL (supervisor, gateways, simulators: no goodbye, no
+    /// flush) and starts it again on the same directory, submitting nothing.
+    pub fn kill9_and_restart(&mut self, opts: &DemoOptions) -> Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let opts = DemoOptions {
+            jobs: 0,
+            ..opts.clone()
+        };
+        let (child, http, operator, lines) = spawn(&self.printloop, self.dir.path(), &opts)?;
+        self.child = child;
+        self.http = http;
+        self.operator = operator;
+        self.lines = lines;
+        Ok(())
     }
 
     /// The supervisor's data directory.

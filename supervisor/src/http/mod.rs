@@ -27,11 +27,13 @@ mod errors;
 pub mod metrics;
 mod octoprint;
 pub mod openapi;
+pub mod registry;
 mod rest;
 mod stream;
 pub mod tokens;
 mod upload;
 pub mod view;
+pub mod webhooks;
 
 pub use view::Frame;
 
@@ -172,6 +174,8 @@ pub(crate) struct App {
     tokens: Arc<tokens::Tokens>,
     files: Arc<FileStore>,
     metrics: Arc<metrics::Metrics>,
+    /// The data directory (`webhooks.toml`).
+    data_dir: PathBuf,
     /// The listener is on a loopback address (then `/metrics` needs no token).
     loopback: bool,
 }
@@ -219,6 +223,7 @@ pub async fn start(
         tokens,
         files,
         metrics,
+        data_dir: settings.data_dir.clone(),
         loopback: addr.ip().is_loopback(),
     };
     let router = router(app);
@@ -248,6 +253,7 @@ pub async fn start_metrics(
     metrics: Arc<metrics::Metrics>,
 ) -> Result<SocketAddr, HttpError> {
     let tokens = Arc::new(tokens::Tokens::open(data_dir.join(tokens::TOKENS_FILE))?);
+    let data_dir = data_dir.clone();
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| HttpError::Bind { addr, source })?;
@@ -259,6 +265,7 @@ pub async fn start_metrics(
         tokens,
         files,
         metrics,
+        data_dir,
         loopback: bound.ip().is_loopback(),
     };
     let router = axum::Router::new()
@@ -312,6 +319,14 @@ fn router(app: App) -> axum::Router {
             get(upload::status)
                 .put(upload::chunk)
                 .layer(DefaultBodyLimit::max(upload::MAX_CHUNK)),
+        )
+        .route(
+            "/api/v1/webhooks",
+            get(webhooks::list).post(webhooks::create),
+        )
+        .route(
+            "/api/v1/webhooks/:id",
+            axum::routing::delete(webhooks::delete),
         )
         .route("/api/version", get(octoprint::version))
         // The slicer's file streams to disk with its own limit (the file store's).

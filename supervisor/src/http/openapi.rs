@@ -12,6 +12,8 @@ use schemars::generate::SchemaSettings;
 use serde_json::{json, Map, Value};
 
 use super::rest::{BedClearBody, PriorityBody};
+use super::webhooks::{HookInfo, HookList, NewHook};
+use protocol::web::WebhookEvent;
 
 /// Who may call an operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +60,9 @@ const OPS: &[Op] = &[
     Op { method: "get", path: "/api/v1/history.csv", id: "historyCsv", summary: "Ended jobs as CSV", need: Need::Viewer, body: None, ok: (200, None), query: &[("limit", "integer", "At most this many jobs (default 10000)")], idempotent: false },
     Op { method: "get", path: "/api/v1/files/{sha256}", id: "fileStatus", summary: "How much of an upload is stored (where to resume)", need: Need::Viewer, body: None, ok: (200, Some("FileStatus")), query: &[], idempotent: false },
     Op { method: "put", path: "/api/v1/files/{sha256}", id: "uploadChunk", summary: "Store one chunk (raw bytes, at most 1 MiB) at `offset`, in order (upload_chunk)", need: Need::Operator, body: None, ok: (200, Some("ApiResult")), query: &[("offset", "integer", "Where this chunk starts (the bytes stored so far)"), ("total_size", "integer", "The whole file's size")], idempotent: false },
+    Op { method: "get", path: "/api/v1/webhooks", id: "listWebhooks", summary: "Registered webhooks (never their secrets)", need: Need::Operator, body: None, ok: (200, Some("HookList")), query: &[], idempotent: false },
+    Op { method: "post", path: "/api/v1/webhooks", id: "addWebhook", summary: "Register a webhook: events are POSTed as WebhookEvent, signed; the answer carries its secret, once", need: Need::Operator, body: Some("NewHook"), ok: (201, Some("HookInfo")), query: &[], idempotent: false },
+    Op { method: "delete", path: "/api/v1/webhooks/{id}", id: "removeWebhook", summary: "Remove a webhook (its undelivered events are dropped)", need: Need::Operator, body: None, ok: (204, None), query: &[], idempotent: false },
     Op { method: "get", path: "/api/v1/stream", id: "stream", summary: "Live updates (text/event-stream): `fleet`, then `tiles`, `queue`, `history`, at most 4 frames a second", need: Need::Viewer, body: None, ok: (200, None), query: &[], idempotent: false },
 ];
 
@@ -92,6 +97,10 @@ pub fn document() -> Value {
         SignIn => "SignIn",
         BedClearBody => "BedClearBody",
         PriorityBody => "PriorityBody",
+        HookList => "HookList",
+        HookInfo => "HookInfo",
+        NewHook => "NewHook",
+        WebhookEvent => "WebhookEvent",
     );
     let mut schemas: Map<String, Value> = gen.take_definitions(true).into_iter().collect();
     // A type schemars inlined (no $ref) is still given its name.

@@ -7,14 +7,14 @@
 //! effect without a restart.
 
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
-use std::time::SystemTime;
 
 use protocol::web::Role;
 use protocol::ClientId;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
+
+use super::registry::{load, save, Entry, RegistryError, Watched};
 
 /// The token file's name in the supervisor's data directory.
 pub const TOKENS_FILE: &str = "tokens.toml";
@@ -35,32 +35,31 @@ pub struct TokenEntry {
     pub created_at_ms: u64,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TokenFile {
-    #[serde(default, rename = "token")]
-    tokens: Vec<TokenEntry>,
+impl Entry for TokenEntry {
+    const KEY: &'static str = "token";
+    const HEADER: &'static str =
+        "# printloop API tokens (printloop tokens add/list/remove). Only hashes are stored.";
+
+    fn check(&self) -> Result<(), String> {
+        let hex_ok = self.sha256.len() == 64 && self.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hex_ok {
+            return Err(format!(
+                "token {:?}: sha256 must be 64 hex digits",
+                self.name
+            ));
+        }
+        ClientId::new(self.name.as_str())
+            .map(|_| ())
+            .map_err(|e| format!("token name {:?}: {e}", self.name))
+    }
 }
 
 /// Why the token file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TokensError {
-    /// Reading or writing it failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// It is not valid.
-    #[error("{path}: {reason}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
+    /// The file.
+    #[error(transparent)]
+    File(#[from] RegistryError),
     /// A name is not usable.
     #[error("token name {name:?}: {reason}")]
     Name {
@@ -83,98 +82,28 @@ pub struct Principal {
     pub role: Role,
 }
 
-/// A file's modification time and length: a change in either means read it again.
-type Stamp = Option<(SystemTime, u64)>;
-
 /// The token registry, re-read when its file changes.
 #[derive(Debug)]
-pub struct Tokens {
-    path: PathBuf,
-    seen: RwLock<(Stamp, Vec<TokenEntry>)>,
-}
+pub struct Tokens(Watched<TokenEntry>);
 
 fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-fn load(path: &Path) -> Result<Vec<TokenEntry>, TokensError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(TokensError::Io {
-                path: path.to_owned(),
-                source,
-            })
-        }
-    };
-    let file: TokenFile = toml::from_str(&text).map_err(|e| TokensError::Invalid {
-        path: path.to_owned(),
-        reason: e.message().to_owned(),
-    })?;
-    for t in &file.tokens {
-        let hex_ok = t.sha256.len() == 64 && t.sha256.bytes().all(|b| b.is_ascii_hexdigit());
-        if !hex_ok {
-            return Err(TokensError::Invalid {
-                path: path.to_owned(),
-                reason: format!("token {:?}: sha256 must be 64 hex digits", t.name),
-            });
-        }
-        ClientId::new(t.name.as_str()).map_err(|e| TokensError::Invalid {
-            path: path.to_owned(),
-            reason: format!("token name {:?}: {e}", t.name),
-        })?;
-    }
-    Ok(file.tokens)
-}
-
-fn stamp(path: &Path) -> Stamp {
-    std::fs::metadata(path)
-        .ok()
-        .map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
-}
-
 impl Tokens {
-    /// The registry at `path` (absent: no tokens yet). A file that cannot be read is an error
-    /// here, at start; later, a bad edit keeps the last good list (and is logged).
+    /// The registry at `path` (absent: no tokens yet).
     pub fn open(path: PathBuf) -> Result<Self, TokensError> {
-        let entries = load(&path)?;
-        Ok(Self {
-            seen: RwLock::new((stamp(&path), entries)),
-            path,
-        })
+        Ok(Self(Watched::open(path)?))
     }
 
     /// The file.
     pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn refresh(&self) {
-        let now = stamp(&self.path);
-        let same = self.seen.read().map(|g| g.0 == now).unwrap_or(false);
-        if same {
-            return;
-        }
-        match load(&self.path) {
-            Ok(entries) => {
-                if let Ok(mut g) = self.seen.write() {
-                    *g = (now, entries);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "token file unreadable; keeping the tokens known before");
-                if let Ok(mut g) = self.seen.write() {
-                    g.0 = now;
-                }
-            }
-        }
+        self.0.path()
     }
 
     /// Whether any token exists.
     pub fn any(&self) -> bool {
-        self.refresh();
-        self.seen.read().map(|g| !g.1.is_empty()).unwrap_or(false)
+        !self.0.entries().is_empty()
     }
 
     /// Who holds `token`, if anyone. Every entry is compared, in constant time each.
@@ -182,11 +111,9 @@ impl Tokens {
         if !token.starts_with(TOKEN_PREFIX) || token.len() > 128 {
             return None;
         }
-        self.refresh();
         let want = digest(token);
-        let g = self.seen.read().ok()?;
         let mut found = None;
-        for t in &g.1 {
+        for t in &self.0.entries() {
             let Ok(stored) = hex::decode(&t.sha256) else {
                 continue;
             };
@@ -202,8 +129,7 @@ impl Tokens {
 
     /// The tokens (without secrets).
     pub fn list(&self) -> Vec<TokenEntry> {
-        self.refresh();
-        self.seen.read().map(|g| g.1.clone()).unwrap_or_default()
+        self.0.entries()
     }
 }
 
@@ -214,7 +140,7 @@ pub fn add(path: &Path, name: &str, role: Role, now_ms: u64) -> Result<String, T
         name: name.to_owned(),
         reason: e.to_string(),
     })?;
-    let mut tokens = load(path)?;
+    let mut tokens: Vec<TokenEntry> = load(path)?;
     if tokens.iter().any(|t| t.name == name) {
         return Err(TokensError::Name {
             name: name.to_owned(),
@@ -230,51 +156,20 @@ pub fn add(path: &Path, name: &str, role: Role, now_ms: u64) -> Result<String, T
         sha256: hex::encode(digest(&token)),
         created_at_ms: now_ms,
     });
-    save(path, tokens)?;
+    save(path, &tokens)?;
     Ok(token)
 }
 
 /// Removes the token named `name`; false when there was none.
 pub fn remove(path: &Path, name: &str) -> Result<bool, TokensError> {
-    let mut tokens = load(path)?;
+    let mut tokens: Vec<TokenEntry> = load(path)?;
     let before = tokens.len();
     tokens.retain(|t| t.name != name);
     if tokens.len() == before {
         return Ok(false);
     }
-    save(path, tokens)?;
+    save(path, &tokens)?;
     Ok(true)
-}
-
-fn save(path: &Path, tokens: Vec<TokenEntry>) -> Result<(), TokensError> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let io = |source| TokensError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let text = toml::to_string(&TokenFile { tokens }).map_err(|e| TokensError::Invalid {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })?;
-    let body = format!(
-        "# printloop API tokens (printloop tokens add/list/remove). Only hashes are stored.\n{text}"
-    );
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    let tmp = path.with_extension("toml.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(body.as_bytes()).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -47,6 +47,9 @@ pub enum Output {
         /// The chunk.
         chunk: UploadChunk,
     },
+    /// Something a webhook tells: the shell puts it in the durable outbox in the same commit
+    /// as the batch's mutations, and delivers it from there.
+    Notify(protocol::web::WebhookEvent),
     /// The answer to an HTTP caller's request (`Input::Http`): the shell hands it to the
     /// waiting HTTP handler. MQTT callers are answered by a `Publish`.
     Reply {

@@ -2,6 +2,8 @@
 //! results) against what the supervisor believes. The printer's report wins for what happened on
 //! the printer; a job ends only by the word of the printer it was placed on.
 
+use protocol::web::{WebhookEvent, WebhookKind};
+
 use super::*;
 
 impl Supervisor {
@@ -110,7 +112,15 @@ impl Supervisor {
         p.stale = false;
         p.silent_since_mono = None;
         p.last_state_mono = Some(now.mono_ms);
+        let was = p.phase();
         p.state = Some(s.clone());
+        if s.phase == PrinterPhase::Halted && was != Some(PrinterPhase::Halted) {
+            let mut n = notice(WebhookKind::PrinterHalted, s.at_ms, &id, None);
+            // Stable across a restart that reads the same report again.
+            n.id = format!("printer.halted:{id}:{}:{}", s.epoch, s.seq);
+            n.reason = s.error.clone();
+            out.push(Output::Notify(n));
+        }
         // A refused start is settled by the first report made after the refusal.
         if let Some(x) = &p.pending {
             if x.refused
@@ -162,6 +172,8 @@ impl Supervisor {
                         j.state = JobState::Printing;
                         j.started_at_ms = Some(e.at_ms);
                         muts.push(Mutation::PutJob(j.clone()));
+                        let n = notice(WebhookKind::JobStarted, e.at_ms, &id, Some(j));
+                        out.push(Output::Notify(n));
                     }
                 }
                 if !muts.is_empty() {
@@ -327,6 +339,14 @@ impl Supervisor {
                         self.note_foreign(id, &pj.job_id);
                     } else {
                         let state = job_state_of(pj.stage);
+                        let starts = matches!(state, JobState::Printing | JobState::Paused)
+                            && matches!(
+                                j.state,
+                                JobState::Assigned
+                                    | JobState::Transferring
+                                    | JobState::Starting
+                                    | JobState::TimedOut
+                            );
                         let mut rec = j.clone();
                         let changed = rec.state != state || rec.printer.as_ref() != Some(id);
                         if rec.state != state
@@ -348,6 +368,17 @@ impl Supervisor {
                         let mut muts = vec![];
                         if changed {
                             muts.push(Mutation::PutJob(rec.clone()));
+                        }
+                        if starts {
+                            // Its `job_started` event is not in (yet, or ever): the report says
+                            // it prints.
+                            let at = rec.started_at_ms.unwrap_or(now.unix_ms);
+                            out.push(Output::Notify(notice(
+                                WebhookKind::JobStarted,
+                                at,
+                                id,
+                                Some(&rec),
+                            )));
                         }
                         if p.rec.assigned.as_ref() != Some(&rec.job_id) {
                             p.rec.assigned = Some(rec.job_id.clone());
@@ -469,6 +500,21 @@ impl Supervisor {
         }
         j.reason = reason;
         let rec = j.clone();
+        let kind = match stage {
+            JobStage::Finished => Some(WebhookKind::JobFinished),
+            JobStage::Failed | JobStage::Interrupted => Some(WebhookKind::JobFailed),
+            _ => None,
+        };
+        let at_ms = ended_at.unwrap_or(_now.unix_ms);
+        if let Some(kind) = kind {
+            out.push(Output::Notify(notice(kind, at_ms, printer, Some(&rec))));
+        }
+        out.push(Output::Notify(notice(
+            WebhookKind::AwaitingBedClear,
+            at_ms,
+            printer,
+            Some(&rec),
+        )));
         let mut muts = vec![Mutation::PutJob(rec)];
         if let Some(p) = self.printers.get_mut(printer) {
             if p.rec.assigned.as_ref() == Some(job_id) {
@@ -522,5 +568,28 @@ impl Supervisor {
             self.printers.insert(id.clone(), view);
         }
         self.printers.get_mut(id).expect("inserted above")
+    }
+}
+
+/// A webhook event about `printer` (and `job`), with an id made from what it is about: a job
+/// starts and ends once, so a repeat of the same event has the same id.
+fn notice(
+    kind: WebhookKind,
+    at_ms: u64,
+    printer: &PrinterId,
+    job: Option<&JobRecord>,
+) -> WebhookEvent {
+    let id = match job {
+        Some(j) => format!("{}:{}", kind.as_str(), j.job_id),
+        None => format!("{}:{printer}:{at_ms}", kind.as_str()),
+    };
+    WebhookEvent {
+        id,
+        kind,
+        at_ms,
+        printer_id: printer.clone(),
+        job_id: job.map(|j| j.job_id.clone()),
+        job_name: job.map(|j| j.name.clone()),
+        reason: job.and_then(|j| j.reason.clone()),
     }
 }

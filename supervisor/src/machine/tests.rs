@@ -884,6 +884,70 @@ fn bed_clear_right_after_the_job_ended_event_is_accepted() {
 
 mod ha;
 
+fn notices(out: &[Output]) -> Vec<String> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Notify(n) => Some(n.id.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Webhooks (issue #12): a print tells started, finished and a bed to clear, each once,
+/// whether the printer says so by report (reconciliation) or by event, or both, repeated.
+#[test]
+fn a_print_notifies_started_finished_and_bed_to_clear_once_each() {
+    let mut h = H::new();
+    h.online("p0", 1);
+    h.report("p0", state(PrinterPhase::Ready, None));
+    h.store_file();
+    let (jobs, out) = h.submit(1);
+    let j = jobs[0].clone();
+    let mut all = notices(&out);
+    let printing = state(
+        PrinterPhase::Printing,
+        Some((j.as_str(), JobStage::Printing)),
+    );
+    all.extend(notices(&h.report("p0", printing.clone())));
+    all.extend(notices(&h.report("p0", printing)));
+    let started = Event {
+        v: Version,
+        epoch: 1,
+        seq: 1000,
+        at_ms: 5,
+        event: EventKind::JobStarted { job_id: j.clone() },
+    };
+    all.extend(notices(&h.msg("printers/p0/events", started.encode())));
+    let ended = Event {
+        v: Version,
+        epoch: 1,
+        seq: 1001,
+        at_ms: 6,
+        event: EventKind::JobEnded {
+            job_id: j.clone(),
+            outcome: JobStage::Finished,
+            line: 2,
+            reason: None,
+        },
+    };
+    all.extend(notices(&h.msg("printers/p0/events", ended.encode())));
+    all.extend(notices(&h.report(
+        "p0",
+        state(
+            PrinterPhase::Finished,
+            Some((j.as_str(), JobStage::Finished)),
+        ),
+    )));
+    assert_eq!(
+        all,
+        vec![
+            format!("job.started:{j}"),
+            format!("job.finished:{j}"),
+            format!("printer.awaiting_bed_clear:{j}"),
+        ]
+    );
+}
+
 /// Issue #10, item 10: any client could pull any stored G-code by asking under any printer's
 /// name. A file is served only to a printer with a job on its way that uses it.
 #[test]
