@@ -151,7 +151,7 @@ pub struct Utilisation {
     pub jobs_failed: u32,
     /// Seconds spent printing in the window.
     pub printing_s: u64,
-    /// The window, seconds.
+    /// The window, seconds: the last 24 hours, or since the printer was first seen.
     pub window_s: u64,
     /// `printing_s` over `window_s`, percent.
     pub utilisation_pct: f64,

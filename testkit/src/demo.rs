@@ -40,6 +40,8 @@ pub struct DemoFarm {
     child: Child,
     /// The dashboard and API.
     pub http: SocketAddr,
+    /// The embedded broker's MQTT port (loopback, no login).
+    pub broker_port: u16,
     /// The demo's operator token.
     pub operator: String,
     /// A viewer's token made before the start.
@@ -65,7 +67,7 @@ fn token_add(printloop: &Path, data_dir: &Path, name: &str, role: &str) -> Resul
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-type Spawned = (Child, SocketAddr, String, mpsc::Receiver<String>);
+type Spawned = (Child, SocketAddr, String, u16, mpsc::Receiver<String>);
 
 /// Starts `printloop demo` on `dir` and waits (60 s at most) until it serves and its printers
 /// run.
@@ -108,6 +110,7 @@ fn spawn(printloop: &Path, dir: &Path, opts: &DemoOptions) -> Result<Spawned> {
     });
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut farm = None;
+    let mut broker = 0;
     while Instant::now() < deadline {
         let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) else {
             if let Some(status) = child.try_wait()? {
@@ -118,6 +121,13 @@ fn spawn(printloop: &Path, dir: &Path, opts: &DemoOptions) -> Result<Spawned> {
             }
             continue;
         };
+        if let Some(rest) = line.strip_prefix("demo: broker at mqtt://") {
+            broker = rest
+                .split([':', ' '])
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .context("broker line")?;
+        }
         if let Some(rest) = line.strip_prefix("demo: dashboard at http://") {
             let (addr, token) = rest.split_once("/#token=").context("dashboard line")?;
             farm = Some((addr.parse::<SocketAddr>()?, token.to_owned()));
@@ -131,7 +141,7 @@ fn spawn(printloop: &Path, dir: &Path, opts: &DemoOptions) -> Result<Spawned> {
         let _ = child.wait();
         bail!("the demo printed no dashboard URL within 60 s");
     };
-    Ok((child, http, operator, lines))
+    Ok((child, http, operator, broker, lines))
 }
 
 impl DemoFarm {
@@ -142,10 +152,11 @@ impl DemoFarm {
             .tempdir()?;
         let sup = dir.path().join("supervisor");
         let viewer = token_add(printloop, &sup, "wall", "viewer")?;
-        let (child, http, operator, lines) = spawn(printloop, dir.path(), opts)?;
+        let (child, http, operator, broker_port, lines) = spawn(printloop, dir.path(), opts)?;
         Ok(Self {
             child,
             http,
+            broker_port,
             operator,
             viewer,
             dir,
@@ -163,9 +174,11 @@ impl DemoFarm {
             jobs: 0,
             ..opts.clone()
         };
-        let (child, http, operator, lines) = spawn(&self.printloop, self.dir.path(), &opts)?;
+        let (child, http, operator, broker_port, lines) =
+            spawn(&self.printloop, self.dir.path(), &opts)?;
         self.child = child;
         self.http = http;
+        self.broker_port = broker_port;
         self.operator = operator;
         self.lines = lines;
         Ok(())

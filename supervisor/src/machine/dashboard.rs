@@ -190,25 +190,29 @@ impl Supervisor {
         ended.into_iter().take(limit).map(summary).collect()
     }
 
-    /// Each printer's use over the window before `now_ms`: jobs finished and failed, and time
-    /// spent printing (a job's start to its end, or to now while it prints, cut to the window).
+    /// Each printer's use over the window before `now_ms` (24 hours, or since the printer
+    /// was first seen when that is later): jobs finished and failed, and time spent printing
+    /// (a job's start to its end, or to now while it prints, cut to the window).
     pub fn utilisation(&self, now_ms: u64) -> Vec<Utilisation> {
-        let since = now_ms.saturating_sub(UTILISATION_WINDOW_MS);
-        let window_s = (now_ms - since) / 1000;
-        let mut by: BTreeMap<&PrinterId, Utilisation> = self
+        let day = now_ms.saturating_sub(UTILISATION_WINDOW_MS);
+        let mut by: BTreeMap<&PrinterId, (u64, Utilisation)> = self
             .printers
-            .keys()
-            .map(|id| {
+            .iter()
+            .map(|(id, p)| {
+                let since = day.max(p.rec.first_seen_ms.min(now_ms));
                 (
                     id,
-                    Utilisation {
-                        printer_id: id.clone(),
-                        jobs_finished: 0,
-                        jobs_failed: 0,
-                        printing_s: 0,
-                        window_s,
-                        utilisation_pct: 0.0,
-                    },
+                    (
+                        since,
+                        Utilisation {
+                            printer_id: id.clone(),
+                            jobs_finished: 0,
+                            jobs_failed: 0,
+                            printing_s: 0,
+                            window_s: ((now_ms - since) / 1000).max(1),
+                            utilisation_pct: 0.0,
+                        },
+                    ),
                 )
             })
             .collect();
@@ -216,14 +220,15 @@ impl Supervisor {
             let (Some(printer), Some(start)) = (j.printer.as_ref(), j.started_at_ms) else {
                 continue;
             };
-            let Some(u) = by.get_mut(printer) else {
+            let Some((since, u)) = by.get_mut(printer) else {
                 continue;
             };
+            let since = *since;
             let end = j.ended_at_ms.unwrap_or(now_ms).min(now_ms);
             if end < since {
                 continue;
             }
-            u.printing_s += (end.saturating_sub(start.max(since))) / 1000;
+            u.printing_s += end.saturating_sub(start.max(since)) / 1000;
             if j.ended_at_ms.is_some() {
                 match j.state {
                     JobState::Finished | JobState::Done => u.jobs_finished += 1,
@@ -235,13 +240,10 @@ impl Supervisor {
             }
         }
         by.into_values()
-            .map(|mut u| {
-                u.printing_s = u.printing_s.min(window_s);
-                u.utilisation_pct = if window_s == 0 {
-                    0.0
-                } else {
-                    (u.printing_s as f64 * 1000.0 / window_s as f64).round() / 10.0
-                };
+            .map(|(_, mut u)| {
+                u.printing_s = u.printing_s.min(u.window_s);
+                u.utilisation_pct =
+                    (u.printing_s as f64 * 1000.0 / u.window_s as f64).round() / 10.0;
                 u
             })
             .collect()

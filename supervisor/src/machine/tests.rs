@@ -1280,3 +1280,28 @@ fn a_forged_supervisor_status_is_corrected_at_most_once_a_second() {
         .iter()
         .all(|s| s.presence == Presence::Online && s.epoch == epoch));
 }
+
+/// History's utilisation: time printing over the window, which starts when the printer was
+/// first seen if that is within the last day.
+#[test]
+fn utilisation_counts_printing_time_since_the_printer_was_first_seen() {
+    let mut h = H::new();
+    h.online("p0", 1);
+    h.report("p0", state(PrinterPhase::Ready, None));
+    h.store_file();
+    let (jobs, _) = h.submit(1);
+    let j = jobs[0].clone();
+    let t0 = h.now.unix_ms;
+    let mut printing = state(
+        PrinterPhase::Printing,
+        Some((j.as_str(), JobStage::Printing)),
+    );
+    printing.job.as_mut().expect("job").started_at_ms = Some(t0);
+    h.report("p0", printing);
+    let first_seen = h.s.utilisation(t0);
+    assert_eq!(first_seen[0].printing_s, 0);
+    let u = h.s.utilisation(t0 + 100_000);
+    assert_eq!((u[0].window_s, u[0].printing_s), (100, 100), "{u:?}");
+    assert_eq!(u[0].utilisation_pct, 100.0);
+    assert_eq!((u[0].jobs_finished, u[0].jobs_failed), (0, 0));
+}
