@@ -10,7 +10,10 @@ use crate::ids::{JobId, PrinterId, Sha256Hex};
 use crate::presence::Presence;
 use crate::state::{JobStage, PrinterPhase, Temperatures};
 
-/// One printer as the dashboard shows it.
+/// One printer as the dashboard shows it. Rounded for the screen (progress to whole percents,
+/// temperatures to whole degrees, time left to whole minutes, or 10 s under a minute), so a
+/// tile changes when what a person sees changes; exact values are in `list_printers` and
+/// `list_jobs`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Tile {

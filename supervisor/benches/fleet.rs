@@ -16,13 +16,20 @@
 //!   retained messages); while it is down every printing fake finishes its job (the supervisor
 //!   can only learn it from `state.recent_jobs`), then the fleet is frozen (no new starts). From
 //!   the moment the restarted broker is ready until the supervisor's `/metrics` show N printers
-//!   online and not stale, its phase counts equal the fakes' phases exactly, and its finished-job
-//!   count equals the jobs the fakes finished. `/metrics` is rendered once a second: ±1 s.
+//!   online and not stale, its phase counts equal the fakes' phases exactly, and its finished
+//!   and done jobs together equal the jobs the fakes finished (a finished job whose printer
+//!   went ready again is harvested: done). `/metrics` is rendered once a second: ±1 s.
 //! - `supervisor_peak_rss_kb`: VmHWM of the bench process: supervisor **plus** the N fakes
 //!   (an upper bound of the supervisor's own).
+//! - The dashboard (issue #12): the steady window's first half runs with no browser, its
+//!   second half with `--streams` (default 10) live streams (`/api/v1/stream`) reading all the
+//!   time: `dispatch_p99_ms_no_streams` vs `dispatch_p99_ms_streams` (one run, so the ratio is
+//!   what counts on a noisy machine), `stream_bytes_per_s_per_client` and frames a second per
+//!   client, and `first_load_ms`: a new browser's page (`GET /`) plus its initial state
+//!   (`GET /api/v1/fleet`), under that load, worst of 5.
 //!
-//! Fakes go `ready` on their own 0.2–0.5 s after finishing (no operator `bed_clear`), so the
-//! supervisor's finished jobs stay "awaiting harvest" (open) for the whole run.
+//! Fakes go `ready` on their own 0.2–0.5 s after finishing (no operator `bed_clear`); the
+//! supervisor then takes their finished jobs as harvested (done) from `recent_jobs`.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -49,6 +56,7 @@ struct Args {
     duration_s: u64,
     print_ms: (u64, u64),
     rebuild: bool,
+    streams: usize,
 }
 
 fn parse_args() -> Args {
@@ -57,6 +65,7 @@ fn parse_args() -> Args {
         duration_s: 20,
         print_ms: (1000, 3000),
         rebuild: false,
+        streams: 10,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -77,6 +86,10 @@ fn parse_args() -> Args {
                         a.print_ms = (lo, hi);
                     }
                 }
+                i += 1;
+            }
+            "--streams" => {
+                a.streams = val.parse().unwrap_or(a.streams);
                 i += 1;
             }
             "--rebuild" => a.rebuild = true,
@@ -635,12 +648,19 @@ fn main() -> Result<(), BoxError> {
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let sup_dir = dir.path().join("supervisor");
+    // The dashboard's viewer (a wall screen's token).
+    let token = supervisor::http::tokens::add(
+        &sup_dir.join(supervisor::http::tokens::TOKENS_FILE),
+        "bench",
+        protocol::web::Role::Viewer,
+        0,
+    )?;
     let settings = Settings {
         machine: SupervisorConfig::default(),
         broker: BrokerTarget::External(transport::BrokerAddr::loopback(port)),
         data_dir: sup_dir,
         metrics: Some("127.0.0.1:0".parse()?),
-        http: None,
+        http: Some("127.0.0.1:0".parse()?),
         keepalive: Duration::from_secs(15),
     };
     let sup_thread = std::thread::Builder::new()
@@ -671,7 +691,8 @@ fn main() -> Result<(), BoxError> {
             .await
             .map_err(|_| "supervisor did not start")??;
         let metrics = handle.metrics.ok_or("no metrics address")?;
-        drive(&args, port, metrics, &mut broker).await
+        let web = handle.http.ok_or("no HTTP address")?;
+        drive(&args, port, metrics, (web, token), &mut broker).await
     });
     let _ = stop_tx.send(());
     let _ = sup_thread.join();
@@ -680,16 +701,23 @@ fn main() -> Result<(), BoxError> {
     let r = result?;
     let own_hwm = vm_hwm_kb("self");
     println!("broker peak RSS (VmHWM): {broker_hwm} kB; bench process (supervisor + {n} fakes): {own_hwm} kB");
-    let sustained = r.online == n && r.p99 < 50.0 && r.reconcile_s.is_some();
+    let sustained = r.online == n
+        && r.p99 < 50.0
+        && r.reconcile_s.is_some()
+        && r.web.p99_streams < 50.0
+        && r.web.first_load_ms < 1000.0;
     println!(
-        "verdict: {} ({n} printers: {} online, dispatch p99 {:.1} ms)",
+        "verdict: {} ({n} printers: {} online, dispatch p99 {:.1} ms; with {} live streams p99 {:.1} ms; first page load {:.0} ms)",
         if sustained {
             "SUSTAINED"
         } else {
             "NOT sustained"
         },
         r.online,
-        r.p99
+        r.p99,
+        r.web.streams,
+        r.web.p99_streams,
+        r.web.first_load_ms
     );
     let json = serde_json::json!({
         "printers": n,
@@ -699,12 +727,20 @@ fn main() -> Result<(), BoxError> {
         "dispatch_p99_ms": (r.p99 * 100.0).round() / 100.0,
         "reconcile_after_broker_restart_s": r.reconcile_s.map(|s| (s * 100.0).round() / 100.0),
         "supervisor_peak_rss_kb": own_hwm,
+        "stream_clients": r.web.streams,
+        "dispatch_p99_ms_no_streams": (r.web.p99_no_streams * 100.0).round() / 100.0,
+        "dispatch_p99_ms_streams": (r.web.p99_streams * 100.0).round() / 100.0,
+        "stream_bytes_per_s_per_client": r.web.bytes_per_s.round(),
+        "stream_frames_per_s_per_client": (r.web.frames_per_s * 100.0).round() / 100.0,
+        "first_load_ms": (r.web.first_load_ms * 10.0).round() / 10.0,
+        "fleet_json_bytes": r.web.fleet_bytes,
     });
     println!("{json}");
     Ok(())
 }
 
 struct Report {
+    web: Web,
     online: usize,
     states_per_s: f64,
     p50: f64,
@@ -712,10 +748,75 @@ struct Report {
     reconcile_s: Option<f64>,
 }
 
+/// The dashboard's figures.
+#[derive(Debug, Default)]
+struct Web {
+    streams: usize,
+    p99_no_streams: f64,
+    p99_streams: f64,
+    bytes_per_s: f64,
+    frames_per_s: f64,
+    first_load_ms: f64,
+    fleet_bytes: usize,
+}
+
+/// One live stream, as a browser holds it: counts bytes and frames until `stop`.
+async fn stream_reader(
+    web: std::net::SocketAddr,
+    token: String,
+    stop: Arc<AtomicBool>,
+    bytes: Arc<AtomicU64>,
+    frames: Arc<AtomicU64>,
+) {
+    let Ok(mut s) = tokio::net::TcpStream::connect(web).await else {
+        return;
+    };
+    let req =
+        format!("GET /api/v1/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        match tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(k)) => {
+                bytes.fetch_add(k as u64, Ordering::Relaxed);
+                let f = buf[..k].windows(7).filter(|w| w == b"event: ").count();
+                frames.fetch_add(f as u64, Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// A new browser's first paint: the page, then the fleet's initial state (ms, and its bytes).
+async fn first_load(web: std::net::SocketAddr, token: &str) -> Result<(f64, usize), BoxError> {
+    let t = Instant::now();
+    let page = http_get(web, "/", token).await?;
+    let fleet = http_get(web, "/api/v1/fleet", token).await?;
+    if !page.contains("<html") || !fleet.contains("\"printers\"") {
+        return Err("the page or the fleet did not load".into());
+    }
+    Ok((t.elapsed().as_secs_f64() * 1000.0, fleet.len()))
+}
+
+async fn http_get(web: std::net::SocketAddr, path: &str, token: &str) -> Result<String, BoxError> {
+    let mut s = tokio::net::TcpStream::connect(web).await?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut body)).await??;
+    Ok(body)
+}
+
 async fn drive(
     args: &Args,
     port: u16,
     metrics: std::net::SocketAddr,
+    (web_addr, token): (std::net::SocketAddr, String),
     broker: &mut BrokerProcess,
 ) -> Result<Report, BoxError> {
     let n = args.printers;
@@ -807,7 +908,40 @@ async fn drive(
     let st0 = sh.starts_received.load(Ordering::Relaxed);
     let w0 = Instant::now();
     let mut last_scrape = Instant::now();
+    // The second half of the window with the browsers' live streams.
+    let half = Duration::from_secs(args.duration_s) / 2;
+    let stop_streams = Arc::new(AtomicBool::new(false));
+    let stream_bytes = Arc::new(AtomicU64::new(0));
+    let stream_frames = Arc::new(AtomicU64::new(0));
+    let mut streams_since: Option<Instant> = None;
+    let mut web = Web {
+        streams: args.streams,
+        ..Web::default()
+    };
+    let mut lat_a: Vec<u64> = Vec::new();
+    let mut loads: Vec<f64> = Vec::new();
     while w0.elapsed() < Duration::from_secs(args.duration_s) {
+        if streams_since.is_none() && w0.elapsed() >= half {
+            lat_a = sh.latencies_us.lock().map_err(|_| "poisoned")?.clone();
+            for _ in 0..args.streams {
+                tokio::spawn(stream_reader(
+                    web_addr,
+                    token.clone(),
+                    stop_streams.clone(),
+                    stream_bytes.clone(),
+                    stream_frames.clone(),
+                ));
+            }
+            streams_since = Some(Instant::now());
+        }
+        if let Some(since) = streams_since {
+            // A few new browsers arrive while the others watch.
+            if loads.len() < 5 && since.elapsed() > Duration::from_secs(1 + loads.len() as u64) {
+                let (ms, bytes) = first_load(web_addr, &token).await?;
+                loads.push(ms);
+                web.fleet_bytes = bytes;
+            }
+        }
         if let Some(req) = keep_fed(&mut submitted) {
             if let Err(e) = op.request(req).await {
                 println!("operator: {e} (the supervisor is behind)");
@@ -825,12 +959,37 @@ async fn drive(
     }
     let secs = w0.elapsed().as_secs_f64();
     sh.measuring.store(false, Ordering::Relaxed);
+    stop_streams.store(true, Ordering::Relaxed);
+    if let Some(since) = streams_since {
+        let s = since.elapsed().as_secs_f64() * args.streams.max(1) as f64;
+        web.bytes_per_s = stream_bytes.load(Ordering::Relaxed) as f64 / s;
+        web.frames_per_s = stream_frames.load(Ordering::Relaxed) as f64 / s;
+    }
+    web.first_load_ms = loads.iter().copied().fold(0.0, f64::max);
     let states = sh.states_published.load(Ordering::Relaxed) - s0;
     let starts = sh.starts_received.load(Ordering::Relaxed) - st0;
     let online = sh.connected.load(Ordering::Relaxed);
     let mut lat = std::mem::take(&mut *sh.latencies_us.lock().map_err(|_| "poisoned")?);
+    // Samples are appended: the first `lat_a.len()` are the half without streams.
+    let mut lat_b = lat.split_off(lat_a.len().min(lat.len()));
+    lat_a.sort_unstable();
+    lat_b.sort_unstable();
+    web.p99_no_streams = pct(&lat_a, 0.99);
+    web.p99_streams = pct(&lat_b, 0.99);
+    lat.extend(lat_b.iter().copied());
     lat.sort_unstable();
     let (p50, p99) = (pct(&lat, 0.5), pct(&lat, 0.99));
+    println!(
+        "dashboard: {} live streams in the second half: dispatch p99 {:.2} ms without, {:.2} ms with; {:.0} bytes/s and {:.2} frames/s per stream; first page load (HTML + {} bytes of fleet state) worst {:.0} ms of {}",
+        web.streams,
+        web.p99_no_streams,
+        web.p99_streams,
+        web.bytes_per_s,
+        web.frames_per_s,
+        web.fleet_bytes,
+        web.first_load_ms,
+        loads.len()
+    );
     println!(
         "steady {secs:.1} s: {online}/{n} online, {:.0} states/s, {:.0} starts/s, dispatch (ready -> start_job at the printer) p50 {p50:.2} ms p99 {p99:.2} ms max {:.1} ms over {} starts, smallest queued backlog seen {min_queued}",
         states as f64 / secs,
@@ -845,7 +1004,9 @@ async fn drive(
             sh.printing.load(Ordering::Relaxed),
             gauge(&m, "printloop_printers_phase{phase=\"ready\"}"),
             sh.ready.load(Ordering::Relaxed),
-            gauge(&m, "printloop_jobs{state=\"finished\"}"),
+            gauge(&m, "printloop_jobs{state=\"finished\"}")
+                .zip(gauge(&m, "printloop_jobs{state=\"done\"}"))
+                .map(|(f, d)| f + d),
             sh.jobs_finished.load(Ordering::Relaxed),
         );
     }
@@ -877,7 +1038,10 @@ async fn drive(
             let sup_ready = g("printloop_printers_phase{phase=\"ready\"}");
             let sup_printing = g("printloop_printers_phase{phase=\"printing\"}");
             let sup_finished = g("printloop_printers_phase{phase=\"finished\"}");
-            let sup_jobs_fin = g("printloop_jobs{state=\"finished\"}");
+            // Finished jobs whose printer went ready again (its bed cleared there) are
+            // harvested: done.
+            let sup_jobs_fin =
+                g("printloop_jobs{state=\"finished\"}") + g("printloop_jobs{state=\"done\"}");
             let truth = (
                 sh.ready.load(Ordering::Relaxed) as i64,
                 sh.printing.load(Ordering::Relaxed) as i64,
@@ -903,6 +1067,7 @@ async fn drive(
         None => println!("NOT reconciled within {limit:?}: {last}"),
     }
     Ok(Report {
+        web,
         online,
         states_per_s: states as f64 / secs,
         p50,

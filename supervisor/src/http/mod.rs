@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -94,11 +95,43 @@ impl Query {
     }
 }
 
-/// The loop's side: waiting HTTP requests, and the frame it publishes.
+/// The loop's side: waiting HTTP requests, and the views it gathers for frames.
 pub struct Shell {
     waiting: HashMap<(ClientId, CommandId), Vec<oneshot::Sender<ApiResponse>>>,
-    frames: watch::Sender<Arc<Frame>>,
-    builder: view::Builder,
+    views: watch::Sender<Option<view::Views>>,
+    watchers: Arc<Watchers>,
+    lists_at: Option<u64>,
+}
+
+/// Who looks at frames: open live streams, and when a fleet view was last asked for.
+#[derive(Debug, Default)]
+pub(crate) struct Watchers {
+    streams: AtomicUsize,
+    asked_ms: AtomicU64,
+}
+
+impl Watchers {
+    /// Whether frames are wanted at `now_ms` (a fleet request keeps them coming 10 s).
+    fn wanted(&self, now_ms: u64) -> bool {
+        self.streams.load(Ordering::Relaxed) > 0
+            || now_ms.saturating_sub(self.asked_ms.load(Ordering::Relaxed)) < 10_000
+    }
+}
+
+/// An open live stream (counted while it lives).
+pub(crate) struct Watching(Arc<Watchers>);
+
+impl Watching {
+    pub(crate) fn new(w: &Arc<Watchers>) -> Self {
+        w.streams.fetch_add(1, Ordering::Relaxed);
+        Watching(w.clone())
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Shell {
@@ -131,13 +164,33 @@ impl Shell {
             .retain(|_, ws| ws.iter().any(|w| !w.is_closed()));
     }
 
-    /// Renders a new frame when anyone looks at them.
+    /// Gathers the views for a new frame, when anyone watches (the lists once a second).
     pub fn publish(&mut self, sup: &Supervisor, now: Now) {
-        if self.frames.receiver_count() == 0 {
+        if !self.watchers.wanted(now.unix_ms) {
+            self.lists_at = None;
             return;
         }
-        let frame = self.builder.build(sup, now);
-        self.frames.send_replace(Arc::new(frame));
+        let lists = self.lists_at.is_none_or(|at| now.unix_ms >= at + 1000);
+        if lists {
+            self.lists_at = Some(now.unix_ms);
+        }
+        self.views
+            .send_replace(Some(view::Views::gather(sup, now, lists)));
+    }
+}
+
+/// Serialises views into frames, apart from the loop.
+async fn render(
+    mut views: watch::Receiver<Option<view::Views>>,
+    frames: watch::Sender<Arc<Frame>>,
+) {
+    let mut builder = view::Builder::default();
+    while views.changed().await.is_ok() {
+        let Some(v) = views.borrow_and_update().clone() else {
+            continue;
+        };
+        let frame = builder.build(v);
+        frames.send_replace(Arc::new(frame));
     }
 }
 
@@ -171,6 +224,7 @@ pub enum HttpError {
 pub(crate) struct App {
     calls: mpsc::Sender<Call>,
     frames: watch::Receiver<Arc<Frame>>,
+    watchers: Arc<Watchers>,
     tokens: Arc<tokens::Tokens>,
     files: Arc<FileStore>,
     metrics: Arc<metrics::Metrics>,
@@ -217,9 +271,13 @@ pub async fn start(
     }
     let (calls_tx, calls_rx) = mpsc::channel(1024);
     let (frames_tx, frames_rx) = frames();
+    let (views_tx, views_rx) = watch::channel(None);
+    tokio::spawn(render(views_rx, frames_tx));
+    let watchers = Arc::new(Watchers::default());
     let app = App {
         calls: calls_tx,
         frames: frames_rx,
+        watchers: watchers.clone(),
         tokens,
         files,
         metrics,
@@ -238,8 +296,9 @@ pub async fn start(
         addr,
         shell: Shell {
             waiting: HashMap::new(),
-            frames: frames_tx,
-            builder: view::Builder::default(),
+            views: views_tx,
+            watchers,
+            lists_at: None,
         },
         calls: calls_rx,
     })
@@ -262,6 +321,7 @@ pub async fn start_metrics(
     let app = App {
         calls,
         frames: frames().1,
+        watchers: Arc::new(Watchers::default()),
         tokens,
         files,
         metrics,

@@ -11,6 +11,7 @@ use protocol::api::{
 use protocol::web::HttpErrorCode;
 use protocol::{ClientId, CommandId, JobId, PrinterId, Version};
 use serde::Deserialize;
+use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::auth::{Operator, Viewer};
@@ -518,7 +519,13 @@ pub(crate) async fn history_csv(
 
 /// `GET /api/v1/fleet`: the dashboard's first paint, from the latest frame.
 pub(crate) async fn fleet(State(app): State<App>, Viewer(_): Viewer) -> Response {
-    let frame = app.frames.borrow().clone();
+    app.watchers.asked_ms.store(
+        super::upload::unix_ms(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let mut rx = app.frames.clone();
+    let _ = tokio::time::timeout(Duration::from_secs(2), super::stream::fresh(&mut rx)).await;
+    let frame = rx.borrow().clone();
     (
         [(header::CONTENT_TYPE, "application/json")],
         frame.fleet_json(),

@@ -4,7 +4,8 @@
 //! version changed (and the printers removed), `queue` and `history` only when those changed.
 //! Frames are coalesced: a connection gets at most [`FRAMES_PER_S`] a second whatever the
 //! fleet size or its rate of change, so a thousand busy printers cost a browser a few small
-//! frames a second. EventSource reconnects by itself; a new connection starts with `fleet`.
+//! frames a second; the queue board and history, which change with every start and end, at
+//! most once a second. EventSource reconnects by itself; a new connection starts with `fleet`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -23,6 +24,9 @@ use super::App;
 
 /// Most frames a second per connection.
 pub const FRAMES_PER_S: u64 = 4;
+/// The queue board and history (up to 200 and 50 jobs) go at most this often: they change
+/// with every start and end in a busy farm.
+const LISTS_EVERY: Duration = Duration::from_secs(1);
 /// A comment this often keeps proxies from closing an idle stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// How soon a browser reconnects after losing the stream.
@@ -30,10 +34,12 @@ const RETRY: Duration = Duration::from_secs(2);
 
 struct Conn {
     rx: watch::Receiver<Arc<Frame>>,
+    _watching: super::Watching,
     first: bool,
     sent: HashMap<PrinterId, u64>,
     queue_version: u64,
     ended_version: u64,
+    lists_sent: Option<tokio::time::Instant>,
 }
 
 impl Conn {
@@ -78,6 +84,10 @@ impl Conn {
             )));
         }
         self.sent = present;
+        if self.lists_sent.is_some_and(|at| at.elapsed() < LISTS_EVERY) {
+            return out;
+        }
+        let before = out.len();
         if f.queue_version != self.queue_version {
             self.queue_version = f.queue_version;
             out.push(Event::default().event("queue").data(f.queue_json()));
@@ -90,6 +100,9 @@ impl Conn {
                     .data(format!("{{\"ended\":{}}}", f.ended_json())),
             );
         }
+        if out.len() > before {
+            self.lists_sent = Some(tokio::time::Instant::now());
+        }
         out
     }
 }
@@ -97,16 +110,22 @@ impl Conn {
 /// The stream of one connection.
 pub(crate) fn events(
     rx: watch::Receiver<Arc<Frame>>,
+    watching: super::Watching,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let conn = Conn {
         rx,
+        _watching: watching,
         first: true,
         sent: HashMap::new(),
         queue_version: 0,
         ended_version: 0,
+        lists_sent: None,
     };
     stream::unfold(conn, |mut c| async move {
-        if !c.first {
+        if c.first {
+            // Frames start when the first viewer comes: wait for one made for it.
+            let _ = tokio::time::timeout(Duration::from_secs(2), fresh(&mut c.rx)).await;
+        } else {
             tokio::time::sleep(Duration::from_millis(1000 / FRAMES_PER_S)).await;
             // The server's frames stopped (it is stopping): end the stream.
             c.rx.changed().await.ok()?;
@@ -128,5 +147,20 @@ pub(crate) async fn serve(
     State(app): State<App>,
     Viewer(_): Viewer,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    Sse::new(events(app.frames.clone())).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+    let watching = super::Watching::new(&app.watchers);
+    Sse::new(events(app.frames.clone(), watching)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}
+
+/// Waits until the frame is at most a second old (the loop renders one within a quarter
+/// second of being asked).
+pub(crate) async fn fresh(rx: &mut watch::Receiver<Arc<Frame>>) {
+    loop {
+        let at = rx.borrow().at_ms;
+        if super::upload::unix_ms().saturating_sub(at) <= 1000 {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
 }

@@ -1,13 +1,17 @@
-//! The frame: what the dashboard shows, rendered by the loop a few times a second and read by
-//! every HTTP request and stream without touching the machine. Each tile is serialised once
-//! per change and numbered (`version`), so a stream sends only the tiles that changed.
+//! The frame: what the dashboard shows, read by every HTTP request and stream without touching
+//! the machine. While anyone watches (a live stream, or a fleet request in the last seconds)
+//! the loop gathers [`Views`] a few times a second (the queue board and history once a
+//! second: they sort every job); a task apart from the loop serialises them. Each tile is
+//! serialised once per change and numbered (`version`), so a stream sends only the tiles that
+//! changed.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash as _, Hasher as _};
 use std::sync::Arc;
 
-use protocol::web::{FleetCounts, Tile};
+use protocol::api::JobSummary;
+use protocol::web::{FleetCounts, QueueView, Tile};
 use protocol::PrinterId;
 
 use crate::machine::{Now, Supervisor};
@@ -101,6 +105,31 @@ impl Frame {
 const EMPTY_COUNTS: &str = "{\"total\":0,\"printing\":0,\"paused\":0,\"idle\":0,\"awaiting_bed_clear\":0,\"error\":0,\"held\":0,\"offline\":0,\"stale\":0}";
 const EMPTY_QUEUE: &str = "{\"counts\":{\"queued\":0,\"starting\":0,\"printing\":0,\"awaiting_harvest\":0,\"attention\":0},\"jobs\":[],\"truncated\":false}";
 
+/// What the loop gathers from the machine for a frame (no serialising in the loop).
+#[derive(Debug, Clone)]
+pub struct Views {
+    /// When (Unix ms).
+    pub at_ms: u64,
+    /// Every tile.
+    pub tiles: Vec<Tile>,
+    /// The queue board, when gathered this time.
+    pub queue: Option<QueueView>,
+    /// The last ended jobs, when gathered this time.
+    pub ended: Option<Vec<JobSummary>>,
+}
+
+impl Views {
+    /// Gathers from the machine; the lists only when `lists`.
+    pub fn gather(sup: &Supervisor, now: Now, lists: bool) -> Views {
+        Views {
+            at_ms: now.unix_ms,
+            tiles: sup.tiles(),
+            queue: lists.then(|| sup.queue_view()),
+            ended: lists.then(|| sup.ended_jobs(ENDED_KEPT)),
+        }
+    }
+}
+
 /// Builds frames, numbering changes.
 #[derive(Debug, Default)]
 pub struct Builder {
@@ -123,13 +152,12 @@ impl Builder {
         self.next_version
     }
 
-    /// The frame for the machine as it is now.
-    pub fn build(&mut self, sup: &Supervisor, now: Now) -> Frame {
-        let tiles: Vec<Tile> = sup.tiles();
-        let counts: FleetCounts = Supervisor::fleet_counts(&tiles);
-        let mut entries = Vec::with_capacity(tiles.len());
-        let mut seen = HashMap::with_capacity(tiles.len());
-        for mut t in tiles {
+    /// The frame for `v` (lists not gathered this time keep their last rendering).
+    pub fn build(&mut self, v: Views) -> Frame {
+        let counts: FleetCounts = Supervisor::fleet_counts(&v.tiles);
+        let mut entries = Vec::with_capacity(v.tiles.len());
+        let mut seen = HashMap::with_capacity(v.tiles.len());
+        for mut t in v.tiles {
             let plain = serde_json::to_string(&t).unwrap_or_default();
             let d = digest(&plain);
             let entry = match self.tiles.get(&t.printer_id) {
@@ -147,20 +175,24 @@ impl Builder {
             entries.push(entry);
         }
         self.tiles = seen;
-        let queue = serde_json::to_string(&sup.queue_view()).unwrap_or_default();
-        let qd = digest(&queue);
-        if qd != self.queue.0 || self.queue.1 == 0 {
-            let v = self.next();
-            self.queue = (qd, v, Arc::new(queue));
+        if let Some(q) = v.queue {
+            let queue = serde_json::to_string(&q).unwrap_or_default();
+            let qd = digest(&queue);
+            if qd != self.queue.0 || self.queue.1 == 0 {
+                let n = self.next();
+                self.queue = (qd, n, Arc::new(queue));
+            }
         }
-        let ended = serde_json::to_string(&sup.ended_jobs(ENDED_KEPT)).unwrap_or_default();
-        let ed = digest(&ended);
-        if ed != self.ended.0 || self.ended.1 == 0 {
-            let v = self.next();
-            self.ended = (ed, v, Arc::new(ended));
+        if let Some(e) = v.ended {
+            let ended = serde_json::to_string(&e).unwrap_or_default();
+            let ed = digest(&ended);
+            if ed != self.ended.0 || self.ended.1 == 0 {
+                let n = self.next();
+                self.ended = (ed, n, Arc::new(ended));
+            }
         }
         Frame {
-            at_ms: now.unix_ms,
+            at_ms: v.at_ms,
             tiles: entries,
             counts: serde_json::to_string(&counts).unwrap_or_default(),
             queue: self.queue.2.clone(),

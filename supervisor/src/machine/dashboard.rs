@@ -82,8 +82,16 @@ impl Supervisor {
                 .get(&j.job_id)
                 .map_or_else(|| j.name.clone(), |r| r.name.clone()),
             stage: j.stage,
-            progress_pct: j.progress_pct,
-            remaining_s: j.remaining_s,
+            // Rounded for the screen, so a tile changes (and a stream sends it) when what a
+            // person sees changes: whole percents, whole degrees, minutes of time left.
+            progress_pct: j.progress_pct.clamp(0.0, 100.0).floor(),
+            remaining_s: j.remaining_s.map(|r| {
+                if r >= 60 {
+                    (r + 30) / 60 * 60
+                } else {
+                    (r + 5) / 10 * 10
+                }
+            }),
             started_at_ms: j.started_at_ms,
         });
         Tile {
@@ -103,7 +111,13 @@ impl Supervisor {
             }),
             tags: p.rec.tags.clone(),
             job,
-            temps: s.and_then(|s| s.temps),
+            temps: s.and_then(|s| s.temps).map(|mut t| {
+                for h in [&mut t.nozzle, &mut t.bed] {
+                    h.actual = h.actual.round();
+                    h.target = h.target.round();
+                }
+                t
+            }),
             error: s.and_then(|s| s.error.clone()),
             consecutive_failures: p.rec.consecutive_failures,
             version: 0,
