@@ -3,15 +3,16 @@
 //!
 //! Durable: the machine's `Output::Notify` goes into the store's outbox **in the same commit**
 //! as the state change it tells of, so a supervisor killed at any moment loses none. A
-//! delivery task, apart from the loop, sends each hook its events in order, retries with
-//! capped back-off (1 s doubling to 5 min) and deletes an event once every hook it was meant
-//! for answered 2xx. At least once: a supervisor killed between a hook's 2xx and that commit
+//! delivery task, apart from the loop, sends each hook its events in order (one run per hook
+//! at a time, on the blocking pool: a slow hook holds up no other), retries with capped
+//! back-off (1 s doubling to 5 min) and deletes an event once every hook it was meant for
+//! answered 2xx. At least once: a supervisor killed between a hook's 2xx and that commit
 //! sends the event again, with the same `id` (deduplicate on it).
 //!
 //! Signature: `X-Printloop-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`
 //! (the time is in what is signed, so an old delivery cannot be replayed as new).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,7 +41,7 @@ pub const WEBHOOKS_FILE: &str = "webhooks.toml";
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How long one delivery may take.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Events read from the outbox per round.
+/// Events read from the outbox at a time (a hook's run takes at most these).
 const ROUND: usize = 500;
 
 /// A registered hook.
@@ -239,139 +240,163 @@ struct Backoff {
     wait: Duration,
 }
 
+/// A hook's delivery run ended: the events it took, and whether it stopped on a failure.
+type Finished = (String, Vec<u64>, bool);
+
+/// The delivery task: each hook has at most one delivery run at a time, on the blocking pool,
+/// so a slow or dead hook holds up no other.
 async fn deliver(hooks: Arc<Watched<Hook>>, store: Arc<Store>, wake: Arc<Notify>) {
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Finished>();
+    let mut busy: HashSet<String> = HashSet::new();
     let mut backoff: HashMap<String, Backoff> = HashMap::new();
     loop {
-        let next = round(&hooks, &store, &mut backoff).await;
+        let next = start_runs(&hooks, &store, &mut busy, &backoff, &done_tx).await;
         let wait = next.map_or(Duration::from_secs(30), |t| {
             t.saturating_duration_since(Instant::now())
         });
         tokio::select! {
             _ = wake.notified() => {}
+            Some((id, taken, ok)) = done_rx.recv() => {
+                busy.remove(&id);
+                if ok {
+                    backoff.remove(&id);
+                } else {
+                    let wait = backoff
+                        .get(&id)
+                        .map_or(Duration::from_secs(1), |b| (b.wait * 2).min(MAX_BACKOFF));
+                    backoff.insert(id.clone(), Backoff { until: Instant::now() + wait, wait });
+                }
+                record(&store, &id, taken).await;
+            }
             _ = tokio::time::sleep(wait.max(Duration::from_millis(50))) => {}
         }
     }
 }
 
-/// One round: every hook not backing off gets its waiting events, in order, until one fails.
-/// Returns when the next back-off ends, if any hook waits.
-async fn round(
+/// Reads the outbox; drops hooks that no longer exist from it; starts a run for every hook
+/// that has events, is not running and is not backing off. Returns when the next back-off
+/// ends, if any hook waits.
+async fn start_runs(
     hooks: &Watched<Hook>,
     store: &Arc<Store>,
-    backoff: &mut HashMap<String, Backoff>,
+    busy: &mut HashSet<String>,
+    backoff: &HashMap<String, Backoff>,
+    done: &tokio::sync::mpsc::UnboundedSender<Finished>,
 ) -> Option<Instant> {
-    let s = store.clone();
-    let entries = match tokio::task::spawn_blocking(move || s.outbox(ROUND)).await {
-        Ok(Ok(e)) => e,
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "the webhook outbox cannot be read");
-            return Some(Instant::now() + Duration::from_secs(5));
-        }
-        Err(_) => return None,
-    };
-    if entries.is_empty() {
-        return None;
-    }
+    let entries = read(store).await;
     let registered: BTreeMap<String, Hook> = hooks
         .entries()
         .into_iter()
         .map(|h| (h.id.clone(), h))
         .collect();
-    let mut outbox: BTreeMap<u64, OutboxEntry> = BTreeMap::new();
-    for (seq, bytes) in entries {
-        match serde_json::from_slice::<OutboxEntry>(&bytes) {
-            Ok(e) => {
-                outbox.insert(seq, e);
-            }
-            Err(e) => {
-                tracing::error!(seq, error = %e, "an unreadable webhook event is dropped");
-                let s = store.clone();
-                let _ =
-                    tokio::task::spawn_blocking(move || s.apply(&[Mutation::RemoveOutbox(seq)]))
-                        .await;
-            }
-        }
-    }
-    // Each ready hook's queue, delivered by its own blocking task (a slow hook holds up no other).
-    let now = Instant::now();
+    let mut stale = Vec::new();
     let mut queues: BTreeMap<String, Vec<(u64, WebhookEvent)>> = BTreeMap::new();
-    for (seq, e) in &outbox {
+    for (seq, mut e) in entries {
+        let before = e.hooks.len();
+        e.hooks.retain(|h| registered.contains_key(h));
+        if e.hooks.len() != before {
+            stale.push(outbox_write(seq, &e));
+        }
         for h in &e.hooks {
-            if registered.contains_key(h) && backoff.get(h).is_none_or(|b| b.until <= now) {
+            let ready =
+                !busy.contains(h) && backoff.get(h).is_none_or(|b| b.until <= Instant::now());
+            if ready {
                 queues
                     .entry(h.clone())
                     .or_default()
-                    .push((*seq, e.event.clone()));
+                    .push((seq, e.event.clone()));
             }
         }
     }
-    let mut tasks = Vec::new();
+    if !stale.is_empty() {
+        apply(store, stale).await;
+    }
     for (id, queue) in queues {
         let hook = registered[&id].clone();
-        tasks.push(tokio::task::spawn_blocking(move || {
-            let mut done = Vec::new();
+        busy.insert(id);
+        let done = done.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut taken = Vec::new();
             for (seq, event) in queue {
-                match post(&hook, &event) {
-                    Ok(()) => done.push(seq),
-                    Err(e) => {
-                        tracing::warn!(hook = %hook.id, event = %event.id, error = %e, "webhook delivery failed; retrying later");
-                        return (hook.id, done, false);
-                    }
+                if let Err(e) = post(&hook, &event) {
+                    tracing::warn!(hook = %hook.id, event = %event.id, error = %e, "webhook delivery failed; retrying later");
+                    let _ = done.send((hook.id, taken, false));
+                    return;
                 }
+                taken.push(seq);
             }
-            (hook.id, done, true)
-        }));
+            let _ = done.send((hook.id, taken, true));
+        });
     }
-    let mut delivered: HashMap<u64, Vec<String>> = HashMap::new();
-    for t in tasks {
-        let Ok((id, done, ok)) = t.await else {
-            continue;
-        };
-        if ok {
-            backoff.remove(&id);
-        } else {
-            let wait = backoff
-                .get(&id)
-                .map_or(Duration::from_secs(1), |b| (b.wait * 2).min(MAX_BACKOFF));
-            backoff.insert(
-                id.clone(),
-                Backoff {
-                    until: Instant::now() + wait,
-                    wait,
-                },
-            );
+    backoff
+        .iter()
+        .filter(|(id, _)| !busy.contains(*id))
+        .map(|(_, b)| b.until)
+        .min()
+}
+
+/// The outbox's first events, decoded (an unreadable one is dropped, and logged).
+async fn read(store: &Arc<Store>) -> Vec<(u64, OutboxEntry)> {
+    let s = store.clone();
+    let rows = match tokio::task::spawn_blocking(move || s.outbox(ROUND)).await {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "the webhook outbox cannot be read");
+            return Vec::new();
         }
-        for seq in done {
-            delivered.entry(seq).or_default().push(id.clone());
+        Err(_) => return Vec::new(),
+    };
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for (seq, bytes) in rows {
+        match serde_json::from_slice::<OutboxEntry>(&bytes) {
+            Ok(e) => out.push((seq, e)),
+            Err(e) => {
+                tracing::error!(seq, error = %e, "an unreadable webhook event is dropped");
+                bad.push(Mutation::RemoveOutbox(seq));
+            }
         }
     }
-    // Record what was delivered, and drop hooks that no longer exist.
+    if !bad.is_empty() {
+        apply(store, bad).await;
+    }
+    out
+}
+
+/// Hook `id` took the events `taken`: it is struck from them; an event every hook took goes.
+/// Only this task changes existing outbox entries (the loop only adds new ones).
+async fn record(store: &Arc<Store>, id: &str, taken: Vec<u64>) {
+    if taken.is_empty() {
+        return;
+    }
     let mut muts = Vec::new();
-    for (seq, mut e) in outbox {
-        let before = e.hooks.len();
-        let got = delivered.remove(&seq).unwrap_or_default();
-        e.hooks
-            .retain(|h| registered.contains_key(h) && !got.contains(h));
-        if e.hooks.is_empty() {
-            muts.push(Mutation::RemoveOutbox(seq));
-        } else if e.hooks.len() != before {
-            if let Ok(entry) = serde_json::to_vec(&e) {
-                muts.push(Mutation::PutOutbox { seq, entry });
-            }
+    for (seq, mut e) in read(store).await {
+        if taken.contains(&seq) {
+            e.hooks.retain(|h| h != id);
+            muts.push(outbox_write(seq, &e));
         }
     }
-    if !muts.is_empty() {
-        let s = store.clone();
-        match tokio::task::spawn_blocking(move || s.apply(&muts)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "webhook deliveries cannot be recorded (they will be sent again)")
-            }
-            Err(_) => {}
+    apply(store, muts).await;
+}
+
+fn outbox_write(seq: u64, e: &OutboxEntry) -> Mutation {
+    if e.hooks.is_empty() {
+        return Mutation::RemoveOutbox(seq);
+    }
+    match serde_json::to_vec(e) {
+        Ok(entry) => Mutation::PutOutbox { seq, entry },
+        Err(_) => Mutation::RemoveOutbox(seq),
+    }
+}
+
+async fn apply(store: &Arc<Store>, muts: Vec<Mutation>) {
+    let s = store.clone();
+    match tokio::task::spawn_blocking(move || s.apply(&muts)).await {
+        Ok(Ok(())) | Err(_) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "webhook deliveries cannot be recorded (they will be sent again)")
         }
     }
-    backoff.retain(|id, _| registered.contains_key(id));
-    backoff.values().map(|b| b.until).min()
 }
 
 /// The signature header's value for `body` at `t` (Unix seconds).
