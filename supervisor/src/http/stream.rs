@@ -19,6 +19,7 @@ use protocol::PrinterId;
 use tokio::sync::watch;
 
 use super::auth::Viewer;
+use super::errors::HttpError;
 use super::view::Frame;
 use super::App;
 
@@ -29,6 +30,9 @@ pub const FRAMES_PER_S: u64 = 4;
 const LISTS_EVERY: Duration = Duration::from_secs(1);
 /// A comment this often keeps proxies from closing an idle stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Live streams the server holds at once (each holds a little memory and a socket; a wall of
+/// screens needs tens).
+pub const MAX_STREAMS: usize = 256;
 /// How soon a browser reconnects after losing the stream.
 const RETRY: Duration = Duration::from_secs(2);
 
@@ -146,9 +150,21 @@ pub(crate) fn events(
 pub(crate) async fn serve(
     State(app): State<App>,
     Viewer(_): Viewer,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, HttpError> {
+    if app
+        .watchers
+        .streams
+        .load(std::sync::atomic::Ordering::Relaxed)
+        >= MAX_STREAMS
+    {
+        return Err(HttpError::http(
+            protocol::web::HttpErrorCode::Unavailable,
+            format!("{MAX_STREAMS} live streams are open already; try again later"),
+        ));
+    }
     let watching = super::Watching::new(&app.watchers);
-    Sse::new(events(app.frames.clone(), watching)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+    Ok(Sse::new(events(app.frames.clone(), watching))
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 
 /// Waits until the frame is at most a second old (the loop renders one within a quarter
