@@ -367,23 +367,9 @@ fn the_dashboard_runs_the_day_in_a_real_browser() {
     b.screenshot("dashboard-queue");
     b.go(&format!("{base}/#/grid"));
     b.click("#grid [data-printer=\"p2\"] button[data-action=\"bed-clear\"]");
-    let auth = format!("Bearer {}", farm.operator);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let r = request(
-            farm.http,
-            "GET",
-            "/api/v1/jobs?include_ended=true",
-            &[("Authorization", &auth)],
-            b"",
-            T,
-        )
-        .expect("jobs");
-        let state = r.json().expect("json")["jobs"]
-            .as_array()
-            .and_then(|a| a.iter().find(|j| j["job_id"] == job.as_str()).cloned())
-            .map(|j| j["state"].as_str().unwrap_or_default().to_owned())
-            .unwrap_or_default();
+        let state = farm.job_state(&job);
         if state == "finished" {
             break;
         }

@@ -46,23 +46,6 @@ fn client_upload(farm: &DemoFarm, key: &str, file: &std::path::Path) -> (u16, St
     (status, text)
 }
 
-fn jobs(farm: &DemoFarm) -> Vec<serde_json::Value> {
-    let auth = format!("Bearer {}", farm.operator);
-    let r = request(
-        farm.http,
-        "GET",
-        "/api/v1/jobs?include_ended=true",
-        &[("Authorization", &auth)],
-        b"",
-        T,
-    )
-    .expect("jobs");
-    r.json().expect("json")["jobs"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
 #[test]
 #[ignore = "needs OctoPrint: scripts/peer-octoprint.sh"]
 fn octoprint_client_upload_queues_and_prints_and_a_wrong_key_is_refused() {
@@ -84,7 +67,7 @@ fn octoprint_client_upload_queues_and_prints_and_a_wrong_key_is_refused() {
     // A wrong key: refused, nothing queued.
     let (status, text) = client_upload(&farm, "plt_0123", &file);
     assert_eq!(status, 401, "{text}");
-    assert!(jobs(&farm).is_empty());
+    assert!(farm.jobs().is_empty());
     // A viewer's key may not upload.
     let (status, text) = client_upload(&farm, &farm.viewer, &file);
     assert_eq!(status, 403, "{text}");
@@ -96,7 +79,7 @@ fn octoprint_client_upload_queues_and_prints_and_a_wrong_key_is_refused() {
         text.contains("\"done\": true") || text.contains("\"done\":true"),
         "{text}"
     );
-    let queued = jobs(&farm);
+    let queued = farm.jobs();
     assert_eq!(queued.len(), 1, "{queued:?}");
     assert_eq!(queued[0]["name"], "slicer-part.gcode");
     let job = queued[0]["job_id"].as_str().expect("id").to_owned();
@@ -115,11 +98,7 @@ fn octoprint_client_upload_queues_and_prints_and_a_wrong_key_is_refused() {
     assert_eq!(r.status, 200, "{}", r.text());
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let state = jobs(&farm)
-            .into_iter()
-            .find(|j| j["job_id"] == job.as_str())
-            .map(|j| j["state"].as_str().unwrap_or("").to_owned())
-            .unwrap_or_default();
+        let state = farm.job_state(&job);
         if state == "finished" {
             break;
         }

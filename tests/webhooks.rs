@@ -108,19 +108,6 @@ fn call(farm: &DemoFarm, method: &str, path: &str, body: Option<Value>) -> testk
     request(farm.http, method, path, &[("Authorization", &auth)], &b, T).expect("request")
 }
 
-fn jobs(farm: &DemoFarm) -> Vec<Value> {
-    call(
-        farm,
-        "GET",
-        "/api/v1/jobs?include_ended=true&limit=1000",
-        None,
-    )
-    .json()
-    .ok()
-    .and_then(|v| v["jobs"].as_array().cloned())
-    .unwrap_or_default()
-}
-
 /// Clears every bed that waits (the farm keeps printing).
 fn clear_beds(farm: &DemoFarm) {
     let Ok(fleet) = call(farm, "GET", "/api/v1/fleet", None).json() else {
@@ -232,7 +219,8 @@ fn a_receiver_gets_every_event_signed_across_a_kill_9() {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         clear_beds(&farm);
-        let ended = jobs(&farm)
+        let ended = farm
+            .jobs()
             .iter()
             .filter(|j| j["ended_at_ms"].is_u64())
             .count();
@@ -245,7 +233,7 @@ fn a_receiver_gets_every_event_signed_across_a_kill_9() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let before_kill = expected(&jobs(&farm));
+    let before_kill = expected(&farm.jobs());
     assert!(got.lock().expect("lock").is_empty());
     farm.kill9_and_restart(&opts)
         .expect("the farm starts again");
@@ -255,7 +243,7 @@ fn a_receiver_gets_every_event_signed_across_a_kill_9() {
     let deadline = Instant::now() + Duration::from_secs(120);
     let (want, seen) = loop {
         clear_beds(&farm);
-        let all = jobs(&farm);
+        let all = farm.jobs();
         let ended = all.iter().all(|j| j["ended_at_ms"].is_u64());
         let want = expected(&all);
         let seen: BTreeSet<String> = got

@@ -184,6 +184,37 @@ impl DemoFarm {
         Ok(())
     }
 
+    /// `GET path` with the operator's token.
+    pub fn get(&self, path: &str) -> Result<crate::http::Response> {
+        let auth = format!("Bearer {}", self.operator);
+        crate::http::request(
+            self.http,
+            "GET",
+            path,
+            &[("Authorization", &auth)],
+            b"",
+            Duration::from_secs(20),
+        )
+    }
+
+    /// Every job, ended ones too (`GET /api/v1/jobs`), as JSON.
+    pub fn jobs(&self) -> Vec<serde_json::Value> {
+        self.get("/api/v1/jobs?include_ended=true&limit=1000")
+            .ok()
+            .and_then(|r| r.json().ok())
+            .and_then(|v| v["jobs"].as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// The state of job `id` (`""` when there is no such job).
+    pub fn job_state(&self, id: &str) -> String {
+        self.jobs()
+            .into_iter()
+            .find(|j| j["job_id"] == id)
+            .and_then(|j| j["state"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
     /// The supervisor's data directory.
     pub fn supervisor_dir(&self) -> PathBuf {
         self.dir.path().join("supervisor")

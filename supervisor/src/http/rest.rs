@@ -307,45 +307,37 @@ async fn printer_op(
     done(r.await)
 }
 
-/// `POST /api/v1/printers/{printer_id}/pause`.
-pub(crate) async fn pause(
-    State(app): State<App>,
-    Operator(who): Operator,
-    headers: HeaderMap,
-    Path(p): Path<String>,
-) -> Response {
-    printer_op(app, who, headers, p, ApiOp::PausePrinter).await
+/// A handler that runs one operation on the printer its path names.
+macro_rules! printer_action {
+    ($(#[$doc:meta])* $name:ident => $op:path) => {
+        $(#[$doc])*
+        pub(crate) async fn $name(
+            State(app): State<App>,
+            Operator(who): Operator,
+            headers: HeaderMap,
+            Path(p): Path<String>,
+        ) -> Response {
+            printer_op(app, who, headers, p, $op).await
+        }
+    };
 }
 
-/// `POST /api/v1/printers/{printer_id}/resume`.
-pub(crate) async fn resume(
-    State(app): State<App>,
-    Operator(who): Operator,
-    headers: HeaderMap,
-    Path(p): Path<String>,
-) -> Response {
-    printer_op(app, who, headers, p, ApiOp::ResumePrinter).await
-}
-
-/// `POST /api/v1/printers/{printer_id}/release`.
-pub(crate) async fn release(
-    State(app): State<App>,
-    Operator(who): Operator,
-    headers: HeaderMap,
-    Path(p): Path<String>,
-) -> Response {
-    printer_op(app, who, headers, p, ApiOp::ReleasePrinter).await
-}
-
-/// `DELETE /api/v1/printers/{printer_id}`: forget a decommissioned printer.
-pub(crate) async fn forget(
-    State(app): State<App>,
-    Operator(who): Operator,
-    headers: HeaderMap,
-    Path(p): Path<String>,
-) -> Response {
-    printer_op(app, who, headers, p, ApiOp::ForgetPrinter).await
-}
+printer_action!(
+    /// `POST /api/v1/printers/{printer_id}/pause`.
+    pause => ApiOp::PausePrinter
+);
+printer_action!(
+    /// `POST /api/v1/printers/{printer_id}/resume`.
+    resume => ApiOp::ResumePrinter
+);
+printer_action!(
+    /// `POST /api/v1/printers/{printer_id}/release`.
+    release => ApiOp::ReleasePrinter
+);
+printer_action!(
+    /// `DELETE /api/v1/printers/{printer_id}`: forget a decommissioned printer.
+    forget => ApiOp::ForgetPrinter
+);
 
 async fn query<T>(
     app: &App,
