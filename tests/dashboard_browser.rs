@@ -367,18 +367,8 @@ fn the_dashboard_runs_the_day_in_a_real_browser() {
     b.screenshot("dashboard-queue");
     b.go(&format!("{base}/#/grid"));
     b.click("#grid [data-printer=\"p2\"] button[data-action=\"bed-clear\"]");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let state = farm.job_state(&job);
-        if state == "finished" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the dropped file's job {job} did not print (state {state:?})"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    farm.wait_job(&job, "finished", Duration::from_secs(120))
+        .expect("the dropped file's job prints");
 
     // The history shows it.
     b.go(&format!("{base}/#/history"));

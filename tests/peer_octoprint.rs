@@ -9,7 +9,7 @@
 //! `PRINTLOOP_OCTOPRINT`.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use testkit::http::request;
 use testkit::{DemoFarm, DemoOptions};
@@ -96,18 +96,8 @@ fn octoprint_client_upload_queues_and_prints_and_a_wrong_key_is_refused() {
     )
     .expect("bed clear");
     assert_eq!(r.status, 200, "{}", r.text());
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let state = farm.job_state(&job);
-        if state == "finished" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the slicer's job did not print within 90 s (state {state})"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    farm.wait_job(&job, "finished", Duration::from_secs(90))
+        .expect("the slicer's job prints");
 
     // PrusaSlicer's "Upload and Print": GET /api/version (the answer must have `api` and a
     // `text` starting with "OctoPrint"), then the multipart upload with `print` and `path`.

@@ -215,6 +215,21 @@ impl DemoFarm {
             .unwrap_or_default()
     }
 
+    /// Waits (at most `within`) until job `id` is in `state`.
+    pub fn wait_job(&self, id: &str, state: &str, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let now = self.job_state(id);
+            if now == state {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("job {id} is {now:?}, not {state:?}, after {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
     /// The supervisor's data directory.
     pub fn supervisor_dir(&self) -> PathBuf {
         self.dir.path().join("supervisor")
