@@ -452,10 +452,14 @@ pub fn tokens(args: TokensArgs) -> Result<(), EnrollError> {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
             let token = tokens::add(&path, &name, role, now_ms).map_err(bad)?;
+            let role = match role {
+                protocol::web::Role::Viewer => "viewer",
+                protocol::web::Role::Operator => "operator",
+            };
             match token_file {
                 Some(f) => {
                     broker::clients::write_private(&f, format!("{token}\n").as_bytes(), 0o600)?;
-                    eprintln!("token {name:?} ({role:?}) is in {}", f.display());
+                    eprintln!("token {name:?} ({role}) is in {}", f.display());
                 }
                 None => {
                     eprintln!(
