@@ -463,7 +463,7 @@ pub fn tokens(args: TokensArgs) -> Result<(), EnrollError> {
                 }
                 None => {
                     eprintln!(
-                        "token {name:?} ({role:?}), shown once (only its hash is kept in {}):",
+                        "token {name:?} ({role}), shown once (only its hash is kept in {}):",
                         path.display()
                     );
                     println!("{token}");
