@@ -447,10 +447,7 @@ pub fn tokens(args: TokensArgs) -> Result<(), EnrollError> {
                 TokenRole::Viewer => protocol::web::Role::Viewer,
                 TokenRole::Operator => protocol::web::Role::Operator,
             };
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
+            let now_ms = transport::now(std::time::Instant::now()).unix_ms;
             let token = tokens::add(&path, &name, role, now_ms).map_err(bad)?;
             let role = match role {
                 protocol::web::Role::Viewer => "viewer",
@@ -549,10 +546,7 @@ pub fn webhooks(args: WebhooksArgs) -> Result<(), EnrollError> {
                     .ok_or_else(|| EnrollError::Invalid(format!("unknown event kind {e:?}")))?;
                 kinds.push(k);
             }
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
+            let now_ms = transport::now(std::time::Instant::now()).unix_ms;
             let hook = webhooks::add(&path_of(&registry)?, &url, kinds, now_ms).map_err(bad)?;
             eprintln!("webhook {} registered; its HMAC key (shown once):", hook.id);
             println!("{} {}", hook.id, hook.secret);

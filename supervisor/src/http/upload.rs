@@ -202,12 +202,9 @@ pub(crate) fn store(
     }
 }
 
-/// The wall clock, Unix ms.
+/// The wall clock, Unix ms (the shell's clock: `transport::now`).
 pub(crate) fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    transport::now(std::time::Instant::now()).unix_ms
 }
 
 #[cfg(test)]

@@ -412,10 +412,7 @@ pub fn signature(secret_hex: &str, t: u64, body: &[u8]) -> String {
 
 fn post(hook: &Hook, event: &WebhookEvent) -> Result<(), String> {
     let body = serde_json::to_vec(event).map_err(|e| e.to_string())?;
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let t = super::upload::unix_ms() / 1000;
     let agent = ureq::AgentBuilder::new()
         .timeout(DELIVERY_TIMEOUT)
         .redirects(0)

@@ -458,7 +458,7 @@ impl Supervisor {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn apply_outcome(
         &mut self,
-        _now: Now,
+        now: Now,
         printer: &PrinterId,
         job_id: &JobId,
         stage: JobStage,
@@ -505,7 +505,7 @@ impl Supervisor {
             JobStage::Failed | JobStage::Interrupted => Some(WebhookKind::JobFailed),
             _ => None,
         };
-        let at_ms = ended_at.unwrap_or(_now.unix_ms);
+        let at_ms = ended_at.unwrap_or(now.unix_ms);
         if let Some(kind) = kind {
             out.push(Output::Notify(notice(kind, at_ms, printer, Some(&rec))));
         }
