@@ -4,7 +4,7 @@
 //! 1. **Start**: a broker (`printloop broker` = rumqttd, or the system's `mosquitto` with a
 //!    generated config) on a free loopback port; per printer a `printloop sim --control-stdin`
 //!    on a pty and a `printloop-gateway` that reaches the broker through its own loopback
-//!    [`proxy::Proxy`]; the `printloop supervisor` on the broker directly. All data in one temp
+//!    [`testkit::proxy::Proxy`]; the `printloop supervisor` on the broker directly. All data in one temp
 //!    dir, kept (and printed) when the run fails.
 //! 2. **Work**: the runner is the operator: it uploads the built-in G-code files, keeps the queue
 //!    topped up while faults run, clears beds (a failed print as failed, so it is requeued),
@@ -24,7 +24,6 @@ pub mod faults;
 pub(crate) mod observe;
 pub(crate) mod operator;
 pub(crate) mod procs;
-pub mod proxy;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -42,7 +41,7 @@ use observe::{Observer, PrinterSeen};
 use operator::Operator;
 pub use procs::BrokerKind;
 use procs::{Proc, Spec};
-use proxy::{LinkMode, Proxy};
+use testkit::proxy::{LinkMode, Proxy};
 
 /// The supervisor's timing in a chaos run: re-send a silent start after 2 s; flag a silent
 /// printer's job after 60 s (longer than any fault's hold plus its convergence).

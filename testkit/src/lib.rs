@@ -18,6 +18,7 @@ mod embedded;
 pub mod http;
 mod mosquitto;
 mod process;
+pub mod proxy;
 mod secure;
 
 use std::future::Future;
