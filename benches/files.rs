@@ -53,7 +53,11 @@ fn parse_args() -> Result<Args, BoxError> {
     let list = |v: Option<String>, what: &str| -> Result<Vec<u64>, BoxError> {
         let v = v.ok_or_else(|| format!("{what} needs a value"))?;
         v.split(',')
-            .map(|x| x.trim().parse::<u64>().map_err(|e| format!("{what} {x:?}: {e}").into()))
+            .map(|x| {
+                x.trim()
+                    .parse::<u64>()
+                    .map_err(|e| format!("{what} {x:?}: {e}").into())
+            })
             .collect()
     };
     let mut it = std::env::args().skip(1);
@@ -118,6 +122,8 @@ struct Report {
     pull_s: f64,
     pull_mb_s: f64,
     chunks_served: usize,
+    serve_ms_median: f64,
+    turn_ms_median: f64,
     cut: bool,
     stored_before_cut: u64,
     resent_bytes: u64,
@@ -129,9 +135,14 @@ struct Report {
 /// check counts real lines).
 fn write_gcode(path: &Path, size: u64) -> Result<(), BoxError> {
     use std::io::Write as _;
-    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/gcode/cylinder30.gcode");
-    let body = std::fs::read(&sample)
-        .map_err(|e| format!("{}: {e} (../shared must sit beside the repo)", sample.display()))?;
+    let sample =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/gcode/cylinder30.gcode");
+    let body = std::fs::read(&sample).map_err(|e| {
+        format!(
+            "{}: {e} (../shared must sit beside the repo)",
+            sample.display()
+        )
+    })?;
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
     let mut written = 0u64;
     let mut copy = 0u64;
@@ -163,10 +174,27 @@ struct Seen {
     stored: u64,
     /// Bytes served again below `stored_before_cut`.
     resent_verified: u64,
+    /// When each request was seen, by offset (the latest).
+    asked: BTreeMap<u64, Instant>,
+    /// Request seen → its chunk seen (the supervisor and the broker), ms.
+    serve_ms: Vec<f64>,
+    /// A chunk seen → the next request seen (the broker and the gateway), ms.
+    turn_ms: Vec<f64>,
+    last_chunk: Option<Instant>,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2] * 100.0).round() / 100.0
 }
 
 async fn case(size_mb: u64, rtt_ms: u64, cut: bool) -> Result<Report, BoxError> {
-    let dir = tempfile::Builder::new().prefix("printloop-files-bench-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("printloop-files-bench-")
+        .tempdir()?;
     let file = dir.path().join("big.gcode");
     write_gcode(&file, size_mb * 1_000_000)?;
     let size = std::fs::metadata(&file)?.len();
@@ -184,8 +212,8 @@ async fn case(size_mb: u64, rtt_ms: u64, cut: bool) -> Result<Report, BoxError> 
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let direct = transport::BrokerAddr::parse(&format!("mqtt://127.0.0.1:{port}"))
-        .map_err(|e| e.0)?;
+    let direct =
+        transport::BrokerAddr::parse(&format!("mqtt://127.0.0.1:{port}")).map_err(|e| e.0)?;
     let sup = tokio::spawn(supervisor::run::run(
         supervisor::run::Settings {
             machine: Default::default(),
@@ -247,7 +275,10 @@ async fn case(size_mb: u64, rtt_ms: u64, cut: bool) -> Result<Report, BoxError> 
     let online = Instant::now() + Duration::from_secs(30);
     loop {
         let left = online.saturating_duration_since(Instant::now());
-        let p = obs.recv(left).await.ok_or("the gateway never published its state")?;
+        let p = obs
+            .recv(left)
+            .await
+            .ok_or("the gateway never published its state")?;
         if p.topic == state_topic {
             break;
         }
@@ -270,7 +301,11 @@ async fn case(size_mb: u64, rtt_ms: u64, cut: bool) -> Result<Report, BoxError> 
         )
         .into());
     }
-    eprintln!("files:   upload {:.1} s = {} MB/s", upload.as_secs_f64(), mb_s(size, upload));
+    eprintln!(
+        "files:   upload {:.1} s = {} MB/s",
+        upload.as_secs_f64(),
+        mb_s(size, upload)
+    );
 
     // A new printer waits for a person to say its bed is clear; then the job goes to it.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_printloop"))
@@ -307,7 +342,16 @@ async fn case(size_mb: u64, rtt_ms: u64, cut: bool) -> Result<Report, BoxError> 
             continue;
         };
         if p.topic == request_topic {
-            seen.first_request.get_or_insert_with(Instant::now);
+            let now = Instant::now();
+            seen.first_request.get_or_insert(now);
+            if let Some(last) = seen.last_chunk.take() {
+                seen.turn_ms.push((now - last).as_secs_f64() * 1e3);
+            }
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&p.payload) {
+                if let Some(o) = v["offset"].as_u64() {
+                    seen.asked.insert(o, now);
+                }
+            }
         } else if p.topic == chunk_topic {
             let v: serde_json::Value = serde_json::from_slice(&p.payload)?;
             if v["status"] != "ok" {
@@ -318,6 +362,11 @@ async fn case(size_mb: u64, rtt_ms: u64, cut: bool) -> Result<Report, BoxError> 
                 let pad = d.bytes().rev().take_while(|&b| b == b'=').count();
                 (d.len() / 4 * 3 - pad) as u64
             });
+            let now = Instant::now();
+            if let Some(asked) = seen.asked.get(&offset) {
+                seen.serve_ms.push((now - *asked).as_secs_f64() * 1e3);
+            }
+            seen.last_chunk = Some(now);
             let e = seen.served.entry(offset).or_insert((0, len));
             e.0 += 1;
             seen.served_bytes += len;
@@ -329,7 +378,10 @@ async fn case(size_mb: u64, rtt_ms: u64, cut: bool) -> Result<Report, BoxError> 
             if cut && cut_at.is_none() && seen.served_bytes * 10 >= size * 4 {
                 gw_link.set(LinkMode::Cut);
                 cut_at = Some((Instant::now(), seen.stored));
-                eprintln!("files:   link cut at {} bytes served, {} stored", seen.served_bytes, seen.stored);
+                eprintln!(
+                    "files:   link cut at {} bytes served, {} stored",
+                    seen.served_bytes, seen.stored
+                );
             }
         } else if p.topic == state_topic {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&p.payload) {
@@ -352,7 +404,16 @@ async fn case(size_mb: u64, rtt_ms: u64, cut: bool) -> Result<Report, BoxError> 
         .zip(seen.first_request)
         .map(|(v, f)| v - f)
         .ok_or("no chunk request seen")?;
-    eprintln!("files:   pull {:.1} s = {} MB/s", pull.as_secs_f64(), mb_s(size, pull));
+    eprintln!(
+        "files:   pull {:.1} s = {} MB/s",
+        pull.as_secs_f64(),
+        mb_s(size, pull)
+    );
+    let (serve_ms, turn_ms) = (median(&mut seen.serve_ms), median(&mut seen.turn_ms));
+    eprintln!(
+        "files:   as seen beside the broker: request → chunk {serve_ms} ms (median), \
+         chunk → next request {turn_ms} ms"
+    );
     let resent: u64 = seen
         .served
         .values()
@@ -372,6 +433,8 @@ async fn case(size_mb: u64, rtt_ms: u64, cut: bool) -> Result<Report, BoxError> 
         pull_s: pull.as_secs_f64(),
         pull_mb_s: mb_s(size, pull),
         chunks_served: seen.served.len(),
+        serve_ms_median: serve_ms,
+        turn_ms_median: turn_ms,
         cut,
         stored_before_cut: cut_at.map_or(0, |(_, s)| s),
         resent_bytes: resent,

@@ -33,8 +33,8 @@
 #       (mqtt.durable_queue_type; default classic, RabbitMQ's default). See docs/notes-rabbitmq.md:
 #       classic = a session lives on ONE node and is unavailable while that node is down;
 #       quorum  = replicated, survives one dead node of 3.
-#   PRINTLOOP_RMQ_TIMEOUT=90                 seconds allowed for start and restart (restart in a
-#       2-node cluster: 150 unless set, see cmd_restart); stop waits min(this, 30) s for SIGTERM.
+#   PRINTLOOP_RMQ_TIMEOUT                    seconds allowed: start 90, restart 150 (a restart can
+#       stall ~100 s, see cmd_restart); stop waits min(this, 30) s for SIGTERM, then SIGKILLs.
 #
 # Layout of DIR (any path; created if missing):
 #   DIR/.erlang.cookie        shared Erlang cookie (mode 0400; HOME=DIR for nodes and CLI tools)
@@ -358,10 +358,12 @@ cmd_restart() {
   [ $# = 2 ] || usage
   load_cluster "$1"; check_index "$2"
   local i=$2 deadline t0 pid
-  # In a 2-node cluster the surviving node alone has no Raft majority for the MQTT client-id
-  # tracker (mqtt_node); a restarting node then blocks up to 100 s in the MQTT plugin's start
-  # (mqtt_node START_TIMEOUT) before its MQTT port opens. Allow for that unless told otherwise.
-  [ -n "${PRINTLOOP_RMQ_TIMEOUT:-}" ] || [ "$N" != 2 ] || TIMEOUT=150
+  # Usually 5-8 s. But when the running nodes have no leader for the MQTT plugin's Raft cluster
+  # (mqtt_node, the client-id tracker) - the leader's node died and no majority is left: in a
+  # 2-node cluster, or when the leader's node and one more of 3 died - a restarting node blocks
+  # ~100 s in the plugin's start (mqtt_node START_TIMEOUT = 100 s) before its MQTT port opens.
+  # So restart allows 150 s unless PRINTLOOP_RMQ_TIMEOUT says otherwise.
+  TIMEOUT="${PRINTLOOP_RMQ_TIMEOUT:-150}"
   pid=$(beam_pid "$i")
   [ -z "$pid" ] || die "$(node_name "$i") is still running (pid $pid): kill or stop it first"
   t0=$(now_ms); deadline=$(( $(date +%s) + TIMEOUT ))

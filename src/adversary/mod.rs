@@ -1102,7 +1102,7 @@ fn mosquitto_spec(dir: &Path, port: u16) -> anyhow::Result<Spec> {
     );
     conf.push_str(
         "persistence false\nmax_packet_size 1048576\nmax_queued_messages 10000\n\
-         max_inflight_messages 20\nlog_dest stderr\nlog_type error\nlog_type warning\n\
+         max_inflight_messages 20\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\nlog_type warning\n\
          log_type notice\nlog_type information\nlog_type debug\nconnection_messages true\n",
     );
     let path = dir.join("mosquitto.conf");

@@ -318,7 +318,9 @@ pub fn broker_spec(kind: BrokerKind, printloop: &Path, dir: &Path) -> anyhow::Re
                 conf.push_str("user root\n");
             }
             let _ = writeln!(conf, "listener {port} 127.0.0.1");
-            conf.push_str("allow_anonymous true\npersistence false\nlog_dest stderr\n");
+            conf.push_str(
+                "allow_anonymous true\npersistence false\nlog_dest stderr\nset_tcp_nodelay true\n",
+            );
             let path = dir.join("mosquitto.conf");
             std::fs::write(&path, conf).with_context(|| format!("writing {}", path.display()))?;
             Ok((

@@ -5,7 +5,7 @@ use std::hash::BuildHasher as _;
 use std::time::Duration;
 
 use protocol::ClientId;
-use rumqttc::{AsyncClient, MqttOptions, NetworkOptions, QoS, SubscribeReasonCode, Transport};
+use rumqttc::{AsyncClient, MqttOptions, QoS, SubscribeReasonCode, Transport};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use transport::{Acks, Forwarding, MqttEvent, Out, Reconnect};
@@ -76,7 +76,7 @@ impl Link {
         let client_id = unique_client_id();
         let broker = ep.broker.to_string();
         let (client, mut eventloop) = AsyncClient::new(options(ep, &client_id), 16);
-        let mut network = NetworkOptions::new();
+        let mut network = transport::network_options();
         network.set_connection_timeout(ep.timeout.as_secs().max(1));
         eventloop.set_network_options(network);
         let (tx, events) = mpsc::channel(256);

@@ -448,7 +448,8 @@ fn spawn_fake(i: usize, port: u16, sh: Arc<Shared>) {
             QoS::AtLeastOnce,
             true,
         ));
-    let (client, el) = AsyncClient::new(o, 64);
+    let (client, mut el) = AsyncClient::new(o, 64);
+    el.set_network_options(transport::network_options());
     sh.ready.fetch_add(1, Ordering::Relaxed);
     let fake = Fake {
         id,

@@ -121,7 +121,7 @@ impl MosquittoGuard {
         if let Some(file) = &self.options.acl_file {
             let _ = writeln!(conf, "acl_file {}", file.display());
         }
-        conf.push_str("log_dest stderr\n");
+        conf.push_str("log_dest stderr\nset_tcp_nodelay true\n");
         for line in &self.options.extra_lines {
             let _ = writeln!(conf, "{line}");
         }

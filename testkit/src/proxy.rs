@@ -146,9 +146,8 @@ async fn pump(
 ) {
     // The line: what was read, with when it may be written. The writer below honours each
     // chunk's time, so a delay holds bytes without slowing the stream down.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(
-        DELAY_BUFFER / READ_BUF,
-    );
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(DELAY_BUFFER / READ_BUF);
     let mut write_mode = mode.clone();
     let writer = async move {
         while let Some((due, bytes)) = rx.recv().await {

@@ -197,7 +197,8 @@ pub fn connect(
         };
         o.set_transport(transport);
     }
-    let (client, eventloop) = AsyncClient::new(o, session.queue);
+    let (client, mut eventloop) = AsyncClient::new(o, session.queue);
+    eventloop.set_network_options(network_options());
     let (tx, rx) = mpsc::channel(64);
     let seed = std::process::id() as u64 ^ (broker.port as u64) << 32;
     let forwarding = Forwarding {
@@ -210,6 +211,16 @@ pub fn connect(
     // The task logs in the caller's span (which printer, or the supervisor).
     let task = forward::spawn(eventloop, forwarding, Out::Bounded(tx));
     Ok((client, rx, task))
+}
+
+/// TCP options for every printloop connection: `TCP_NODELAY`, since MQTT is request and answer
+/// (a chunk request, a command, its result). With Nagle's algorithm a small packet waits for the
+/// peer's delayed acknowledgement (40 ms on Linux) whenever one is outstanding: one file chunk
+/// per round cost ~50 ms on loopback and capped a gateway's pull at ~1.2 MB/s (issue #13).
+pub fn network_options() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
 }
 
 /// The time for a pure machine: milliseconds since `start` (monotonic) and the wall clock.
