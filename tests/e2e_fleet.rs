@@ -25,11 +25,7 @@ use protocol::{JobId, Payload};
 use rumqttc::QoS;
 use testkit::{BrokerProcess, MosquittoGuard, TestClient};
 
-/// The chaos runner's loopback fault proxy (the binary crate has no library to import it from).
-#[path = "../src/chaos/proxy.rs"]
-#[allow(dead_code)]
-mod proxy;
-use proxy::{LinkMode, Proxy};
+use testkit::proxy::{LinkMode, Proxy};
 
 /// The longest any one condition may take to come true.
 const WAIT: Duration = Duration::from_secs(60);
