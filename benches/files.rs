@@ -13,7 +13,9 @@
 //! What is printed, per case (human lines, then one JSON object per case):
 //! - `upload_mb_s`: file size over the wall time of `printloop jobs add` (upload + queue).
 //! - `pull_mb_s`: file size over the time from the gateway's first chunk request to its
-//!   `file_verified` event (every chunk verified, the whole file hashed and checked).
+//!   `file_verified` event (every chunk verified, the whole file hashed and checked), less the
+//!   outage below (`pull_s` is the whole time, `outage_s` the cut: from cutting the link to the
+//!   first chunk after it came back).
 //! - The resume after a cut (unless `--no-cut`): when 40 % of the file has been served the
 //!   gateway's link is cut for 2 s. `resent_verified_bytes` counts bytes served again below what
 //!   the gateway had reported stored before the cut (must be 0); `resent_bytes` counts every
@@ -81,6 +83,14 @@ fn parse_args() -> Result<Args, BoxError> {
 
 fn main() -> Result<(), BoxError> {
     let args = parse_args()?;
+    // The farm's own warnings (a chunk asked again, a busy upload) on stderr; RUST_LOG for more.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -120,6 +130,7 @@ struct Report {
     upload_s: f64,
     upload_mb_s: f64,
     pull_s: f64,
+    outage_s: f64,
     pull_mb_s: f64,
     chunks_served: usize,
     serve_ms_median: f64,
@@ -326,6 +337,8 @@ async fn case(size_mb: u64, rtt_ms: u64, cut: bool) -> Result<Report, BoxError> 
     let mut seen = Seen::default();
     let mut cut_at: Option<(Instant, u64)> = None;
     let mut healed = false;
+    // From the cut to the first chunk after it: the outage, left out of `pull_mb_s`.
+    let mut outage: Option<Duration> = None;
     let deadline = Instant::now() + CASE_LIMIT;
     while seen.verified.is_none() {
         if let Some((at, _)) = cut_at {
@@ -367,6 +380,9 @@ async fn case(size_mb: u64, rtt_ms: u64, cut: bool) -> Result<Report, BoxError> 
                 seen.serve_ms.push((now - *asked).as_secs_f64() * 1e3);
             }
             seen.last_chunk = Some(now);
+            if let (Some((at, _)), None, true) = (cut_at, outage, healed) {
+                outage = Some(now - at);
+            }
             let e = seen.served.entry(offset).or_insert((0, len));
             e.0 += 1;
             seen.served_bytes += len;
@@ -404,10 +420,13 @@ async fn case(size_mb: u64, rtt_ms: u64, cut: bool) -> Result<Report, BoxError> 
         .zip(seen.first_request)
         .map(|(v, f)| v - f)
         .ok_or("no chunk request seen")?;
+    let outage = outage.unwrap_or_default();
+    let moving = pull.saturating_sub(outage);
     eprintln!(
-        "files:   pull {:.1} s = {} MB/s",
+        "files:   pull {:.1} s, {:.1} s of it with the link down = {} MB/s while up",
         pull.as_secs_f64(),
-        mb_s(size, pull)
+        outage.as_secs_f64(),
+        mb_s(size, moving)
     );
     let (serve_ms, turn_ms) = (median(&mut seen.serve_ms), median(&mut seen.turn_ms));
     eprintln!(
@@ -431,7 +450,8 @@ async fn case(size_mb: u64, rtt_ms: u64, cut: bool) -> Result<Report, BoxError> 
         upload_s: upload.as_secs_f64(),
         upload_mb_s: mb_s(size, upload),
         pull_s: pull.as_secs_f64(),
-        pull_mb_s: mb_s(size, pull),
+        outage_s: outage.as_secs_f64(),
+        pull_mb_s: mb_s(size, moving),
         chunks_served: seen.served.len(),
         serve_ms_median: serve_ms,
         turn_ms_median: turn_ms,

@@ -236,12 +236,14 @@ impl Shell {
                     sha256,
                     offset,
                     data,
+                    sync,
                 } => {
-                    let input = match self.cache.store_chunk(&sha256, offset, &data) {
+                    let input = match self.cache.store_chunk(&sha256, offset, &data, sync) {
                         Ok(()) => Input::ChunkStored {
                             sha256,
                             offset,
                             len: data.len() as u64,
+                            synced: sync,
                         },
                         Err(e) => Input::ChunkStoreFailed {
                             sha256,

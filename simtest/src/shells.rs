@@ -293,6 +293,7 @@ impl World {
                     sha256,
                     offset,
                     data,
+                    sync,
                 } => {
                     if !self.healing && self.rng.chance(0.01) {
                         self.gws[g].pending.push_back(GIn::ChunkStoreFailed {
@@ -312,6 +313,7 @@ impl World {
                         sha256,
                         offset,
                         len: data.len() as u64,
+                        synced: sync,
                     });
                 }
                 GOut::CheckFile { sha256 } => {

@@ -1,5 +1,5 @@
 //! [`ApiClient`]: requests to the supervisor over MQTT, one at a time, each waiting (bounded)
-//! for its answer.
+//! for its answer; uploads send a window of chunks at a time.
 
 use std::io::SeekFrom;
 use std::time::Duration;
@@ -17,8 +17,11 @@ use super::{Endpoint, OpsError};
 /// Bytes per `upload_chunk` request (the protocol's largest chunk).
 pub const CHUNK_SIZE: usize = 64 * 1024;
 
-/// Answers in a row that store nothing new before an upload gives up.
+/// Refused rounds in a row that store nothing new before an upload gives up.
 const MAX_STALLS: u32 = 3;
+
+/// Upload chunks in flight at once: 16 × 64 KiB = 1 MiB, 20 MB/s over a 50 ms round trip.
+pub const UPLOAD_WINDOW: usize = 16;
 
 /// A connection to the supervisor's operator API.
 pub struct ApiClient {
@@ -131,8 +134,25 @@ impl ApiClient {
         op: ApiOp,
         deadline: tokio::time::Instant,
     ) -> Result<Attempt, OpsError> {
-        self.next_id += 1;
         let name = op_name(&op);
+        let id = self.send(op, deadline).await?;
+        loop {
+            let response = self.next_answer(deadline).await?;
+            if response.id != id {
+                tracing::debug!(id = %response.id, "ignoring an answer to another request");
+                continue;
+            }
+            return Ok(settle(name, response));
+        }
+    }
+
+    /// Publishes one request (without waiting for its answer) and returns its id.
+    async fn send(
+        &mut self,
+        op: ApiOp,
+        deadline: tokio::time::Instant,
+    ) -> Result<CommandId, OpsError> {
+        self.next_id += 1;
         let id = CommandId::new(format!("{}-{}", self.link.client_id, self.next_id))
             .unwrap_or_else(|_| unreachable!("a client id plus a counter is a valid command id"));
         let request = ApiRequest {
@@ -152,15 +172,22 @@ impl ApiClient {
         )
         .await;
         match sent {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return Err(OpsError::ConnectionLost {
-                    broker,
-                    reason: e.to_string(),
-                })
-            }
-            Err(_) => return Err(OpsError::NoAnswer { broker, secs }),
+            Ok(Ok(())) => Ok(id),
+            Ok(Err(e)) => Err(OpsError::ConnectionLost {
+                broker,
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(OpsError::NoAnswer { broker, secs }),
         }
+    }
+
+    /// The next answer on our response topic (to any request), by `deadline`.
+    async fn next_answer(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> Result<ApiResponse, OpsError> {
+        let broker = self.link.broker.clone();
+        let secs = self.timeout.as_secs().max(1);
         loop {
             let event = match tokio::time::timeout_at(deadline, self.link.next()).await {
                 Err(_) => return Err(OpsError::NoAnswer { broker, secs }),
@@ -179,41 +206,25 @@ impl ApiClient {
                 }
                 _ => continue,
             };
-            let response = match ApiResponse::decode(&payload) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(error = %e, "ignoring an undecodable answer");
-                    continue;
-                }
-            };
-            if response.id != id {
-                tracing::debug!(id = %response.id, "ignoring an answer to another request");
-                continue;
+            match ApiResponse::decode(&payload) {
+                Ok(r) => return Ok(r),
+                Err(e) => tracing::warn!(error = %e, "ignoring an undecodable answer"),
             }
-            if let (false, Some(ms)) = (response.ok, response.retry_after_ms) {
-                return Ok(Attempt::Busy(Duration::from_millis(ms.clamp(1, 60_000))));
-            }
-            return Ok(Attempt::Done(
-                match (response.ok, response.result, response.error) {
-                    (true, Some(result), _) => Ok(result),
-                    (true, None, _) => Err(OpsError::UnexpectedAnswer {
-                        op: name,
-                        got: "ok without a result".into(),
-                    }),
-                    (false, _, error) => Err(OpsError::Refused {
-                        op: name,
-                        error: error.unwrap_or_else(|| "no reason given".into()),
-                        code: response.code,
-                    }),
-                },
-            ));
         }
     }
 
-    /// Uploads `file` in [`CHUNK_SIZE`] chunks, one request in flight. The supervisor answers
-    /// how much it holds (`received`, contiguous from 0) and the next chunk starts there, so an
-    /// upload cut short resumes where it stopped, and a file already stored takes one request.
-    /// `progress(received, total)` is called after every answer.
+    /// Uploads `file` in [`CHUNK_SIZE`] chunks, up to [`UPLOAD_WINDOW`] of them in flight (a
+    /// link's round trip is paid once per window, not once per chunk). The supervisor answers
+    /// each with how much it holds (`received`, contiguous from 0). The first chunk goes alone:
+    /// its answer says where a cut upload resumes (a file already stored takes one request).
+    ///
+    /// Sending goes in rounds. When an answer to this round's chunks is not a step forward
+    /// (busy: the client's rate; or refused, typically because a chunk before it was not
+    /// stored), a new round starts from what the supervisor holds, after the wait a busy
+    /// answer asks for; answers to older rounds still count when they report progress, and
+    /// their refusals are the expected fallout. [`MAX_STALLS`] refused rounds with nothing
+    /// stored in between give up with the first refusal's reason; so does a whole timeout
+    /// without progress. `progress(received, total)` is called after every answer.
     pub async fn upload(
         &mut self,
         file: &GcodeFile,
@@ -229,60 +240,104 @@ impl ApiClient {
         };
         let mut reader = tokio::fs::File::open(&file.path).await.map_err(io)?;
         let total = file.size;
-        let mut offset = 0u64;
-        let mut best = 0u64;
+        // Bytes the supervisor said it holds; the next byte to send.
+        let (mut held, mut next) = (0u64, 0u64);
+        // Chunks in flight at most: one until the first answer (it says where to resume), then
+        // one more per chunk stored up to UPLOAD_WINDOW, halved when the supervisor says busy
+        // (so a client settles at its rate instead of sending rounds it will refuse).
+        let mut window = 1usize;
+        // Requests not answered yet, with the round they were sent in.
+        let mut pending: std::collections::HashMap<CommandId, u64> = Default::default();
+        let mut round = 0u64;
         let mut stalls = 0u32;
+        let mut first_refusal: Option<OpsError> = None;
+        let mut progress_by = tokio::time::Instant::now() + self.timeout;
         let mut buf = vec![0u8; CHUNK_SIZE];
         loop {
-            let len =
-                usize::try_from((total - offset).min(CHUNK_SIZE as u64)).unwrap_or(CHUNK_SIZE);
-            reader.seek(SeekFrom::Start(offset)).await.map_err(io)?;
-            reader.read_exact(&mut buf[..len]).await.map_err(io)?;
-            let op = ApiOp::UploadChunk(UploadChunk {
-                sha256: file.sha256.clone(),
-                offset,
-                total_size: total,
-                data_b64: base64::engine::general_purpose::STANDARD.encode(&buf[..len]),
-            });
-            let (received, their_total) = match self.request(op).await? {
-                ApiResult::Uploaded {
+            while pending.len() < window && next < total {
+                let len =
+                    usize::try_from((total - next).min(CHUNK_SIZE as u64)).unwrap_or(CHUNK_SIZE);
+                reader.seek(SeekFrom::Start(next)).await.map_err(io)?;
+                reader.read_exact(&mut buf[..len]).await.map_err(io)?;
+                let op = ApiOp::UploadChunk(UploadChunk {
+                    sha256: file.sha256.clone(),
+                    offset: next,
+                    total_size: total,
+                    data_b64: base64::engine::general_purpose::STANDARD.encode(&buf[..len]),
+                });
+                pending.insert(self.send(op, progress_by).await?, round);
+                next += len as u64;
+            }
+            let response = match self.next_answer(progress_by).await {
+                Ok(r) => r,
+                Err(OpsError::NoAnswer { .. }) if first_refusal.is_some() => {
+                    return Err(first_refusal.unwrap_or_else(|| unreachable!()))
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(sent_in) = pending.remove(&response.id) else {
+                tracing::debug!(id = %response.id, "ignoring an answer to another request");
+                continue;
+            };
+            let current = sent_in == round;
+            match settle("upload_chunk", response) {
+                Attempt::Done(Ok(ApiResult::Uploaded {
                     received,
                     total_size,
-                } => (received, total_size),
-                other => {
+                })) => {
+                    if total_size != total {
+                        return Err(fail(format!(
+                            "the supervisor says the file has {total_size} bytes; it has {total}"
+                        )));
+                    }
+                    if received > total {
+                        return Err(fail(format!(
+                            "the supervisor says it holds {received} of {total} bytes"
+                        )));
+                    }
+                    progress(received, total);
+                    if received == total {
+                        return Ok(());
+                    }
+                    window = (window + 1).min(UPLOAD_WINDOW);
+                    if received > held {
+                        held = received;
+                        stalls = 0;
+                        first_refusal = None;
+                        progress_by = tokio::time::Instant::now() + self.timeout;
+                    }
+                    // It holds more than we have sent (a resumed upload): go on from there.
+                    next = next.max(held);
+                    continue;
+                }
+                Attempt::Done(Ok(other)) => {
                     return Err(OpsError::UnexpectedAnswer {
                         op: "upload_chunk",
                         got: format!("{other:?}"),
                     })
                 }
-            };
-            if their_total != total {
-                return Err(fail(format!(
-                    "the supervisor says the file has {their_total} bytes; it has {total}"
-                )));
-            }
-            if received > total {
-                return Err(fail(format!(
-                    "the supervisor says it holds {received} of {total} bytes"
-                )));
-            }
-            progress(received, total);
-            if received == total {
-                return Ok(());
-            }
-            if received > best {
-                best = received;
-                stalls = 0;
-            } else {
-                stalls += 1;
-                if stalls >= MAX_STALLS {
-                    return Err(fail(format!(
-                        "the supervisor stored nothing new in {MAX_STALLS} requests in a row \
-                         (it holds {received} of {total} bytes)"
-                    )));
+                // Fallout of a round already given up.
+                _ if !current => continue,
+                Attempt::Done(Err(e)) => {
+                    first_refusal.get_or_insert(e);
+                    stalls += 1;
+                    if stalls >= MAX_STALLS {
+                        return Err(first_refusal.unwrap_or_else(|| {
+                            fail(format!(
+                                "refused {MAX_STALLS} times (it holds {held} of {total} bytes)"
+                            ))
+                        }));
+                    }
+                }
+                Attempt::Busy(wait) => {
+                    window = (window / 2).max(1);
+                    tracing::debug!(?wait, window, "upload over this client's rate: waiting");
+                    tokio::time::sleep(wait).await;
                 }
             }
-            offset = received;
+            // A new round from what the supervisor holds.
+            round += 1;
+            next = held;
         }
     }
 
@@ -298,4 +353,23 @@ enum Attempt {
     Done(Result<ApiResult, OpsError>),
     /// Refused for the client's rate: send again after this long.
     Busy(Duration),
+}
+
+/// What an answer to a request of operation `op` comes to.
+fn settle(op: &'static str, response: ApiResponse) -> Attempt {
+    if let (false, Some(ms)) = (response.ok, response.retry_after_ms) {
+        return Attempt::Busy(Duration::from_millis(ms.clamp(1, 60_000)));
+    }
+    Attempt::Done(match (response.ok, response.result, response.error) {
+        (true, Some(result), _) => Ok(result),
+        (true, None, _) => Err(OpsError::UnexpectedAnswer {
+            op,
+            got: "ok without a result".into(),
+        }),
+        (false, _, error) => Err(OpsError::Refused {
+            op,
+            error: error.unwrap_or_else(|| "no reason given".into()),
+            code: response.code,
+        }),
+    })
 }

@@ -256,7 +256,8 @@ async fn serve(
 
     // The file-chunk bulkhead.
     let files = Arc::new(files);
-    let (chunk_tx, chunk_rx) = mpsc::channel::<(PrinterId, FileChunkRequest)>(256);
+    // Room for the windows of many gateways pulling at once (8 requests each by default).
+    let (chunk_tx, chunk_rx) = mpsc::channel::<(PrinterId, FileChunkRequest)>(4096);
     let server = tokio::spawn(
         serve_chunks(chunk_rx, files.clone(), client.clone(), topics.clone()).in_current_span(),
     );
@@ -309,12 +310,12 @@ async fn serve(
             }
         })?;
     let (upload_tx, mut upload_rx) = mpsc::channel::<Input>(16);
+    let uploads = Uploads::start(files.clone(), upload_tx);
     let mut shell = Shell {
         store,
-        files,
         client,
         chunk_tx,
-        upload_tx,
+        uploads,
         pending: std::collections::VecDeque::new(),
         outgoing: Outgoing::default(),
         http: http_shell,
@@ -438,10 +439,9 @@ struct Shell {
     outgoing: Outgoing,
     store: Arc<Store>,
     outbox: crate::http::webhooks::Outbox,
-    files: Arc<FileStore>,
     client: AsyncClient,
     chunk_tx: mpsc::Sender<(PrinterId, FileChunkRequest)>,
-    upload_tx: mpsc::Sender<Input>,
+    uploads: Uploads,
     pending: std::collections::VecDeque<Input>,
     http: Option<crate::http::Shell>,
 }
@@ -496,37 +496,113 @@ impl Shell {
                     }
                 }
                 Output::StoreUpload { caller, id, chunk } => {
-                    let files = self.files.clone();
-                    let tx = self.upload_tx.clone();
-                    let at = now.unix_ms;
-                    tokio::task::spawn_blocking(move || {
-                        let outcome = match protocol_data(&chunk.data_b64) {
-                            Err(e) => UploadOutcome::Failed(e),
-                            Ok(data) => match files.upload_chunk(
-                                &chunk.sha256,
-                                chunk.offset,
-                                chunk.total_size,
-                                &data,
-                                at,
-                            ) {
-                                Ok(p) => UploadOutcome::Progress {
-                                    received: p.received,
-                                    total_size: p.total_size,
-                                    complete: p.complete,
-                                },
-                                Err(e) => UploadOutcome::Failed(e.to_string()),
-                            },
-                        };
-                        let _ = tx.blocking_send(Input::Uploaded {
-                            caller,
-                            id,
-                            outcome,
-                        });
-                    });
+                    self.uploads.store(caller, id, chunk, now.unix_ms);
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// Writes upload chunks off the loop, **in the order they came** for any one file: a client
+/// sends a window of chunks, and two of them written by different threads could land out of
+/// order (the file store takes only the next byte, and would answer the later one "gap").
+/// A file is always handled by the same worker (picked by its digest); different files go in
+/// parallel.
+struct Uploads {
+    workers: Vec<std::sync::mpsc::Sender<UploadWork>>,
+}
+
+struct UploadWork {
+    caller: crate::machine::Caller,
+    id: protocol::CommandId,
+    chunk: protocol::api::UploadChunk,
+    at_ms: u64,
+}
+
+/// Upload writers (threads). Uploads are disk-bound: two keep a second one moving while the
+/// first hashes a finished file.
+const UPLOAD_WORKERS: usize = 2;
+
+impl Uploads {
+    fn start(files: Arc<FileStore>, answers: mpsc::Sender<Input>) -> Self {
+        let workers = (0..UPLOAD_WORKERS)
+            .map(|i| {
+                let (tx, rx) = std::sync::mpsc::channel::<UploadWork>();
+                let (files, answers) = (files.clone(), answers.clone());
+                std::thread::Builder::new()
+                    .name(format!("upload-{i}"))
+                    .spawn(move || {
+                        while let Ok(w) = rx.recv() {
+                            let outcome = store_upload(&files, &w.chunk, w.at_ms);
+                            let done = Input::Uploaded {
+                                caller: w.caller,
+                                id: w.id,
+                                outcome,
+                            };
+                            if answers.blocking_send(done).is_err() {
+                                return; // the supervisor is stopping
+                            }
+                        }
+                    })
+                    .map(|_| tx)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap_or_default();
+        Self { workers }
+    }
+
+    fn store(
+        &self,
+        caller: crate::machine::Caller,
+        id: protocol::CommandId,
+        chunk: protocol::api::UploadChunk,
+        at_ms: u64,
+    ) {
+        let n = self.workers.len().max(1);
+        let pick = usize::from(
+            chunk
+                .sha256
+                .as_str()
+                .as_bytes()
+                .first()
+                .copied()
+                .unwrap_or(0),
+        ) % n;
+        let work = UploadWork {
+            caller,
+            id,
+            chunk,
+            at_ms,
+        };
+        match self.workers.get(pick) {
+            Some(tx) => {
+                if let Err(e) = tx.send(work) {
+                    tracing::error!("upload writer gone: {}", e.0.id);
+                }
+            }
+            None => tracing::error!("no upload writer could be started"),
+        }
+    }
+}
+
+fn store_upload(
+    files: &FileStore,
+    chunk: &protocol::api::UploadChunk,
+    at_ms: u64,
+) -> UploadOutcome {
+    match protocol_data(&chunk.data_b64) {
+        Err(e) => UploadOutcome::Failed(e),
+        Ok(data) => {
+            match files.upload_chunk(&chunk.sha256, chunk.offset, chunk.total_size, &data, at_ms) {
+                Ok(p) => UploadOutcome::Progress {
+                    received: p.received,
+                    total_size: p.total_size,
+                    complete: p.complete,
+                },
+                Err(e) => UploadOutcome::Failed(e.to_string()),
+            }
+        }
     }
 }
 
@@ -540,39 +616,56 @@ fn protocol_data(b64: &str) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("upload chunk is not valid base64: {e}"))
 }
 
+/// File chunks read and published at once. Reading is a `pread` from the page cache and the
+/// publish waits for room in the MQTT queue: a few in parallel keep a window of requests from
+/// one gateway (or many gateways' windows) moving without one slow publish holding the rest.
+const CHUNKS_AT_ONCE: usize = 8;
+
 async fn serve_chunks(
     mut rx: mpsc::Receiver<(PrinterId, FileChunkRequest)>,
     files: Arc<FileStore>,
     client: AsyncClient,
     topics: Topics,
 ) {
+    let mut serving = tokio::task::JoinSet::new();
     while let Some((printer, req)) = rx.recv().await {
-        let files = files.clone();
-        let r = req.clone();
-        let resp = tokio::task::spawn_blocking(move || {
-            match files.read_chunk(&r.sha256, r.offset, r.len) {
-                Ok((data, total)) => {
-                    FileChunkResponse::chunk(r.request_id, r.sha256, r.offset, total, &data)
-                }
-                Err(e) => FileChunkResponse::Error {
-                    v: protocol::Version,
-                    request_id: r.request_id,
-                    sha256: r.sha256,
-                    code: e.chunk_code(),
-                    message: e.to_string(),
-                },
-            }
-        })
-        .await;
-        let Ok(resp) = resp else { continue };
-        let topic = topics.format(&Topic::FileChunk(printer.clone()));
-        // Back-pressure here, not in the main loop: wait for room in the MQTT queue.
-        if let Err(e) = client
-            .publish(topic, QoS::AtLeastOnce, false, resp.encode())
-            .await
-        {
-            tracing::warn!(%printer, error = %e, "file chunk not sent");
+        while serving.len() >= CHUNKS_AT_ONCE {
+            let _ = serving.join_next().await;
         }
+        let (files, client, topic) = (
+            files.clone(),
+            client.clone(),
+            topics.format(&Topic::FileChunk(printer.clone())),
+        );
+        serving.spawn(async move {
+            let resp = tokio::task::spawn_blocking(move || {
+                match files.read_chunk(&req.sha256, req.offset, req.len) {
+                    Ok((data, total)) => FileChunkResponse::chunk(
+                        req.request_id,
+                        req.sha256,
+                        req.offset,
+                        total,
+                        &data,
+                    ),
+                    Err(e) => FileChunkResponse::Error {
+                        v: protocol::Version,
+                        request_id: req.request_id,
+                        sha256: req.sha256,
+                        code: e.chunk_code(),
+                        message: e.to_string(),
+                    },
+                }
+            })
+            .await;
+            let Ok(resp) = resp else { return };
+            // Back-pressure here, not in the main loop: wait for room in the MQTT queue.
+            if let Err(e) = client
+                .publish(topic, QoS::AtLeastOnce, false, resp.encode())
+                .await
+            {
+                tracing::warn!(%printer, error = %e, "file chunk not sent");
+            }
+        });
     }
 }
 

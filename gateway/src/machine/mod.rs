@@ -18,6 +18,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use protocol::files::MAX_CHUNK_LEN;
 use protocol::limit::{Limiter, Rate};
 use protocol::presence::{BuildVolume, Firmware, Status};
@@ -59,6 +61,8 @@ pub struct CoreConfig {
     pub chunk_timeout: Duration,
     /// How many times in a row a chunk may time out before the job fails.
     pub chunk_attempts: u32,
+    /// Most chunks in flight at once (the window grows to it while chunks arrive).
+    pub chunk_window: u32,
     /// Persist the line reached every this many lines (and at every pause/end).
     pub checkpoint_lines: u64,
     /// Largest total size of cached files.
@@ -75,6 +79,12 @@ pub struct CoreConfig {
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
+
+/// Most file chunks in flight: 8 × 64 KiB = 512 KiB (~700 KiB as JSON), enough for 25 MB/s
+/// over a 20 ms round trip. The broker holds a window's answers in its log for the gateway's
+/// chunk topic (`broker.toml` keeps 2 × 1 MiB of it): a window larger than that log loses
+/// chunks and the transfer stalls until it asks again.
+pub const DEFAULT_CHUNK_WINDOW: u32 = 8;
 
 /// Commands a gateway admits per client: ten a second, twenty at once. The supervisor sends a
 /// printer a handful per job; a person pressing buttons, fewer.
@@ -112,6 +122,7 @@ impl CoreConfig {
             chunk_len: MAX_CHUNK_LEN,
             chunk_timeout: Duration::from_millis(5_000),
             chunk_attempts: 12,
+            chunk_window: DEFAULT_CHUNK_WINDOW,
             checkpoint_lines: 200,
             cache_max_bytes: 2 * 1024 * 1024 * 1024,
             gateway_version: env!("CARGO_PKG_VERSION").into(),
@@ -212,8 +223,9 @@ pub enum Output {
     Publish(Publish),
     /// Tell the printer link.
     Printer(PrinterCommand),
-    /// Write a verified chunk of a partial file at `offset`; answer `ChunkStored` or
-    /// `ChunkStoreFailed`.
+    /// Write a verified chunk of a partial file at `offset` (dropping anything after it);
+    /// with `sync`, make the file durable up to its end before answering. Answer `ChunkStored`
+    /// (with the same `sync`) or `ChunkStoreFailed`.
     StoreChunk {
         /// The file.
         sha256: Sha256Hex,
@@ -221,6 +233,8 @@ pub enum Output {
         offset: u64,
         /// The bytes.
         data: Vec<u8>,
+        /// Sync to disk.
+        sync: bool,
     },
     /// Hash the whole stored file and count its G-code lines; answer `FileChecked`.
     CheckFile {
@@ -261,6 +275,8 @@ pub enum Input {
         offset: u64,
         /// Its length.
         len: u64,
+        /// The file is durable up to the chunk's end (it was asked to sync).
+        synced: bool,
     },
     /// Writing a chunk failed (disk full, IO error).
     ChunkStoreFailed {
@@ -293,17 +309,60 @@ enum LinkState {
     Halted,
 }
 
-/// An outstanding file chunk request.
+/// A file on its way in.
 #[derive(Debug, Clone)]
 struct Transfer {
     sha256: Sha256Hex,
     size: u64,
-    received: u64,
-    request_id: Option<CommandId>,
+    /// Written to the partial file (answered `ChunkStored`), contiguous from 0.
+    stored: u64,
+    /// Handed to the shell to write, contiguous from 0 (`stored` ≤ `writing`).
+    writing: u64,
+    /// The end of the last write asked to be synced.
+    synced_mark: u64,
+    /// The next byte to ask for.
+    next: u64,
+    /// Requests in flight, by offset.
+    in_flight: BTreeMap<u64, Asked>,
+    /// Verified chunks that arrived before the ones in front of them, by offset (at most a
+    /// window's worth).
+    ahead: BTreeMap<u64, Vec<u8>>,
+    /// Chunks that may be in flight at once.
+    window: u32,
+    /// When to ask again if no chunk arrives (monotonic ms).
     deadline_ms: u64,
+    /// Things that went wrong since the last chunk stored.
     attempts: u32,
+    /// Requests made (numbers their ids).
     requests: u64,
-    storing: bool,
+}
+
+impl Transfer {
+    fn new(sha256: Sha256Hex, size: u64, received: u64) -> Self {
+        Self {
+            sha256,
+            size,
+            stored: received,
+            writing: received,
+            synced_mark: received,
+            next: received,
+            in_flight: BTreeMap::new(),
+            ahead: BTreeMap::new(),
+            window: transfer::START_WINDOW,
+            deadline_ms: 0,
+            attempts: 0,
+            requests: 0,
+        }
+    }
+}
+
+/// A chunk asked for.
+#[derive(Debug, Clone)]
+struct Asked {
+    /// The request's id: only an answer carrying it counts.
+    id: CommandId,
+    /// Bytes asked for.
+    len: u32,
 }
 
 /// The gateway core.
@@ -477,19 +536,15 @@ impl Gateway {
             Input::MqttConnected { session_present } => {
                 self.on_connected(now, session_present, &mut out)
             }
-            Input::MqttDisconnected => {
-                self.connected = false;
-                if let Some(t) = &mut self.transfer {
-                    t.request_id = None;
-                }
-            }
+            Input::MqttDisconnected => self.connected = false,
             Input::Message { topic, payload } => self.on_message(now, &topic, &payload, &mut out),
             Input::Printer(ev) => self.on_printer(now, ev, &mut out),
             Input::ChunkStored {
                 sha256,
                 offset,
                 len,
-            } => self.on_chunk_stored(now, sha256, offset, len, &mut out),
+                synced,
+            } => self.on_chunk_stored(now, sha256, offset, len, synced, &mut out),
             Input::ChunkStoreFailed { sha256, reason } => {
                 if self.transfer.as_ref().is_some_and(|t| t.sha256 == sha256) {
                     self.transfer = None;

@@ -38,13 +38,8 @@ impl Gateway {
         // this birth replaces them.
         self.reasserted_ms = Some(now.mono_ms);
         self.reassert_due = false;
-        // A transfer that was waiting for the broker asks again.
-        if let Some(t) = &self.transfer {
-            if !t.storing {
-                let (sha, size) = (t.sha256.clone(), t.size);
-                self.request_chunk(now, &sha, size, out);
-            }
-        }
+        // A transfer under way picks up where the link left it.
+        self.resume_transfer(now, session_present, out);
     }
 
     /// Publishes every event the broker has not echoed back yet, oldest first.
@@ -177,7 +172,7 @@ impl Gateway {
                 .transfer
                 .as_ref()
                 .filter(|t| t.sha256 == j.file_sha256)
-                .map(|t| t.received),
+                .map(|t| t.stored),
             size_bytes: j.size_bytes,
             started_at_ms: j.started_at_ms,
             ended_at_ms: j.ended_at_ms,

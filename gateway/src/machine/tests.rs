@@ -119,53 +119,49 @@ impl H {
         self.cmd(CommandAction::StartJob(start_args(job)))
     }
 
-    /// Serves every chunk request in `out` (and the ones that follow) until the file is stored
-    /// and checked.
-    fn serve_file(&mut self, mut out: Vec<Output>) -> Vec<Output> {
+    /// Serves every chunk request in `out` (and the ones that follow, a window of them at a
+    /// time, answered in the order asked) until the file is stored and checked.
+    fn serve_file(&mut self, out: Vec<Output>) -> Vec<Output> {
         let mut all = Vec::new();
-        for _ in 0..100 {
-            all.extend(out.clone());
-            if let Some(req) = published::<FileChunkRequest>(&out, "file/request").pop() {
-                let start = req.offset as usize;
-                let end = (start + req.len as usize).min(FILE.len());
-                let resp = FileChunkResponse::chunk(
-                    req.request_id,
-                    req.sha256,
-                    req.offset,
-                    FILE.len() as u64,
-                    &FILE[start..end],
-                );
-                let o = self.input(Input::Message {
-                    topic: "printloop/v1/printers/p0/file/chunk".into(),
-                    payload: resp.encode(),
-                });
-                all.extend(o.clone());
-                let stored = o.iter().find_map(|x| match x {
-                    Output::StoreChunk {
-                        sha256,
-                        offset,
-                        data,
-                    } => Some(Input::ChunkStored {
-                        sha256: sha256.clone(),
-                        offset: *offset,
-                        len: data.len() as u64,
-                    }),
-                    _ => None,
-                });
-                out = match stored {
-                    Some(i) => self.input(i),
-                    None => vec![],
-                };
-                continue;
-            }
-            if out.iter().any(|x| matches!(x, Output::CheckFile { .. })) {
-                let o = self.input(Input::FileChecked {
-                    sha256: sha(),
+        let mut queue: std::collections::VecDeque<Output> = out.into();
+        for _ in 0..1000 {
+            let Some(o) = queue.pop_front() else { break };
+            all.push(o.clone());
+            let next = match o {
+                Output::Publish(p) if p.topic.ends_with("file/request") => {
+                    let req = FileChunkRequest::decode(&p.payload).expect("a request");
+                    let start = req.offset as usize;
+                    let end = (start + req.len as usize).min(FILE.len());
+                    let resp = FileChunkResponse::chunk(
+                        req.request_id,
+                        req.sha256,
+                        req.offset,
+                        FILE.len() as u64,
+                        &FILE[start..end],
+                    );
+                    self.input(Input::Message {
+                        topic: "printloop/v1/printers/p0/file/chunk".into(),
+                        payload: resp.encode(),
+                    })
+                }
+                Output::StoreChunk {
+                    sha256,
+                    offset,
+                    data,
+                    sync,
+                } => self.input(Input::ChunkStored {
+                    sha256,
+                    offset,
+                    len: data.len() as u64,
+                    synced: sync,
+                }),
+                Output::CheckFile { sha256 } => self.input(Input::FileChecked {
+                    sha256,
                     result: Ok(3),
-                });
-                all.extend(o);
-            }
-            break;
+                }),
+                _ => vec![],
+            };
+            queue.extend(next);
         }
         all
     }
@@ -630,11 +626,11 @@ fn events_while_offline_are_journaled_and_published_in_order_after_reconnect() {
 fn chunk_timeouts_retry_then_fail_the_job() {
     let mut h = H::ready();
     let (_, out) = h.start("j1");
-    let first = published::<FileChunkRequest>(&out, "file/request")
-        .pop()
-        .expect("request");
-    assert_eq!(first.offset, 0);
-    let mut requests = 1;
+    let first = published::<FileChunkRequest>(&out, "file/request");
+    // A window of requests from the first byte on; each timeout asks for all of them again.
+    let offsets: Vec<u64> = first.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, vec![0, 10], "two chunks in flight to start with");
+    let mut requests = first.len();
     let mut failed = false;
     for _ in 0..50 {
         let out = h.advance(h.g.cfg.chunk_timeout_ms());
@@ -653,7 +649,7 @@ fn chunk_timeouts_retry_then_fail_the_job() {
         }
     }
     assert!(failed, "the job fails after bounded retries");
-    assert_eq!(requests as u32, h.g.cfg.chunk_attempts);
+    assert_eq!(requests as u32, 2 * h.g.cfg.chunk_attempts);
     // Nothing was printed, so the printer is ready again without a bed clear.
     assert_eq!(h.g.phase(), PrinterPhase::Ready);
 }
@@ -663,7 +659,8 @@ fn corrupt_and_stale_chunks_are_not_stored() {
     let mut h = H::ready();
     let (_, out) = h.start("j1");
     let req = published::<FileChunkRequest>(&out, "file/request")
-        .pop()
+        .into_iter()
+        .find(|r| r.offset == 0)
         .expect("request");
     // Right request id, wrong bytes for the claimed digest.
     let total = FILE.len() as u64;
@@ -687,6 +684,121 @@ fn corrupt_and_stale_chunks_are_not_stored() {
         payload: stale.encode(),
     });
     assert!(out.iter().all(|o| !matches!(o, Output::StoreChunk { .. })));
+}
+
+fn chunk_answer(req: &FileChunkRequest) -> Input {
+    let start = req.offset as usize;
+    let end = (start + req.len as usize).min(FILE.len());
+    Input::Message {
+        topic: "printloop/v1/printers/p0/file/chunk".into(),
+        payload: FileChunkResponse::chunk(
+            req.request_id.clone(),
+            req.sha256.clone(),
+            req.offset,
+            FILE.len() as u64,
+            &FILE[start..end],
+        )
+        .encode(),
+    }
+}
+
+fn writes(out: &[Output]) -> Vec<(u64, usize, bool)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::StoreChunk {
+                offset, data, sync, ..
+            } => Some((*offset, data.len(), *sync)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Issue #13: a window of chunks in flight. Chunks answered out of order are held and
+/// written in order; each chunk stored widens the window; only the write that ends the file
+/// (or crosses a sync mark) is synced, and only a synced write moves the durable mark.
+#[test]
+fn a_window_of_chunks_is_written_in_order_and_synced_at_the_end() {
+    let mut h = H::ready();
+    let (_, out) = h.start("j1");
+    let reqs = published::<FileChunkRequest>(&out, "file/request");
+    assert_eq!(reqs.iter().map(|r| r.offset).collect::<Vec<_>>(), [0, 10]);
+
+    // The second chunk first: verified, held, not written.
+    let out = h.input(chunk_answer(&reqs[1]));
+    assert!(writes(&out).is_empty());
+    // The window has room again: the third chunk is asked for.
+    let more = published::<FileChunkRequest>(&out, "file/request");
+    assert_eq!(more.iter().map(|r| r.offset).collect::<Vec<_>>(), [20]);
+
+    // The first: both written, in order, neither synced (the file is not complete).
+    let out = h.input(chunk_answer(&reqs[0]));
+    assert_eq!(writes(&out), [(0, 10, false), (10, 10, false)]);
+    let out = h.input(Input::ChunkStored {
+        sha256: sha(),
+        offset: 0,
+        len: 10,
+        synced: false,
+    });
+    assert!(
+        !persisted(&out)
+            .iter()
+            .any(|m| matches!(m, Mutation::PutFile(_))),
+        "an unsynced write does not move the durable mark"
+    );
+    h.input(Input::ChunkStored {
+        sha256: sha(),
+        offset: 10,
+        len: 10,
+        synced: false,
+    });
+    assert_eq!(h.state().job.and_then(|j| j.transferred_bytes), Some(20));
+
+    // The last chunk ends the file: synced, the mark recorded, the whole file checked.
+    let out = h.input(chunk_answer(&more[0]));
+    assert_eq!(writes(&out), [(20, 4, true)]);
+    let out = h.input(Input::ChunkStored {
+        sha256: sha(),
+        offset: 20,
+        len: 4,
+        synced: true,
+    });
+    assert!(persisted(&out)
+        .iter()
+        .any(|m| matches!(m, Mutation::PutFile(f) if f.received_bytes == 24)));
+    assert!(out.iter().any(|o| matches!(o, Output::CheckFile { .. })));
+}
+
+/// Issue #13: after a cut, a broker that kept the session still holds the requests in flight
+/// and their answers: nothing is asked again (no chunk crosses the link twice). A broker that
+/// lost it (a restart) lost them too: everything in flight is asked for again at once.
+#[test]
+fn a_reconnect_asks_again_only_when_the_broker_lost_the_session() {
+    let mut h = H::ready();
+    let (_, out) = h.start("j1");
+    let reqs = published::<FileChunkRequest>(&out, "file/request");
+    assert_eq!(reqs.len(), 2);
+    h.input(Input::MqttDisconnected);
+    let out = h.input(Input::MqttConnected {
+        session_present: true,
+    });
+    assert!(published::<FileChunkRequest>(&out, "file/request").is_empty());
+    // The answers queued in the kept session still count.
+    let out = h.input(chunk_answer(&reqs[0]));
+    assert_eq!(writes(&out), [(0, 10, false)]);
+
+    h.input(Input::MqttDisconnected);
+    let out = h.input(Input::MqttConnected {
+        session_present: false,
+    });
+    let again = published::<FileChunkRequest>(&out, "file/request");
+    assert_eq!(
+        again.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        [10, 20],
+        "everything in flight (the third chunk was asked for when the first came), under new ids"
+    );
+    // An answer to the lost session's request is stale now.
+    let out = h.input(chunk_answer(&reqs[1]));
+    assert!(writes(&out).is_empty());
 }
 
 #[test]

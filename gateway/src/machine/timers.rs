@@ -53,11 +53,12 @@ impl Gateway {
             Timer::Outbox => {
                 (!self.outbox.is_empty()).then(|| self.outbox_sent_ms + self.cfg.outbox_resend_ms())
             }
-            // While a chunk is being stored its answer has come: no timeout then.
+            // Armed while chunks are asked for and not answered; every chunk that arrives
+            // moves it (a long window on a slow link is not a timeout).
             Timer::Chunk => self
                 .transfer
                 .as_ref()
-                .filter(|t| t.request_id.is_some() && !t.storing)
+                .filter(|t| !t.in_flight.is_empty())
                 .map(|t| t.deadline_ms),
         }
     }

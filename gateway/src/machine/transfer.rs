@@ -1,6 +1,8 @@
-//! A job's file: pulled from the file server chunk by chunk, each chunk verified before it is
-//! stored and the whole file hashed before it prints, with bounded retries; the cache is kept
-//! under its limits by evicting the least recently used files not in use.
+//! A job's file: pulled from the file server in chunks, a window of them in flight (sized to
+//! the link: it grows while chunks arrive and halves when they stop), each chunk verified before
+//! it is written and written in order, the whole file hashed before it prints, with bounded
+//! retries; the cache is kept under its limits by evicting the least recently used files not in
+//! use.
 
 use protocol::files::{verify_chunk, FileChunkRequest, FileChunkResponse};
 use protocol::state::{EventKind, JobStage};
@@ -9,7 +11,16 @@ use transport::outgoing::Lane;
 
 use crate::store::{FileRecord, Mutation};
 
-use super::{Gateway, Now, Output, Publish, Transfer};
+use super::{Asked, Gateway, Now, Output, Publish, Transfer};
+
+/// Bytes written between two durable marks: the partial file is synced and its length
+/// recorded every this many bytes (and at its end), so a restart resumes at most this far back
+/// and a fast link is not held to one disk sync per chunk.
+pub(super) const SYNC_EVERY: u64 = 4 * 1024 * 1024;
+
+/// Chunks in flight when a transfer starts. Each chunk stored widens the window by one (so it
+/// doubles every round trip, as TCP's slow start) up to `chunk_window`; a timeout halves it.
+pub(super) const START_WINDOW: u32 = 2;
 
 impl Gateway {
     pub(super) fn evictable_bytes(&self, keep: &Sha256Hex) -> u64 {
@@ -69,31 +80,40 @@ impl Gateway {
         self.files.insert(sha.clone(), record.clone());
         muts.push(Mutation::PutFile(record));
         out.push(Output::Persist(muts));
-        self.transfer = Some(Transfer {
-            sha256: sha.clone(),
-            size,
-            received,
-            request_id: None,
-            deadline_ms: 0,
-            attempts: 0,
-            requests: 0,
-            storing: false,
-        });
+        self.transfer = Some(Transfer::new(sha.clone(), size, received));
         if received >= size {
             self.transfer = None;
             self.check_file(sha, out);
         } else if self.connected {
-            self.request_chunk(now, sha, size, out);
+            self.fill_window(now, out);
         }
     }
 
-    pub(super) fn request_chunk(
-        &mut self,
-        now: Now,
-        sha: &Sha256Hex,
-        size: u64,
-        out: &mut Vec<Output>,
-    ) {
+    /// Asks for chunks until the window is full or every byte has been asked for.
+    pub(super) fn fill_window(&mut self, now: Now, out: &mut Vec<Output>) {
+        let Some(t) = &self.transfer else { return };
+        let mut wanted = Vec::new();
+        let (mut next, mut in_flight) = (t.next, t.in_flight.len() as u32);
+        while in_flight < t.window && next < t.size {
+            let len = (t.size - next).min(u64::from(self.cfg.chunk_len)) as u32;
+            wanted.push((next, len));
+            next += u64::from(len);
+            in_flight += 1;
+        }
+        if let Some(t) = &mut self.transfer {
+            if t.in_flight.is_empty() && !wanted.is_empty() {
+                t.deadline_ms = now.mono_ms + self.cfg.chunk_timeout_ms();
+            }
+            t.next = next;
+        }
+        for (offset, len) in wanted {
+            self.ask(offset, len, out);
+        }
+    }
+
+    /// Publishes a request for `len` bytes at `offset`, under a new id (an answer to an older
+    /// request for the same bytes is stale from now on).
+    fn ask(&mut self, offset: u64, len: u32, out: &mut Vec<Output>) {
         let Some(t) = &mut self.transfer else { return };
         t.requests += 1;
         let id = CommandId::new(format!(
@@ -101,16 +121,20 @@ impl Gateway {
             self.cfg.printer_id, self.epoch, t.requests
         ))
         .expect("a printer id and numbers always form a valid command id");
-        let len = (size - t.received).min(u64::from(self.cfg.chunk_len)) as u32;
+        t.in_flight.insert(
+            offset,
+            Asked {
+                id: id.clone(),
+                len,
+            },
+        );
         let req = FileChunkRequest {
             v: Version,
-            request_id: id.clone(),
-            sha256: sha.clone(),
-            offset: t.received,
+            request_id: id,
+            sha256: t.sha256.clone(),
+            offset,
             len,
         };
-        t.request_id = Some(id);
-        t.deadline_ms = now.mono_ms + self.cfg.chunk_timeout_ms();
         out.push(Output::Publish(Publish {
             topic: self
                 .cfg
@@ -123,18 +147,39 @@ impl Gateway {
         }));
     }
 
-    pub(super) fn on_chunk_timeout(&mut self, now: Now, out: &mut Vec<Output>) {
-        self.retry_chunk(now, "file chunk timed out", out);
+    /// Back in touch with the broker. When it kept our session, the requests in flight and
+    /// their answers are still queued there: wait for them (the chunk timer still runs). When it
+    /// did not, they are gone: ask for them again now.
+    pub(super) fn resume_transfer(
+        &mut self,
+        now: Now,
+        session_present: bool,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(t) = &mut self.transfer else { return };
+        t.deadline_ms = now.mono_ms + self.cfg.chunk_timeout_ms();
+        if !session_present {
+            let again: Vec<(u64, u32)> = t.in_flight.iter().map(|(&o, a)| (o, a.len)).collect();
+            for (offset, len) in again {
+                self.ask(offset, len, out);
+            }
+        }
+        self.fill_window(now, out);
     }
 
-    /// Asks for the current chunk again, or fails the job once `chunk_attempts` in a row went
-    /// wrong (timed out, corrupt, or not the chunk asked for): a server that keeps answering
-    /// wrongly must not keep the printer `preparing` for ever.
-    fn retry_chunk(&mut self, now: Now, why: &str, out: &mut Vec<Output>) {
+    pub(super) fn on_chunk_timeout(&mut self, now: Now, out: &mut Vec<Output>) {
+        self.retry_chunks(now, None, "file chunk timed out", out);
+    }
+
+    /// Asks again for the chunk at `only` (an answer to it was unusable), or for every chunk in
+    /// flight (nothing came in time: the window halves too); or fails the job once
+    /// `chunk_attempts` went wrong with no chunk stored in between: a server that keeps
+    /// answering wrongly must not keep the printer `preparing` for ever.
+    fn retry_chunks(&mut self, now: Now, only: Option<u64>, why: &str, out: &mut Vec<Output>) {
         let Some(t) = &mut self.transfer else { return };
         t.attempts += 1;
         if t.attempts >= self.cfg.chunk_attempts {
-            let (offset, attempts) = (t.received, t.attempts);
+            let (offset, attempts) = (t.stored, t.attempts);
             self.transfer = None;
             self.end_job(
                 now,
@@ -146,9 +191,20 @@ impl Gateway {
             );
             return;
         }
-        let (sha, size) = (t.sha256.clone(), t.size);
-        tracing::warn!(printer = %self.cfg.printer_id, sha = %sha, offset = t.received, attempt = t.attempts, "{why}; asking again");
-        self.request_chunk(now, &sha, size, out);
+        tracing::warn!(printer = %self.cfg.printer_id, sha = %t.sha256, offset = t.stored, attempt = t.attempts, "{why}; asking again");
+        if only.is_none() {
+            t.window = (t.window / 2).max(1);
+        }
+        t.deadline_ms = now.mono_ms + self.cfg.chunk_timeout_ms();
+        let again: Vec<(u64, u32)> = t
+            .in_flight
+            .iter()
+            .filter(|(&o, _)| only.is_none_or(|x| x == o))
+            .map(|(&o, a)| (o, a.len))
+            .collect();
+        for (offset, len) in again {
+            self.ask(offset, len, out);
+        }
     }
 
     pub(super) fn on_chunk(&mut self, now: Now, payload: &[u8], out: &mut Vec<Output>) {
@@ -163,10 +219,15 @@ impl Gateway {
             tracing::debug!("file chunk with no transfer under way dropped");
             return;
         };
-        if t.request_id.as_ref() != Some(resp.request_id()) || t.storing {
+        let Some(asked_at) = t
+            .in_flight
+            .iter()
+            .find(|(_, a)| &a.id == resp.request_id())
+            .map(|(&o, _)| o)
+        else {
             tracing::debug!(request = %resp.request_id(), "stale file chunk dropped");
             return;
-        }
+        };
         match resp {
             FileChunkResponse::Error { code, message, .. } => {
                 self.transfer = None;
@@ -196,25 +257,63 @@ impl Gateway {
                     self.end_job(now, JobStage::Failed, Some(reason), out);
                     return;
                 }
-                if sha256 != t.sha256 || offset != t.received {
-                    tracing::debug!(%offset, expected = t.received, "file chunk does not match the request");
-                    self.retry_chunk(now, "file chunk does not match the request", out);
+                if sha256 != t.sha256 || offset != asked_at {
+                    tracing::debug!(%offset, expected = asked_at, "file chunk does not match the request");
+                    self.retry_chunks(
+                        now,
+                        Some(asked_at),
+                        "file chunk does not match the request",
+                        out,
+                    );
                     return;
                 }
+                let asked_len = t.in_flight.get(&asked_at).map_or(0, |a| a.len);
                 match verify_chunk(offset, total_size, &chunk_sha256, &data_b64) {
+                    Ok(data) if data.len() == asked_len as usize => {
+                        t.in_flight.remove(&asked_at);
+                        t.deadline_ms = now.mono_ms + self.cfg.chunk_timeout_ms();
+                        t.ahead.insert(offset, data);
+                        self.write_ready(out);
+                        self.fill_window(now, out);
+                    }
                     Ok(data) => {
-                        t.storing = true;
-                        out.push(Output::StoreChunk {
-                            sha256,
-                            offset,
-                            data,
-                        });
+                        let why = format!(
+                            "chunk at offset {offset} has {} bytes, not the {asked_len} asked for",
+                            data.len()
+                        );
+                        self.retry_chunks(now, Some(asked_at), &why, out);
                     }
                     Err(e) => {
-                        self.retry_chunk(now, &format!("corrupt file chunk ({e})"), out);
+                        self.retry_chunks(
+                            now,
+                            Some(asked_at),
+                            &format!("corrupt file chunk ({e})"),
+                            out,
+                        );
                     }
                 }
             }
+        }
+    }
+
+    /// Hands the shell every verified chunk that continues what it has written, in order. A
+    /// write that takes the file [`SYNC_EVERY`] bytes past the last durable mark (or to its end)
+    /// is synced, and its answer moves the mark.
+    fn write_ready(&mut self, out: &mut Vec<Output>) {
+        let Some(t) = &mut self.transfer else { return };
+        while let Some(data) = t.ahead.remove(&t.writing) {
+            let offset = t.writing;
+            t.writing += data.len() as u64;
+            let sync = t.writing - t.synced_mark >= SYNC_EVERY || t.writing == t.size;
+            if sync {
+                t.synced_mark = t.writing;
+            }
+            out.push(Output::StoreChunk {
+                sha256: t.sha256.clone(),
+                offset,
+                data,
+                sync,
+            });
         }
     }
 
@@ -224,27 +323,30 @@ impl Gateway {
         sha: Sha256Hex,
         offset: u64,
         len: u64,
+        synced: bool,
         out: &mut Vec<Output>,
     ) {
         let Some(t) = &mut self.transfer else { return };
-        if t.sha256 != sha || offset != t.received {
+        if t.sha256 != sha || offset != t.stored {
             return;
         }
-        t.storing = false;
         t.attempts = 0;
-        t.received += len;
-        t.request_id = None;
-        let (received, size) = (t.received, t.size);
-        if let Some(f) = self.files.get_mut(&sha) {
-            f.received_bytes = received;
-            out.push(Output::Persist(vec![Mutation::PutFile(f.clone())]));
-        }
+        t.stored += len;
+        t.window = (t.window + 1).min(self.cfg.chunk_window.max(1));
+        let (stored, size) = (t.stored, t.size);
         self.state_dirty = true;
-        if received >= size {
+        if synced {
+            // Durable up to here: a restart resumes from this byte.
+            if let Some(f) = self.files.get_mut(&sha) {
+                f.received_bytes = stored;
+                out.push(Output::Persist(vec![Mutation::PutFile(f.clone())]));
+            }
+        }
+        if stored >= size {
             self.transfer = None;
             self.check_file(&sha, out);
         } else if self.connected {
-            self.request_chunk(now, &sha, size, out);
+            self.fill_window(now, out);
         }
     }
 

@@ -74,15 +74,26 @@ impl Supervisor {
 
     /// Admits a request of `caller`, or answers it busy (nothing done, nothing stored, in the
     /// lowest lane) and says no.
+    ///
+    /// Upload chunks have a rate of their own ([`super::config::UPLOAD_RATE`]): a file is
+    /// hundreds of them, and what they cost the loop is one decode each (the writing is done
+    /// off the loop), so they are admitted faster than other requests and do not use up the
+    /// client's allowance for those.
     pub(super) fn admit_api(
         &mut self,
         now: Now,
         caller: &Caller,
         id: &CommandId,
+        upload: bool,
         out: &mut Vec<Output>,
     ) -> bool {
         let client = caller.client();
-        let Err(busy) = self.api_limiter.admit(client.as_str(), now.mono_ms) else {
+        let (limiter, rate) = if upload {
+            (&mut self.upload_limiter, self.cfg.upload_rate)
+        } else {
+            (&mut self.api_limiter, self.cfg.api_rate)
+        };
+        let Err(busy) = limiter.admit(client.as_str(), now.mono_ms) else {
             return true;
         };
         self.counters.busy_requests += 1;
@@ -97,7 +108,7 @@ impl Supervisor {
             error: Some(format!(
                 "busy: client {client} sends more than {} requests a second; nothing was done, \
                  retry after {} ms",
-                self.cfg.api_rate.per_s, busy.retry_after_ms
+                rate.per_s, busy.retry_after_ms
             )),
             code: Some(ApiErrorCode::Busy),
             retry_after_ms: Some(busy.retry_after_ms),
@@ -111,19 +122,30 @@ impl Supervisor {
     /// API token's name); admitted at the same rate and carried out like any other.
     pub(super) fn on_http(&mut self, now: Now, req: ApiRequest, out: &mut Vec<Output>) {
         let caller = Caller::Http(req.client.clone());
-        if self.admit_api(now, &caller, &req.id, out) {
+        let upload = matches!(req.op, ApiOp::UploadChunk(_));
+        if self.admit_api(now, &caller, &req.id, upload, out) {
             self.run_request(now, caller, req, out);
         }
     }
 
     pub(super) fn on_api(&mut self, now: Now, payload: &[u8], out: &mut Vec<Output>) {
         let req = match ApiRequest::decode(payload) {
-            Ok(r) if !self.admit_api(now, &Caller::Mqtt(r.client.clone()), &r.id, out) => return,
+            Ok(r)
+                if !self.admit_api(
+                    now,
+                    &Caller::Mqtt(r.client.clone()),
+                    &r.id,
+                    matches!(r.op, ApiOp::UploadChunk(_)),
+                    out,
+                ) =>
+            {
+                return
+            }
             Err(ApiReject {
                 client: Some(client),
                 id: Some(id),
                 ..
-            }) if !self.admit_api(now, &Caller::Mqtt(client.clone()), &id, out) => return,
+            }) if !self.admit_api(now, &Caller::Mqtt(client.clone()), &id, false, out) => return,
             Ok(r) if r.client.as_str() == HA_CLIENT => {
                 // Home Assistant's presses are requests of this client with ids made from the
                 // printer's state; one from the network could claim such an id first and make

@@ -31,6 +31,8 @@ pub struct SupervisorConfig {
     pub command_key: [u8; 16],
     /// API requests admitted per client (a client over it is answered busy).
     pub api_rate: Rate,
+    /// Upload chunks admitted per client (a rate of their own).
+    pub upload_rate: Rate,
 }
 
 impl SupervisorConfig {
@@ -61,9 +63,12 @@ pub(crate) fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// API requests the supervisor admits per client: a hundred a second, two hundred at once
-/// (an upload is one request per 64 KiB chunk, so this still takes 6 MiB/s from one client).
+/// API requests the supervisor admits per client: a hundred a second, two hundred at once.
 pub const API_RATE: Rate = Rate::new(100.0, 200.0);
+
+/// Upload chunks the supervisor admits per client: six hundred a second (64 KiB each: 39 MB/s
+/// from one client), as many at once. Under `API_RATE` an upload was held to 6.5 MB/s.
+pub const UPLOAD_RATE: Rate = Rate::new(600.0, 600.0);
 
 /// 16 random bytes from the operating system (a clock-derived fallback if it has none: ids
 /// stay distinct, if less secret).
@@ -92,6 +97,7 @@ impl Default for SupervisorConfig {
             rebirth_after: Duration::from_millis(5_000),
             ha: HaConfig::default(),
             api_rate: API_RATE,
+            upload_rate: UPLOAD_RATE,
         }
     }
 }

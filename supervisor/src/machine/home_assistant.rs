@@ -57,7 +57,7 @@ impl Supervisor {
             tracing::debug!(printer = %printer, action = action.as_str(), "Home Assistant press repeated: done once");
             return;
         }
-        if !self.admit_api(now, &caller, &id, out) {
+        if !self.admit_api(now, &caller, &id, false, out) {
             return;
         }
         let op = match self.press_op(&printer, action) {

@@ -130,6 +130,7 @@ pub struct Supervisor {
     ha_round_mono: Option<u64>,
     /// Per-client admission of API requests.
     api_limiter: Limiter,
+    upload_limiter: Limiter,
     /// When our retained status was last re-asserted after a contradiction.
     status_reasserted_mono: Option<u64>,
     /// A contradiction of our status waits for its re-assertion.
@@ -165,7 +166,7 @@ fn active(state: JobState) -> bool {
 impl Supervisor {
     /// Builds the supervisor from its durable snapshot.
     pub fn new(cfg: SupervisorConfig, snap: Snapshot, now: Now) -> Self {
-        let api_rate = cfg.api_rate;
+        let (api_rate, upload_rate) = (cfg.api_rate, cfg.upload_rate);
         let mut queued_since = HashMap::new();
         for j in &snap.jobs {
             if j.state == JobState::Queued {
@@ -206,6 +207,7 @@ impl Supervisor {
             ha_republish_mono: None,
             ha_round_mono: None,
             api_limiter: Limiter::new(api_rate),
+            upload_limiter: Limiter::new(upload_rate),
             status_reasserted_mono: None,
             status_reassert_due: false,
         }
