@@ -31,6 +31,11 @@ impl FileCache {
         self.dir.join(format!("{sha}.part"))
     }
 
+    /// The length of the partial file of `sha`, if there is one.
+    pub fn part_len(&self, sha: &Sha256Hex) -> Option<u64> {
+        std::fs::metadata(self.part(sha)).ok().map(|m| m.len())
+    }
+
     /// Writes a verified chunk at `offset` of the partial file; with `sync`, makes the file
     /// durable up to the chunk's end (the machine syncs every few MiB, not every chunk).
     pub fn store_chunk(

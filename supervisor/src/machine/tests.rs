@@ -1114,6 +1114,48 @@ fn a_burst_of_requests_is_answered_in_full_with_busy_beyond_the_clients_rate() {
     assert_eq!(h.s.counters.busy_requests, busy as u64 + 1);
 }
 
+/// Issue #13: an upload is hundreds of chunks; under the API rate it was held to 6.5 MB/s and
+/// used up the client's allowance for everything else. Upload chunks have a rate of their own:
+/// a burst of them is taken up to `UPLOAD_RATE`'s burst (to the writers, nothing answered on
+/// the loop), and the same client's other requests are still admitted.
+#[test]
+fn upload_chunks_have_a_rate_of_their_own() {
+    let mut h = H::new();
+    let chunk = |i: u64| {
+        ApiOp::UploadChunk(protocol::api::UploadChunk {
+            sha256: Sha256Hex::digest(FILE),
+            offset: i,
+            total_size: 1 << 30,
+            data_b64: "RzI4Cg==".into(),
+        })
+    };
+    let (mut taken, mut busy) = (0usize, 0usize);
+    for i in 0..1_000u64 {
+        let req = ApiRequest {
+            v: Version,
+            id: CommandId::new(format!("u{i}")).expect("id"),
+            client: ClientId::new("cli").expect("id"),
+            op: chunk(i),
+        };
+        let out = h.msg("api/request", req.encode());
+        if out.iter().any(|o| matches!(o, Output::StoreUpload { .. })) {
+            taken += 1;
+        } else {
+            let r = published::<ApiResponse>(&out, "/api/response/cli");
+            assert_eq!(r[0].code, Some(ApiErrorCode::Busy), "{r:?}");
+            busy += 1;
+        }
+    }
+    assert!(
+        taken as f64 >= super::config::UPLOAD_RATE.burst && taken > API_RATE.burst as usize,
+        "{taken} upload chunks taken"
+    );
+    assert_eq!(taken + busy, 1_000);
+    // The uploads did not use up this client's allowance for other requests.
+    let (r, _) = h.api_with_id("list", ApiOp::ListJobs(Default::default()));
+    assert!(r.ok, "{r:?}");
+}
+
 #[test]
 fn a_start_answered_busy_is_sent_again_when_the_gateway_says() {
     let mut h = H::new();
