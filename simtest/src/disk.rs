@@ -136,6 +136,8 @@ pub struct SupervisorDisk {
     pub files: BTreeMap<Sha256Hex, SupFile>,
     /// Remembered API answers.
     pub requests: BTreeMap<String, Vec<u8>>,
+    /// The history archive: ended jobs that left `jobs` (retention).
+    pub archive: BTreeMap<JobId, JobRecord>,
 }
 
 impl SupervisorDisk {
@@ -147,6 +149,9 @@ impl SupervisorDisk {
                 SupMut::SetNextJob(n) => self.next_job = *n,
                 SupMut::PutJob(j) => {
                     self.jobs.insert(j.job_id.clone(), j.clone());
+                }
+                SupMut::RemoveJob(id) => {
+                    self.jobs.remove(id);
                 }
                 SupMut::PutPrinter(p) => {
                     self.printers.insert(p.printer_id.clone(), p.clone());

@@ -109,6 +109,14 @@ impl World {
             })
             .flatten()
             .collect();
+        // run.rs: the archive is appended (and synced) before the transaction.
+        for o in &outs {
+            if let SOut::Archive(jobs) = o {
+                for j in jobs {
+                    self.sup.disk.archive.insert(j.job_id.clone(), j.clone());
+                }
+            }
+        }
         if !muts.is_empty() {
             self.sup.disk.apply(&muts);
             self.check_sup_disk();
@@ -119,7 +127,7 @@ impl World {
             }
             match o {
                 // No webhooks in the simulated farm (their delivery is tested for real).
-                SOut::Persist(_) | SOut::Notify(_) => {}
+                SOut::Persist(_) | SOut::Notify(_) | SOut::Archive(_) => {}
                 SOut::Subscribe { filter, qos0 } => self.client_send(
                     SUP,
                     Up::Subscribe {

@@ -92,6 +92,15 @@ struct FileConfig {
     timing: TimingSection,
     #[serde(default)]
     ha: HaSection,
+    #[serde(default)]
+    history: HistorySection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistorySection {
+    keep_jobs: Option<u64>,
+    keep_days: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -251,6 +260,24 @@ pub fn settings(args: &SupervisorArgs) -> Result<Settings, ConfigError> {
     }
     if let Some(n) = t.breaker_threshold {
         machine.breaker_threshold = at_least_one("timing.breaker_threshold", n)?;
+    }
+    if let Some(n) = file.history.keep_jobs {
+        if !(100..=10_000_000).contains(&n) {
+            return Err(invalid(
+                "history.keep_jobs",
+                format!("{n} is out of range: keep 100 to 10000000 ended jobs"),
+            ));
+        }
+        machine.history.keep_jobs = n as usize;
+    }
+    if let Some(d) = file.history.keep_days {
+        if !(1..=36_500).contains(&d) {
+            return Err(invalid(
+                "history.keep_days",
+                format!("{d} is out of range: keep them 1 to 36500 days"),
+            ));
+        }
+        machine.history.keep_days = d;
     }
     let keepalive = settings::keepalive(file.broker.keepalive_s.unwrap_or(15))
         .map_err(|m| invalid("broker.keepalive_s", m))?;

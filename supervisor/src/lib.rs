@@ -5,10 +5,12 @@
 //! - [`store`]: the redb database that holds them.
 //! - [`files`]: content-addressed G-code storage: uploads in, chunks out.
 //! - [`ha`]: Home Assistant MQTT discovery configs and button presses (pure).
+//! - [`history`]: the archive of ended jobs that left the store (JSON lines by month).
 
 pub mod cli;
 pub mod files;
 pub mod ha;
+pub mod history;
 pub mod http;
 pub mod machine;
 pub mod model;

@@ -106,6 +106,8 @@ pub enum Mutation {
     SetNextJob(u64),
     /// Insert or replace a job.
     PutJob(JobRecord),
+    /// Forget an ended job (archived by the shell first).
+    RemoveJob(JobId),
     /// Insert or replace a printer.
     PutPrinter(PrinterRecord),
     /// Forget a decommissioned printer.

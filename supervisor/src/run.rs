@@ -312,6 +312,7 @@ async fn serve(
     let (upload_tx, mut upload_rx) = mpsc::channel::<Input>(16);
     let uploads = Uploads::start(files.clone(), upload_tx);
     let mut shell = Shell {
+        history_dir: settings.data_dir.join(crate::history::HISTORY_DIR),
         store,
         client,
         chunk_tx,
@@ -437,6 +438,8 @@ const OUTGOING_RETRY: Duration = Duration::from_millis(5);
 
 struct Shell {
     outgoing: Outgoing,
+    /// Where ended jobs are archived.
+    history_dir: PathBuf,
     store: Arc<Store>,
     outbox: crate::http::webhooks::Outbox,
     client: AsyncClient,
@@ -458,6 +461,17 @@ impl Shell {
                 _ => None,
             })
             .collect();
+        // Ended jobs leave the store in this batch: they are in the archive first.
+        for o in &outs {
+            if let Output::Archive(jobs) = o {
+                crate::history::append(&self.history_dir, jobs).map_err(|source| {
+                    RunError::DataDir {
+                        path: self.history_dir.clone(),
+                        source,
+                    }
+                })?;
+            }
+        }
         let events = self.outbox.enqueue(notices);
         let wake = !events.is_empty();
         let mut mutations: Vec<Mutation> = outs
@@ -475,7 +489,7 @@ impl Shell {
         }
         for o in outs {
             match o {
-                Output::Persist(_) | Output::Notify(_) => {}
+                Output::Persist(_) | Output::Notify(_) | Output::Archive(_) => {}
                 Output::Subscribe { filter, qos0 } => {
                     let qos = if qos0 {
                         QoS::AtMostOnce

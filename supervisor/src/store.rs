@@ -522,6 +522,18 @@ impl Store {
                         jobs.insert(id, encode(job).as_slice())
                             .map_err(self.db("write job"))?;
                     }
+                    Mutation::RemoveJob(id) => {
+                        let key = order_keys
+                            .remove(id.as_str())
+                            .map_err(self.db("remove job order key"))?
+                            .map(|v| v.value().to_vec());
+                        if let Some(key) = key {
+                            order
+                                .remove(key.as_slice())
+                                .map_err(self.db("remove job order"))?;
+                        }
+                        jobs.remove(id.as_str()).map_err(self.db("remove job"))?;
+                    }
                     Mutation::PutPrinter(p) => {
                         printers
                             .insert(p.printer_id.as_str(), encode(p).as_slice())

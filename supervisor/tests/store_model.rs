@@ -69,6 +69,7 @@ fn arb_mutation() -> impl Strategy<Value = Mutation> {
         1 => (0..5u64).prop_map(Mutation::SetEpoch),
         1 => (1..50u64).prop_map(Mutation::SetNextJob),
         3 => arb_job().prop_map(Mutation::PutJob),
+        1 => (0..6u32).prop_map(|j| Mutation::RemoveJob(JobId::new(format!("j{j}")).expect("job id"))),
         1 => (0..3u8, any::<bool>(), 0..4u32, proptest::option::of(0..6u32)).prop_map(
             |(p, held, fails, assigned)| Mutation::PutPrinter(PrinterRecord {
                 printer_id: PrinterId::new(format!("p{p}")).expect("printer id"),
@@ -121,6 +122,9 @@ impl Reference {
                 Mutation::SetNextJob(n) => self.next_job = Some(n),
                 Mutation::PutJob(j) => {
                     self.jobs.insert(j.job_id.clone(), j);
+                }
+                Mutation::RemoveJob(id) => {
+                    self.jobs.remove(&id);
                 }
                 Mutation::PutPrinter(p) => {
                     self.printers.insert(p.printer_id.clone(), p);

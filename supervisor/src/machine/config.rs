@@ -33,6 +33,26 @@ pub struct SupervisorConfig {
     pub api_rate: Rate,
     /// Upload chunks admitted per client (a rate of their own).
     pub upload_rate: Rate,
+    /// How many ended jobs, and for how long, the supervisor keeps (the rest is archived).
+    pub history: HistoryConfig,
+}
+
+/// Retention of ended jobs (done, cancelled, failed, interrupted, timed out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryConfig {
+    /// Ended jobs kept, at most (the most recently ended).
+    pub keep_jobs: usize,
+    /// Ended jobs are kept at most this many days.
+    pub keep_days: u32,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            keep_jobs: 10_000,
+            keep_days: 90,
+        }
+    }
 }
 
 impl SupervisorConfig {
@@ -98,6 +118,7 @@ impl Default for SupervisorConfig {
             ha: HaConfig::default(),
             api_rate: API_RATE,
             upload_rate: UPLOAD_RATE,
+            history: HistoryConfig::default(),
         }
     }
 }

@@ -21,6 +21,9 @@ pub struct Publish {
 pub enum Output {
     /// Commit durably before anything after it.
     Persist(Vec<Mutation>),
+    /// Append these ended jobs to the history archive, durably, **before** the batch's
+    /// mutations are committed (they remove the jobs from the store).
+    Archive(Vec<JobRecord>),
     /// Subscribe; `qos0` for retained-snapshot wildcards (rumqttd sends at most 100 retained
     /// messages on a QoS 1 wildcard).
     Subscribe {

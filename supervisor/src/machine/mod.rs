@@ -18,7 +18,7 @@
 //! Where each concern lives: `io` (inputs, outputs), `config`, `views` (printer views),
 //! `reports` (reports and reconciliation), `dispatch` (dispatch and starts), `timers` (the timer
 //! table), `api` (the operator API and its typed refusals), `queue` (the queue snapshot),
-//! `home_assistant` (discovery and buttons).
+//! `history` (retention of ended jobs), `home_assistant` (discovery and buttons).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -53,6 +53,7 @@ mod api;
 mod config;
 mod dashboard;
 mod dispatch;
+mod history;
 mod home_assistant;
 mod io;
 mod queue;
@@ -62,7 +63,7 @@ mod views;
 
 use api::phase_name;
 pub use api::Refusal;
-pub use config::{SupervisorConfig, API_RATE};
+pub use config::{HistoryConfig, SupervisorConfig, API_RATE};
 pub use dashboard::UTILISATION_WINDOW_MS;
 pub(crate) use home_assistant::HA_ROUND_MS;
 pub use io::{Caller, Input, Output, Publish, UploadOutcome};
@@ -76,6 +77,8 @@ use views::{PendingStart, PrinterView, START_EXPIRY_SKEW_MS};
 pub struct Counters {
     /// Reconciliations that changed the supervisor's view.
     pub reconciliations: u64,
+    /// Ended jobs archived out of the store (retention).
+    pub jobs_archived: u64,
     /// Start commands sent again.
     pub command_retries: u64,
     /// Start commands sent.
@@ -112,6 +115,8 @@ pub struct Supervisor {
     files: HashMap<Sha256Hex, FileRecord>,
     answers: HashMap<String, Vec<u8>>,
     queued_since_mono: HashMap<JobId, u64>,
+    /// When retention last looked at the jobs.
+    history_checked_mono: Option<u64>,
     queue_dirty: bool,
     queue_seq: u64,
     last_queue_mono: Option<u64>,
@@ -196,6 +201,8 @@ impl Supervisor {
                 .collect(),
             answers: snap.requests.into_iter().collect(),
             queued_since_mono: queued_since,
+            // The first look a minute after start (a start is busy enough).
+            history_checked_mono: Some(now.mono_ms),
             queue_dirty: true,
             queue_seq: 0,
             last_queue_mono: None,

@@ -1347,3 +1347,127 @@ fn utilisation_counts_printing_time_since_the_printer_was_first_seen() {
     assert_eq!(u[0].utilisation_pct, 100.0);
     assert_eq!((u[0].jobs_finished, u[0].jobs_failed), (0, 0));
 }
+
+fn ended_job(id: &str, state: JobState, ended_at_ms: u64) -> JobRecord {
+    JobRecord {
+        job_id: JobId::new(id).expect("id"),
+        name: id.into(),
+        sha256: Sha256Hex::digest(FILE),
+        size_bytes: FILE.len() as u64,
+        priority: 0,
+        seq: ended_at_ms,
+        tags: Vec::new(),
+        state,
+        printer: Some(pid("p0")),
+        retry_of: None,
+        attempt: 0,
+        progress_pct: None,
+        submitted_at_ms: ended_at_ms - 1,
+        assigned_at_ms: None,
+        started_at_ms: None,
+        ended_at_ms: Some(ended_at_ms),
+        reason: None,
+    }
+}
+
+/// Issue #13: the job table grew for ever. Retention archives the ended jobs beyond the newest
+/// `keep_jobs` and those older than `keep_days`, oldest first, and removes them from the store
+/// in the same batch — but never a job a printer still holds or an open job re-runs, and never
+/// an open or finished one.
+#[test]
+fn retention_archives_the_oldest_ended_jobs_and_keeps_what_is_in_use() {
+    let day = 86_400_000;
+    let now_unix = 1_795_000_000_000;
+    let mut jobs: Vec<JobRecord> = (0..150)
+        .map(|i| ended_job(&format!("d{i:03}"), JobState::Done, now_unix - day + i))
+        .collect();
+    // Old: past keep_days.
+    jobs.push(ended_job("old", JobState::Cancelled, now_unix - 100 * day));
+    // Old too, but a printer holds it, and another is re-run by an open job.
+    jobs.push(ended_job("held", JobState::Failed, now_unix - 200 * day));
+    jobs.push(ended_job("rerun", JobState::Failed, now_unix - 200 * day));
+    let mut retry = ended_job("rerun.r1", JobState::Queued, now_unix);
+    (retry.ended_at_ms, retry.retry_of) = (None, Some(JobId::new("rerun").expect("id")));
+    jobs.push(retry);
+    // Finished (awaiting a bed clear): not ended.
+    jobs.push(ended_job(
+        "harvest",
+        JobState::Finished,
+        now_unix - 200 * day,
+    ));
+    let snap = Snapshot {
+        jobs,
+        printers: vec![PrinterRecord {
+            printer_id: pid("p0"),
+            tags: Vec::new(),
+            held: false,
+            consecutive_failures: 0,
+            assigned: Some(JobId::new("held").expect("id")),
+            first_seen_ms: 0,
+            start_sent: None,
+        }],
+        ..Snapshot::default()
+    };
+    let now = Now {
+        mono_ms: 1_000,
+        unix_ms: now_unix,
+    };
+    let mut cfg = SupervisorConfig::default();
+    cfg.history.keep_jobs = 100;
+    let mut s = Supervisor::new(cfg, snap, now);
+    assert!(
+        !s.handle(now, Input::Tick)
+            .iter()
+            .any(|o| matches!(o, Output::Archive(_))),
+        "not at start: a minute later"
+    );
+    let now = Now {
+        mono_ms: now.mono_ms + 60_000,
+        unix_ms: now_unix,
+    };
+    let out = s.handle(now, Input::Tick);
+    let archived: Vec<String> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Archive(jobs) => Some(jobs.iter().map(|j| j.job_id.to_string())),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let removed: Vec<String> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Persist(m) => Some(m.iter().filter_map(|m| match m {
+                Mutation::RemoveJob(id) => Some(id.to_string()),
+                _ => None,
+            })),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let mut expected = vec!["old".to_string()];
+    expected.extend((0..50).map(|i| format!("d{i:03}")));
+    assert_eq!(archived, expected, "the oldest first: 151 ended, 100 kept");
+    assert_eq!(removed, archived, "what is archived leaves the store");
+    let archive_at = out.iter().position(|o| matches!(o, Output::Archive(_)));
+    let remove_at = out.iter().position(
+        |o| matches!(o, Output::Persist(m) if m.iter().any(|m| matches!(m, Mutation::RemoveJob(_)))),
+    );
+    assert!(archive_at < remove_at, "archived before removed");
+    for kept in ["held", "rerun", "rerun.r1", "harvest", "d050", "d149"] {
+        assert!(
+            s.jobs().any(|j| j.job_id.as_str() == kept),
+            "{kept} is kept"
+        );
+    }
+    assert_eq!(s.jobs().count(), 104);
+    // A minute later there is nothing more to do; before that, retention does not run.
+    let out = s.handle(
+        Now {
+            mono_ms: now.mono_ms + 120_000,
+            unix_ms: now_unix + 60_000,
+        },
+        Input::Tick,
+    );
+    assert!(!out.iter().any(|o| matches!(o, Output::Archive(_))));
+}

@@ -39,6 +39,8 @@ pub(super) enum Timer {
     HaFleet,
     /// Printers' discovery configs are due: one bounded round per `HA_ROUND_MS`.
     HaRound,
+    /// Ended jobs beyond the retention are archived (every `HISTORY_EVERY_MS`).
+    History,
 }
 
 impl Timer {
@@ -57,6 +59,7 @@ impl Timer {
         Timer::HaRepublish,
         Timer::HaFleet,
         Timer::HaRound,
+        Timer::History,
     ];
 
     fn per_printer(self) -> bool {
@@ -74,6 +77,13 @@ impl Timer {
 impl Supervisor {
     /// When a fleet timer is due (monotonic ms), `None` when it is not armed.
     fn fleet_due(&self, t: Timer) -> Option<u64> {
+        if t == Timer::History {
+            // Retention publishes nothing: it runs connected or not.
+            return Some(
+                self.history_checked_mono
+                    .map_or(0, |t| t + super::history::HISTORY_EVERY_MS),
+            );
+        }
         if !self.connected {
             return None; // everything a fleet timer does is a publish
         }
@@ -158,6 +168,7 @@ impl Supervisor {
             Timer::HaRepublish => self.ha_republish(),
             Timer::HaFleet => self.ha_publish_fleet(out),
             Timer::HaRound => self.ha_round(now, out),
+            Timer::History => self.prune_history(now, out),
             _ => {}
         }
     }
