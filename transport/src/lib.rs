@@ -200,7 +200,15 @@ pub fn connect(
     let (client, mut eventloop) = AsyncClient::new(o, session.queue);
     eventloop.set_network_options(network_options());
     let (tx, rx) = mpsc::channel(64);
-    let seed = std::process::id() as u64 ^ (broker.port as u64) << 32;
+    // Each client's own jitter: a fleet of Pis booted from one image runs its gateways under
+    // the same pid, and a seed made of the pid and the port had them all retry in step after
+    // a broker restart. The standard library's hasher keys are random per process.
+    let seed = {
+        use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        session.client_id.hash(&mut h);
+        h.finish()
+    };
     let forwarding = Forwarding {
         reconnect: Reconnect::Backoff {
             max: session.max_backoff,

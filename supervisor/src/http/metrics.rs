@@ -61,13 +61,13 @@ pub struct Metrics {
     held: Gauge,
     jobs: Family<Labels, Gauge>,
     dispatch: Histogram,
-    counters: [Counter; 10],
+    counters: [Counter; 11],
     epoch: Gauge,
 }
 
 /// The counters, in the order of `Metrics::counters` (names without `_total`, which the
 /// exposition adds).
-const COUNTERS: [(&str, &str); 10] = [
+const COUNTERS: [(&str, &str); 11] = [
     (
         "printloop_reconciliations",
         "Reconciliations that changed the supervisor's view.",
@@ -98,6 +98,10 @@ const COUNTERS: [(&str, &str); 10] = [
     (
         "printloop_report_resets",
         "Printers whose reports were followed again after a forged or impossible epoch or seq.",
+    ),
+    (
+        "printloop_jobs_archived",
+        "Ended jobs archived out of the database (history retention).",
     ),
 ];
 
@@ -137,7 +141,7 @@ impl Metrics {
             "From queued to start command sent",
             dispatch.clone(),
         );
-        let counters: [Counter; 10] = Default::default();
+        let counters: [Counter; 11] = Default::default();
         for ((name, help), c) in COUNTERS.iter().zip(&counters) {
             registry.register(*name, help.trim_end_matches('.'), c.clone());
         }
@@ -205,6 +209,7 @@ impl Metrics {
             c.busy_requests,
             c.busy_commands,
             c.report_resets,
+            c.jobs_archived,
         ];
         for (counter, v) in self.counters.iter().zip(values) {
             counter

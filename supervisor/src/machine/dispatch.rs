@@ -308,7 +308,26 @@ impl Supervisor {
     /// Whether printer `p` may pull file `sha`: only for a job of its own that is on its way
     /// to the printer (issue #10: any client could pull any stored G-code by asking under any
     /// printer's name).
+    ///
+    /// Asked for every chunk (hundreds a second while files move): the printer's assigned job
+    /// answers it without a scan; only a request that does not match it looks further.
     pub(super) fn may_pull(&self, p: &PrinterId, sha: &Sha256Hex) -> bool {
+        let waiting = |j: &JobRecord| {
+            j.printer.as_ref() == Some(p)
+                && &j.sha256 == sha
+                && matches!(
+                    j.state,
+                    JobState::Assigned | JobState::Transferring | JobState::Starting
+                )
+        };
+        let assigned = self
+            .printers
+            .get(p)
+            .and_then(|v| v.rec.assigned.as_ref())
+            .and_then(|id| self.jobs.get(id));
+        if assigned.is_some_and(waiting) {
+            return true;
+        }
         self.jobs.values().any(|j| {
             j.printer.as_ref() == Some(p)
                 && &j.sha256 == sha
