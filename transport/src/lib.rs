@@ -204,10 +204,8 @@ pub fn connect(
     // the same pid, and a seed made of the pid and the port had them all retry in step after
     // a broker restart. The standard library's hasher keys are random per process.
     let seed = {
-        use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        session.client_id.hash(&mut h);
-        h.finish()
+        use std::hash::BuildHasher as _;
+        std::collections::hash_map::RandomState::new().hash_one(&session.client_id)
     };
     let forwarding = Forwarding {
         reconnect: Reconnect::Backoff {
