@@ -2,7 +2,10 @@
 //! `printloop broker` child process and N lightweight in-process fake printers (one rumqttc
 //! client each, no pty, no firmware model).
 //!
-//! `cargo bench -p supervisor --bench fleet -- --printers 1000 [--duration 20] [--print-ms 1000..3000]`
+//! `cargo bench -p supervisor --bench fleet -- --printers 1000 [--duration 20] [--print-ms 1000..3000] [--broker mosquitto]`
+//!
+//! `--broker mosquitto`: the system's Mosquitto (docs/mosquitto.conf's limits, no persistence)
+//! instead of `printloop broker`.
 //!
 //! Prints human lines and, last, one JSON object. What is measured:
 //! - `printers_online`: fake printers connected at the end of the steady window.
@@ -57,6 +60,7 @@ struct Args {
     print_ms: (u64, u64),
     rebuild: bool,
     streams: usize,
+    mosquitto: bool,
 }
 
 fn parse_args() -> Args {
@@ -66,6 +70,7 @@ fn parse_args() -> Args {
         print_ms: (1000, 3000),
         rebuild: false,
         streams: 10,
+        mosquitto: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -93,6 +98,10 @@ fn parse_args() -> Args {
                 i += 1;
             }
             "--rebuild" => a.rebuild = true,
+            "--broker" => {
+                a.mosquitto = val == "mosquitto";
+                i += 1;
+            }
             _ => {} // `--bench` and friends from cargo
         }
         i += 1;
@@ -637,8 +646,21 @@ fn main() -> Result<(), BoxError> {
     }
     let cfg = dir.path().join("broker.toml");
     std::fs::write(&cfg, toml::to_string(&table)?)?;
-    let mut broker = BrokerProcess::start(&binary, &cfg)?;
-    let port = broker.v4_port();
+    let mut broker = if args.mosquitto {
+        // docs/mosquitto.conf's limits; no persistence, so a restart forgets everything, as
+        // rumqttd does (the harder case for reconciliation).
+        Broker::Mosquitto(testkit::Mosquitto::start_with(testkit::MosquittoOptions {
+            extra_lines: vec![
+                "max_packet_size 1048576".into(),
+                "max_queued_messages 10000".into(),
+                "max_inflight_messages 20".into(),
+            ],
+            ..Default::default()
+        })?)
+    } else {
+        Broker::Rumqttd(BrokerProcess::start(&binary, &cfg)?)
+    };
+    let port = broker.port();
     println!(
         "broker: pid {:?} port {port}, max_connections {}",
         broker.pid(),
@@ -723,6 +745,7 @@ fn main() -> Result<(), BoxError> {
     );
     let json = serde_json::json!({
         "printers": n,
+        "broker": if args.mosquitto { "mosquitto" } else { "rumqttd" },
         "printers_online": r.online,
         "state_msgs_per_s": (r.states_per_s * 10.0).round() / 10.0,
         "dispatch_p50_ms": (r.p50 * 100.0).round() / 100.0,
@@ -822,7 +845,7 @@ async fn drive(
     port: u16,
     metrics: std::net::SocketAddr,
     (web_addr, token): (std::net::SocketAddr, String),
-    broker: &mut BrokerProcess,
+    broker: &mut Broker,
 ) -> Result<Report, BoxError> {
     let n = args.printers;
     let topics = Topics::default();
@@ -1082,4 +1105,38 @@ async fn drive(
         max: lat.last().copied().unwrap_or(0) as f64 / 1000.0,
         reconcile_s,
     })
+}
+
+/// The broker under test: `printloop broker` (rumqttd) or a system Mosquitto.
+enum Broker {
+    Rumqttd(BrokerProcess),
+    Mosquitto(testkit::MosquittoGuard),
+}
+
+impl Broker {
+    fn port(&self) -> u16 {
+        match self {
+            Broker::Rumqttd(b) => b.v4_port(),
+            Broker::Mosquitto(m) => m.port(),
+        }
+    }
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Broker::Rumqttd(b) => b.pid(),
+            Broker::Mosquitto(m) => m.pid(),
+        }
+    }
+    fn kill(&mut self) {
+        match self {
+            Broker::Rumqttd(b) => b.kill(),
+            Broker::Mosquitto(m) => m.kill(),
+        }
+    }
+    fn start_again(&mut self) -> Result<(), BoxError> {
+        match self {
+            Broker::Rumqttd(b) => b.start_again()?,
+            Broker::Mosquitto(m) => m.start_again()?,
+        }
+        Ok(())
+    }
 }

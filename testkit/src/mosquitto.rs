@@ -168,6 +168,11 @@ impl MosquittoGuard {
         self.child.as_mut().is_some_and(ChildProcess::is_running)
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(ChildProcess::id)
+    }
+
     /// SIGKILL: no database save, like a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
