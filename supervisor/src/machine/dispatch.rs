@@ -2,6 +2,8 @@
 //! commands that carry them. Persist, then publish: an assignment and its pending start are
 //! durable before the start leaves; a start is re-sent freely (the gateway's ledger runs a job once).
 
+use std::collections::VecDeque;
+
 use super::*;
 
 impl Supervisor {
@@ -118,7 +120,9 @@ impl Supervisor {
     /// them) and the jobs are only collected when some printer is free: with thousands of
     /// printers and queued jobs this runs after every message.
     pub(super) fn dispatch(&mut self, now: Now, out: &mut Vec<Output>) {
-        let mut ready_free: Vec<PrinterId> = self
+        // Deques: a job takes the first printer that suits it, and removing the front of a
+        // Vec moved the whole fleet's ids once per assignment.
+        let mut ready_free: VecDeque<PrinterId> = self
             .printers
             .values()
             .filter(|p| Self::is_free(p, true))
@@ -184,7 +188,7 @@ impl Supervisor {
         }
         queued.sort();
         // Listed after the deferred moves: a printer that gave its job back may take another.
-        let mut later_free: Vec<PrinterId> = self
+        let mut later_free: VecDeque<PrinterId> = self
             .printers
             .values()
             .filter(|p| Self::is_free(p, false))
@@ -196,10 +200,13 @@ impl Supervisor {
             }
             let ready = self.pick(&ready_free, &job_id);
             let deferred = ready.is_none();
-            let printer = match ready {
-                Some(i) => ready_free.remove(i),
-                None => match self.pick(&later_free, &job_id) {
-                    Some(i) => later_free.remove(i),
+            let printer = match ready.and_then(|i| ready_free.remove(i)) {
+                Some(p) => p,
+                None => match self
+                    .pick(&later_free, &job_id)
+                    .and_then(|i| later_free.remove(i))
+                {
+                    Some(p) => p,
                     None => continue,
                 },
             };
@@ -249,7 +256,7 @@ impl Supervisor {
     }
 
     /// The first of `free` whose tags `job` accepts (its index).
-    pub(super) fn pick(&self, free: &[PrinterId], job: &JobId) -> Option<usize> {
+    pub(super) fn pick(&self, free: &VecDeque<PrinterId>, job: &JobId) -> Option<usize> {
         let j = self.jobs.get(job)?;
         free.iter().position(|id| {
             self.printers
@@ -290,13 +297,20 @@ impl Supervisor {
     pub(super) fn persist_pending_starts(&mut self, out: &mut Vec<Output>) {
         let mut muts = Vec::new();
         for p in self.printers.values_mut() {
-            let want = p.pending.as_ref().map(|x| StartSent {
-                job: x.job.clone(),
-                command: x.command.clone(),
-                expires_at_ms: x.expires_unix,
-            });
-            if p.rec.start_sent != want {
-                p.rec.start_sent = want;
+            // Compared in place: this runs every batch over the whole fleet.
+            let same = match (&p.pending, &p.rec.start_sent) {
+                (None, None) => true,
+                (Some(x), Some(s)) => {
+                    x.expires_unix == s.expires_at_ms && x.job == s.job && x.command == s.command
+                }
+                _ => false,
+            };
+            if !same {
+                p.rec.start_sent = p.pending.as_ref().map(|x| StartSent {
+                    job: x.job.clone(),
+                    command: x.command.clone(),
+                    expires_at_ms: x.expires_unix,
+                });
                 muts.push(Mutation::PutPrinter(p.rec.clone()));
             }
         }

@@ -117,6 +117,8 @@ pub struct Supervisor {
     queued_since_mono: HashMap<JobId, u64>,
     /// When retention last looked at the jobs.
     history_checked_mono: Option<u64>,
+    /// `next_deadline`'s answer while the machine has not changed since.
+    deadline_cache: std::cell::Cell<Option<Option<u64>>>,
     queue_dirty: bool,
     queue_seq: u64,
     last_queue_mono: Option<u64>,
@@ -203,6 +205,7 @@ impl Supervisor {
             queued_since_mono: queued_since,
             // The first look a minute after start (a start is busy enough).
             history_checked_mono: Some(now.mono_ms),
+            deadline_cache: std::cell::Cell::new(None),
             queue_dirty: true,
             queue_seq: 0,
             last_queue_mono: None,
@@ -222,6 +225,7 @@ impl Supervisor {
 
     /// Before connecting: the next epoch (persist it first) and the will carrying it.
     pub fn prepare_connect(&mut self, now: Now) -> (Vec<Mutation>, String, Vec<u8>) {
+        self.deadline_cache.set(None);
         self.epoch += 1;
         (
             vec![Mutation::SetEpoch(self.epoch)],
@@ -277,6 +281,7 @@ impl Supervisor {
         now: Now,
         inputs: impl IntoIterator<Item = Input>,
     ) -> Vec<Output> {
+        self.deadline_cache.set(None);
         let mut out = Vec::new();
         for input in inputs {
             self.apply(now, input, &mut out);

@@ -218,8 +218,19 @@ impl Supervisor {
         }
     }
 
-    /// When `Tick` is due next (monotonic ms): the earliest armed timer.
+    /// When `Tick` is due next (monotonic ms): the earliest armed timer. The shell asks after
+    /// every wake-up, and the answer scans the fleet: it is kept until the machine changes
+    /// (`handle_batch` and `prepare_connect` forget it).
     pub fn next_deadline(&self) -> Option<u64> {
+        if let Some(known) = self.deadline_cache.get() {
+            return known;
+        }
+        let next = self.compute_next_deadline();
+        self.deadline_cache.set(Some(next));
+        next
+    }
+
+    fn compute_next_deadline(&self) -> Option<u64> {
         let fleet = Timer::BEFORE_DISPATCH
             .iter()
             .chain(Timer::AFTER_DISPATCH)
