@@ -117,6 +117,9 @@ pub struct Supervisor {
     queued_since_mono: HashMap<JobId, u64>,
     /// When retention last looked at the jobs.
     history_checked_mono: Option<u64>,
+    /// The second rebirth requests are counted in (monotonic ms), and how many went in it.
+    rebirth_slot_mono: u64,
+    rebirths_in_slot: u32,
     /// `next_deadline`'s answer while the machine has not changed since.
     deadline_cache: std::cell::Cell<Option<Option<u64>>>,
     queue_dirty: bool,
@@ -206,6 +209,8 @@ impl Supervisor {
             // The first look a minute after start (a start is busy enough).
             history_checked_mono: Some(now.mono_ms),
             deadline_cache: std::cell::Cell::new(None),
+            rebirth_slot_mono: 0,
+            rebirths_in_slot: 0,
             queue_dirty: true,
             queue_seq: 0,
             last_queue_mono: None,

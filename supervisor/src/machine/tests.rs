@@ -1471,3 +1471,54 @@ fn retention_archives_the_oldest_ended_jobs_and_keeps_what_is_in_use() {
     );
     assert!(!out.iter().any(|o| matches!(o, Output::Archive(_))));
 }
+
+/// Issue #13: after a broker restart every printer whose state has not come back is due a
+/// rebirth at the same moment; 10 000 of them at once flooded the supervisor, the broker and the
+/// farm's Wi-Fi with full births. Rebirths are paced fleet-wide: at most `REBIRTHS_PER_S` a
+/// second, the rest in the seconds after, every printer asked in the end.
+#[test]
+fn rebirths_after_a_mass_reconnect_are_paced() {
+    let mut h = H::new();
+    let n = 250;
+    for i in 0..n {
+        h.online(&format!("q{i}"), 1);
+    }
+    let rebirths = |out: &[Output]| {
+        out.iter()
+            .filter(|o| matches!(o, Output::Publish(p) if p.topic.ends_with("/cmd")
+                && Command::decode(&p.payload).is_ok_and(|c| matches!(c.action, CommandAction::Rebirth(_)))))
+            .count()
+    };
+    let mut per_second = Vec::new();
+    let start = h.now.mono_ms;
+    let mut sent = 0;
+    while sent < n && h.now.mono_ms < start + 60_000 {
+        let out = h.advance(
+            h.s.next_deadline()
+                .map_or(1_000, |d| d.saturating_sub(h.now.mono_ms).max(1)),
+        );
+        let k = rebirths(&out);
+        if k > 0 {
+            per_second.push((h.now.mono_ms, k));
+        }
+        sent += k;
+    }
+    assert_eq!(sent, n, "every printer is asked: {per_second:?}");
+    let first = per_second[0].0;
+    for (_, k) in &per_second {
+        assert!(
+            *k <= super::timers::REBIRTHS_PER_S as usize,
+            "{per_second:?}"
+        );
+    }
+    let in_first_second: usize = per_second
+        .iter()
+        .filter(|(at, _)| *at < first + 1_000)
+        .map(|(_, k)| k)
+        .sum();
+    assert_eq!(
+        in_first_second,
+        super::timers::REBIRTHS_PER_S as usize,
+        "{per_second:?}"
+    );
+}

@@ -43,6 +43,13 @@ pub(super) enum Timer {
     History,
 }
 
+/// Rebirth requests sent per second, fleet-wide, at most. After a broker restart every printer
+/// whose state has not come back may need one at once, and each answer is a full birth (status,
+/// meta, state): a hundred a second re-reads 10 000 printers in under two minutes without
+/// flooding the supervisor, the broker, or the farm's Wi-Fi. (Most printers never need one:
+/// their own reconnect publishes a birth.)
+pub(super) const REBIRTHS_PER_S: u32 = 100;
+
 impl Timer {
     /// Fired before dispatch: what frees or flags printers and jobs.
     pub(super) const BEFORE_DISPATCH: &'static [Timer] = &[
@@ -118,8 +125,15 @@ impl Supervisor {
                 (self.connected && online && behind).then(|| {
                     let after = self.cfg.rebirth_after_ms();
                     let first = p.online_since_mono + after;
-                    p.last_rebirth_mono
-                        .map_or(first, |l| first.max(l + after * 4))
+                    let own = p
+                        .last_rebirth_mono
+                        .map_or(first, |l| first.max(l + after * 4));
+                    // Paced fleet-wide: this second's rebirths are spent, the next second's.
+                    if self.rebirths_in_slot >= REBIRTHS_PER_S {
+                        own.max(self.rebirth_slot_mono + 1_000)
+                    } else {
+                        own
+                    }
                 })
             }
             Timer::StepTimeout => {
@@ -185,6 +199,10 @@ impl Supervisor {
                 tracing::warn!(printer = %id, "printer stale: no state for {} ms", now.mono_ms - last);
             }
             Timer::Rebirth => {
+                if now.mono_ms >= self.rebirth_slot_mono + 1_000 {
+                    (self.rebirth_slot_mono, self.rebirths_in_slot) = (now.mono_ms, 0);
+                }
+                self.rebirths_in_slot += 1;
                 let p = self.printers.get_mut(id).expect("listed");
                 p.last_rebirth_mono = Some(now.mono_ms);
                 self.counters.rebirths += 1;
