@@ -269,6 +269,11 @@ impl Supervisor {
         self.jobs.values()
     }
 
+    /// How many printers the supervisor knows.
+    pub fn printer_count(&self) -> usize {
+        self.printers.len()
+    }
+
     /// Every printer as operators see it.
     pub fn printer_summaries(&self) -> Vec<PrinterSummary> {
         self.printers.values().map(|p| self.summary(p)).collect()
