@@ -188,10 +188,7 @@ impl Shell {
             return;
         }
         let every = frame_every_ms(sup.printer_count());
-        if self
-            .gathered_at
-            .is_some_and(|at| now.unix_ms < at + every)
-        {
+        if self.gathered_at.is_some_and(|at| now.unix_ms < at + every) {
             return;
         }
         self.gathered_at = Some(now.unix_ms);
