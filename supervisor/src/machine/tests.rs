@@ -1522,3 +1522,41 @@ fn rebirths_after_a_mass_reconnect_are_paced() {
         "{per_second:?}"
     );
 }
+
+/// Found on RabbitMQ (issue #13): it sends no retained messages to wildcard subscriptions, so a
+/// supervisor started after a printer's birth got its live `state` (heartbeats) but never its
+/// `meta`, and Home Assistant never got a device for it. A printer online without a `meta` is
+/// asked for a rebirth like one without a current `state`; once its `meta` came, it is not.
+#[test]
+fn a_printer_without_meta_is_asked_for_a_rebirth() {
+    let mut h = H::new();
+    h.online("p0", 1);
+    h.report("p0", state(PrinterPhase::Idle, None));
+    let rebirths = |out: &[Output]| {
+        commands(out, "p0")
+            .iter()
+            .filter(|c| matches!(c.action, CommandAction::Rebirth(_)))
+            .count()
+    };
+    let after = h.s.cfg.rebirth_after_ms();
+    let out = h.advance(after + 1);
+    assert_eq!(rebirths(&out), 1, "state but no meta: asked");
+    // Its birth brings the meta: no more rebirths.
+    h.msg(
+        "printers/p0/meta",
+        Meta {
+            v: Version,
+            printer_id: pid("p0"),
+            epoch: 1,
+            name: "p0".into(),
+            model: "m".into(),
+            firmware: None,
+            build_volume: None,
+            tags: vec![],
+            gateway_version: "t".into(),
+        }
+        .encode(),
+    );
+    let out = h.advance(after * 8);
+    assert_eq!(rebirths(&out), 0);
+}

@@ -19,8 +19,9 @@ pub(super) enum Timer {
     /// A printer online, not yet stale, sent no `state` for `stale_heartbeats` of its
     /// heartbeats: it is stale (unreachable; its job is not moved).
     Stale,
-    /// A printer online without a `state` of its current epoch for `rebirth_after_ms`: ask it
-    /// to publish everything again (then at most every 4 × `rebirth_after_ms`).
+    /// A printer online without a `state` of its current epoch, or without a `meta`, for
+    /// `rebirth_after_ms`: ask it to publish everything again (then at most every
+    /// 4 × `rebirth_after_ms`, and at most `REBIRTHS_PER_S` a second fleet-wide).
     Rebirth,
     /// A printer silent for `step_timeout_ms` with an active job: the job is flagged
     /// `timed_out` for an operator, never moved.
@@ -121,7 +122,12 @@ impl Supervisor {
                 .filter(|_| online && !p.stale)
                 .map(|last| last + p.heartbeat_ms() * u64::from(self.cfg.stale_heartbeats) + 1),
             Timer::Rebirth => {
-                let behind = p.state.as_ref().is_none_or(|s| s.epoch < p.status_epoch);
+                // No `meta` either counts: a broker that sends no retained messages to
+                // wildcard subscriptions (RabbitMQ) never delivers it to a supervisor that
+                // started after the printer's birth, and without it Home Assistant gets no
+                // device for the printer.
+                let behind =
+                    p.state.as_ref().is_none_or(|s| s.epoch < p.status_epoch) || p.meta.is_none();
                 (self.connected && online && behind).then(|| {
                     let after = self.cfg.rebirth_after_ms();
                     let first = p.online_since_mono + after;
