@@ -2,16 +2,20 @@
 //! faults, then a check of what every process left on disk.
 //!
 //! 1. **Start**: a broker (`printloop broker` = rumqttd, or the system's `mosquitto` with a
-//!    generated config) on a free loopback port; per printer a `printloop sim --control-stdin`
-//!    on a pty and a `printloop-gateway` that reaches the broker through its own loopback
-//!    [`testkit::proxy::Proxy`]; the `printloop supervisor` on the broker directly. All data in one temp
-//!    dir, kept (and printed) when the run fails.
+//!    generated config) on a free loopback port, or a 3-node RabbitMQ cluster
+//!    ([`cluster::Cluster`]); the runner's observer, subscribed before anything publishes; per
+//!    printer a `printloop sim --control-stdin` on a pty and a `printloop-gateway` that reaches
+//!    the broker through its own loopback [`testkit::proxy::Proxy`] (on the cluster, a failover
+//!    proxy that prefers node `i mod 3 + 1`, like a TCP load balancer); the `printloop
+//!    supervisor` on the broker (node 1) directly. All data in one temp dir, kept (and printed)
+//!    when the run fails.
 //! 2. **Work**: the runner is the operator: it uploads the built-in G-code files, keeps the queue
 //!    topped up while faults run, clears beds (a failed print as failed, so it is requeued),
 //!    resets halted printers and releases printers held by the circuit breaker.
 //! 3. **Faults** ([`faults::Schedule`], seeded): one at a time — inject, hold, heal, then wait
 //!    until the supervisor's view of every printer (`list_printers`) agrees with the printer's
-//!    own retained `status` and `state` again; that time is the fault's convergence time.
+//!    own retained `status` and `state` again; that time is the fault's convergence time. On the
+//!    cluster the broker fault is a SIGKILL of node 2 or 3 and its restart.
 //! 4. **Settle**: no more faults or new jobs; the operator goes on until every job has ended,
 //!    the views agree, then every process is stopped (SIGTERM).
 //! 5. **Check** ([`invariants::violations`], the one checker the simulation uses too): the
@@ -20,6 +24,7 @@
 //!
 //! Prints one JSON line on stdout; exits 0 only with no violation (each is also on stderr).
 
+pub(crate) mod cluster;
 pub mod faults;
 pub(crate) mod observe;
 pub(crate) mod operator;
@@ -36,10 +41,11 @@ use protocol::presence::Presence;
 use protocol::{JobId, Topics};
 
 use crate::ops::Endpoint;
+use cluster::Cluster;
 use faults::{Fault, FaultKind, Schedule};
 use observe::{Observer, PrinterSeen};
 use operator::Operator;
-pub use procs::BrokerKind;
+pub use procs::ChaosBroker;
 use procs::{Proc, Spec};
 use testkit::proxy::{LinkMode, Proxy};
 
@@ -66,9 +72,11 @@ pub struct ChaosArgs {
     /// Seed of the fault schedule (the same seed gives the same faults in the same order).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// The broker: `rumqttd` (`printloop broker`) or `mosquitto` (the system's binary).
-    #[arg(long, value_enum, default_value_t = BrokerKind::Rumqttd)]
-    pub broker: BrokerKind,
+    /// The broker: `rumqttd` (`printloop broker`), `mosquitto` (the system's binary) or
+    /// `rabbitmq-cluster` (3 RabbitMQ nodes on loopback via scripts/rabbitmq-cluster.sh; needs
+    /// root and `rabbitmq-server` installed; the broker fault kills and restarts node 2 or 3).
+    #[arg(long, value_enum, default_value_t = ChaosBroker::Rumqttd)]
+    pub broker: ChaosBroker,
     /// How much faster than real time the simulated printers run (moves and heating are
     /// instant; this scales the serial wire, so a small file prints in seconds).
     #[arg(long, default_value_t = 4.0)]
@@ -118,6 +126,10 @@ struct Report {
     violations: Vec<String>,
     worst_converge_s: f64,
     worst_converge_fault: Option<String>,
+    /// On the cluster: the slowest time from a node's SIGKILL until the views agreed again
+    /// with that node still down (every gateway reconnected through another node).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worst_failover_s: Option<f64>,
     converge_s: BTreeMap<&'static str, f64>,
     settle_s: f64,
     wall_s: f64,
@@ -134,7 +146,12 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     let (printloop, gateway_bin, dir) =
         procs::prepare_run("chaos", args.speed, args.gateway_bin.as_deref())?;
     let started = Instant::now();
-    let outcome = Run::execute(&args, &printloop, &gateway_bin, &dir).await;
+    // Ctrl-C drops the run: its child processes are killed on drop, and a RabbitMQ cluster
+    // (whose nodes are not our children) is stopped by its `Drop`.
+    let outcome = tokio::select! {
+        outcome = Run::execute(&args, &printloop, &gateway_bin, &dir) => outcome,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted (Ctrl-C)")),
+    };
     let wall = started.elapsed().as_secs_f64();
     match outcome {
         Ok(mut report) => {
@@ -154,6 +171,70 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     }
 }
 
+/// The broker of a run: one process, or a RabbitMQ cluster.
+enum Broker {
+    Single { proc: Box<Proc>, port: u16 },
+    Cluster(Cluster),
+}
+
+impl Broker {
+    /// Starts it: one process on a free port, or the cluster (its script's progress in
+    /// `logs/rabbitmq-cluster.log`).
+    async fn start(kind: ChaosBroker, printloop: &Path, dir: &Path) -> anyhow::Result<Broker> {
+        match kind.single() {
+            Some(single) => {
+                let (spec, port) = procs::broker_spec(single, printloop, dir)?;
+                let mut proc = Box::new(Proc::new(spec));
+                start_broker(&mut proc, port).await?;
+                Ok(Broker::Single { proc, port })
+            }
+            None => Ok(Broker::Cluster(
+                Cluster::start(dir, &dir.join("logs/rabbitmq-cluster.log")).await?,
+            )),
+        }
+    }
+
+    /// Where the supervisor, the operator and the observer connect: the broker, or node 1
+    /// (which the schedule never kills).
+    fn port(&self) -> u16 {
+        match self {
+            Broker::Single { port, .. } => *port,
+            Broker::Cluster(c) => c.port(1),
+        }
+    }
+
+    /// What printer `i`'s proxy forwards to: the broker, or node `i mod 3 + 1` first and the
+    /// other nodes after it.
+    fn upstreams(&self, i: usize) -> Vec<u16> {
+        match self {
+            Broker::Single { port, .. } => vec![*port],
+            Broker::Cluster(c) => c.preference(i % cluster::NODES + 1),
+        }
+    }
+}
+
+/// The node a broker fault on the cluster kills: the faulted printer's preferred node unless
+/// that is node 1 (the supervisor's), then node 2 or 3.
+fn cluster_victim(printer: usize) -> usize {
+    match printer % cluster::NODES + 1 {
+        1 => 2 + printer % 2,
+        node => node,
+    }
+}
+
+/// A killed cluster node the farm has not got over yet.
+#[derive(Debug, Clone)]
+struct Failover {
+    /// The node (1-based) and its MQTT port.
+    node: usize,
+    port: u16,
+    /// When it was killed.
+    since: Instant,
+    /// The printers whose gateway was connected through it, with the epoch of the status the
+    /// observer had seen from them then.
+    moved: Vec<(usize, u64)>,
+}
+
 /// A fault being played.
 #[derive(Debug, Clone, Copy)]
 enum Stage {
@@ -170,8 +251,7 @@ struct Run<'a> {
     args: &'a ChaosArgs,
     dir: &'a Path,
     n: usize,
-    broker: Proc,
-    broker_port: u16,
+    broker: Broker,
     supervisor: Proc,
     sims: Vec<Proc>,
     gateways: Vec<Proc>,
@@ -184,6 +264,10 @@ struct Run<'a> {
     violations: Vec<String>,
     /// Processes the schedule has taken down on purpose (not restarted by the watchdog).
     down: Vec<String>,
+    /// On the cluster: a node the schedule killed, until the farm got over it.
+    failover_pending: Option<Failover>,
+    /// On the cluster: seconds from each node kill until the views agreed without that node.
+    failover: Vec<f64>,
 }
 
 impl<'a> Run<'a> {
@@ -198,11 +282,19 @@ impl<'a> Run<'a> {
         let logs = dir.join("logs");
         std::fs::create_dir_all(&logs).context("creating the log directory")?;
 
-        // The broker.
-        let (spec, broker_port) = procs::broker_spec(args.broker, printloop, dir)?;
-        let mut broker = Proc::new(spec);
-        start_broker(&mut broker, broker_port).await?;
-        let url = format!("mqtt://127.0.0.1:{broker_port}");
+        // The broker, then the observer: subscribed before anything publishes, so it sees
+        // every birth live (RabbitMQ sends no retained messages to its wildcard filters).
+        let broker = Broker::start(args.broker, printloop, dir).await?;
+        let url = format!("mqtt://127.0.0.1:{}", broker.port());
+        let observer = Observer::start(broker.port(), topics.clone());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !observer.subscribed() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the runner's observer was not subscribed within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
 
         // The printers, their links and gateways.
         let mut sims = Vec::new();
@@ -231,7 +323,7 @@ impl<'a> Run<'a> {
                 stdin: true,
             });
             start_sim(&mut sim, &link).await?;
-            let proxy = Proxy::start(broker_port)
+            let proxy = Proxy::start_multi(broker.upstreams(i))
                 .await
                 .context("starting a link proxy")?;
             let gw = Proc::new(Spec {
@@ -290,7 +382,6 @@ impl<'a> Run<'a> {
         });
         supervisor.start()?;
 
-        let observer = Observer::start(broker_port, topics.clone());
         let ep = Endpoint::new(&url, protocol::DEFAULT_ROOT, Duration::from_secs(3))
             .context("endpoint")?;
         let mut run = Run {
@@ -298,7 +389,6 @@ impl<'a> Run<'a> {
             dir,
             n,
             broker,
-            broker_port,
             supervisor,
             sims,
             gateways,
@@ -310,6 +400,8 @@ impl<'a> Run<'a> {
             converge: Vec::new(),
             violations: Vec::new(),
             down: Vec::new(),
+            failover_pending: None,
+            failover: Vec::new(),
         };
         let report = run.play().await;
         if report.is_err() {
@@ -343,6 +435,10 @@ impl<'a> Run<'a> {
         loop {
             self.watchdog().await;
             self.operate(true).await;
+            if self.failover_pending.is_some() {
+                // A node is down (the cluster's broker fault): note when the farm got over it.
+                let _ = self.failed_over().await;
+            }
             let now = Instant::now();
             stage = match stage {
                 Stage::Gap { until } if now >= until => {
@@ -469,6 +565,7 @@ impl<'a> Run<'a> {
             violations: std::mem::take(&mut self.violations),
             worst_converge_s: round1(worst.as_ref().map_or(0.0, |w| w.1)),
             worst_converge_fault: worst.map(|w| w.0),
+            worst_failover_s: self.failover.iter().copied().reduce(f64::max).map(round1),
             converge_s: per_kind,
             settle_s: round1(settle_s),
             wall_s: 0.0,
@@ -500,9 +597,21 @@ impl<'a> Run<'a> {
     /// system may crash by itself).
     async fn watchdog(&mut self) {
         let mut crashed = Vec::new();
-        if !self.down.iter().any(|d| d == "broker") && !self.broker.is_running() {
-            crashed.push(self.broker.name().to_owned());
-            let _ = start_broker(&mut self.broker, self.broker_port).await;
+        match &mut self.broker {
+            Broker::Single { proc, port } => {
+                if !self.down.iter().any(|d| d == "broker") && !proc.is_running() {
+                    crashed.push(proc.name().to_owned());
+                    let _ = start_broker(proc, *port).await;
+                }
+            }
+            Broker::Cluster(c) => {
+                for node in c.crashed() {
+                    crashed.push(format!("RabbitMQ node pl{node}"));
+                    if let Err(e) = c.restart(node).await {
+                        eprintln!("chaos: restarting node pl{node}: {e:#}");
+                    }
+                }
+            }
         }
         if !self.down.iter().any(|d| d == "supervisor") && !self.supervisor.is_running() {
             crashed.push(self.supervisor.name().to_owned());
@@ -561,7 +670,33 @@ impl<'a> Run<'a> {
             }
             FaultKind::RestartBroker => {
                 self.down.push("broker".into());
-                self.broker.kill().await;
+                match &mut self.broker {
+                    Broker::Single { proc, .. } => proc.kill().await,
+                    Broker::Cluster(c) => {
+                        let node = cluster_victim(p);
+                        eprintln!("chaos:          SIGKILL of RabbitMQ node pl{node}");
+                        let port = c.port(node);
+                        let seen = self.observer.printers();
+                        let moved = (0..self.n)
+                            .filter(|&i| self.proxies[i].connections_to(port) > 0)
+                            .map(|i| {
+                                let epoch = seen
+                                    .get(&format!("p{i}"))
+                                    .and_then(|o| o.status.as_ref())
+                                    .map_or(0, |st| st.epoch);
+                                (i, epoch)
+                            })
+                            .collect();
+                        let since = Instant::now();
+                        c.kill(node).await?;
+                        self.failover_pending = Some(Failover {
+                            node,
+                            port,
+                            since,
+                            moved,
+                        });
+                    }
+                }
             }
             FaultKind::Partition => self.proxies[p].set(LinkMode::Partition),
             FaultKind::CutLink => self.proxies[p].set(LinkMode::Cut),
@@ -579,7 +714,21 @@ impl<'a> Run<'a> {
             FaultKind::KillGateway => self.gateways[p].start()?,
             FaultKind::KillSupervisor => self.supervisor.start()?,
             FaultKind::KillSimulator => start_sim(&mut self.sims[p], &self.links[p]).await?,
-            FaultKind::RestartBroker => start_broker(&mut self.broker, self.broker_port).await?,
+            FaultKind::RestartBroker => {
+                self.await_failover().await;
+                match &mut self.broker {
+                    Broker::Single { proc, port } => start_broker(proc, *port).await?,
+                    Broker::Cluster(c) => {
+                        let node = cluster_victim(p);
+                        let t = Instant::now();
+                        c.restart(node).await?;
+                        eprintln!(
+                            "chaos:          RabbitMQ node pl{node} rejoined in {:.1} s",
+                            t.elapsed().as_secs_f64()
+                        );
+                    }
+                }
+            }
             FaultKind::Partition | FaultKind::CutLink | FaultKind::DelayLink => {
                 self.proxies[p].set(LinkMode::Pass)
             }
@@ -587,6 +736,74 @@ impl<'a> Run<'a> {
             FaultKind::ThermalRunaway => {}
         }
         Ok(())
+    }
+
+    /// On the cluster, after a node's SIGKILL: `Ok` once every gateway that was connected
+    /// through that node is online again through another one (a newer status on the broker, no
+    /// connection left to the dead node) and the views agree, with the node still down; the
+    /// time from the kill is recorded. Checked on every tick of the hold, then by
+    /// [`Run::await_failover`]. (Agreement alone proves nothing here: no will is published
+    /// when a node dies, so right after the kill every view still says "online".)
+    async fn failed_over(&mut self) -> Result<(), String> {
+        let Some(f) = self.failover_pending.clone() else {
+            return Ok(());
+        };
+        let seen = self.observer.printers();
+        for &(i, epoch) in &f.moved {
+            let now = seen
+                .get(&format!("p{i}"))
+                .and_then(|o| o.status.as_ref())
+                .map_or(0, |st| st.epoch);
+            if now <= epoch || self.proxies[i].connections_to(f.port) > 0 {
+                return Err(format!(
+                    "p{i} is not back through another node yet (status epoch {now}, was {epoch})"
+                ));
+            }
+        }
+        self.agreement().await?;
+        let (node, secs) = (f.node, f.since.elapsed().as_secs_f64());
+        let moved = f
+            .moved
+            .iter()
+            .map(|(i, _)| format!("p{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        eprintln!(
+            "chaos:          gateways moved: {}; views agree with pl{node} down, {secs:.1} s after its SIGKILL",
+            if moved.is_empty() { "(no gateway was on it)".to_owned() } else { moved }
+        );
+        self.failover.push(secs);
+        self.failover_pending = None;
+        Ok(())
+    }
+
+    /// Before a killed node is restarted: waits (up to `--converge-timeout`, the operator
+    /// working on) for [`Run::failed_over`]. Not agreeing in time is a violation: the farm must
+    /// not need the dead node back.
+    async fn await_failover(&mut self) {
+        let limit = Duration::from_secs(self.args.converge_timeout);
+        let waiting = Instant::now();
+        loop {
+            let Some(node) = self.failover_pending.as_ref().map(|f| f.node) else {
+                return;
+            };
+            match self.failed_over().await {
+                Ok(_) => return,
+                Err(why) if waiting.elapsed() > limit => {
+                    self.violations.push(format!(
+                        "no failover: the views did not agree within {} s with RabbitMQ node \
+                         pl{node} down: {why}",
+                        limit.as_secs()
+                    ));
+                    self.failover_pending = None;
+                    return;
+                }
+                Err(_) => {}
+            }
+            self.watchdog().await;
+            self.operate(true).await;
+            tokio::time::sleep(TICK).await;
+        }
     }
 
     /// Orderly stops: the supervisor and gateways release their redb files.
@@ -606,7 +823,12 @@ impl<'a> Run<'a> {
         for s in &mut self.sims {
             s.stop(Signal::SIGTERM).await;
         }
-        self.broker.stop(Signal::SIGTERM).await;
+        match &mut self.broker {
+            Broker::Single { proc, .. } => {
+                proc.stop(Signal::SIGTERM).await;
+            }
+            Broker::Cluster(c) => c.stop().await,
+        }
         for p in &self.proxies {
             p.set(LinkMode::Cut);
         }
@@ -627,6 +849,14 @@ impl<'a> Run<'a> {
         let mut s = format!("--- supervisor (tail) ---\n{}", self.supervisor.tail(30));
         for g in &self.gateways {
             s += &format!("\n--- {} (tail) ---\n{}", g.name(), g.tail(15));
+        }
+        if let Broker::Cluster(c) = &self.broker {
+            for node in 1..=cluster::NODES {
+                s += &format!(
+                    "\n--- RabbitMQ node pl{node} (tail) ---\n{}",
+                    c.tail(node, 10)
+                );
+            }
         }
         s
     }
@@ -847,6 +1077,17 @@ mod tests {
                 )
                 .expect("state"),
             ),
+        }
+    }
+
+    #[test]
+    fn a_node_fault_spares_node_1_and_hits_a_gateways_node() {
+        for printer in 0..32 {
+            let node = cluster_victim(printer);
+            assert!((2..=cluster::NODES).contains(&node), "p{printer}: pl{node}");
+            if printer % cluster::NODES + 1 != 1 {
+                assert_eq!(node, printer % cluster::NODES + 1, "p{printer}'s own node");
+            }
         }
     }
 

@@ -2,6 +2,10 @@
 //! (newest wins, a late will is ignored) and the `job_started` / `file_verified` events, from a
 //! direct connection to the broker (not through any proxy) that reconnects and re-subscribes
 //! after a broker restart.
+//!
+//! A broker that sends no retained messages to wildcard filters (RabbitMQ 3.10) shows the
+//! observer only what is published after it subscribed: a runner waits for
+//! [`Observer::subscribed`] before it starts the gateways, so every birth is seen live.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +37,8 @@ pub struct Seen {
     pub observed: Observed,
     /// Messages that did not decode.
     pub undecodable: u64,
+    /// The broker granted every subscription (on some connection).
+    pub subscribed: bool,
 }
 
 impl Seen {
@@ -131,21 +137,33 @@ impl Observer {
             reconnect: Reconnect::After(Duration::from_millis(200)),
             // A clean session: subscribe again on every connection.
             resubscribe: Some((client, filters)),
-            acks: Acks::None,
+            acks: Acks::Subscribe,
         };
         let forward = transport::forward::spawn(eventloop, forwarding, Out::Bounded(tx));
         let s = seen.clone();
         let task = tokio::spawn(async move {
             let _forward = AbortOnDrop(forward);
             while let Some(ev) = rx.recv().await {
-                if let MqttEvent::Message(p) = ev {
-                    if let Ok(mut seen) = s.lock() {
-                        seen.apply(&topics, &p.topic, &p.payload);
+                let Ok(mut seen) = s.lock() else {
+                    continue;
+                };
+                match ev {
+                    MqttEvent::Message(p) => seen.apply(&topics, &p.topic, &p.payload),
+                    MqttEvent::SubAck(codes) => {
+                        seen.subscribed |= codes
+                            .iter()
+                            .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_)));
                     }
+                    _ => {}
                 }
             }
         });
         Observer { seen, task }
+    }
+
+    /// Whether the broker has granted the observer's subscriptions.
+    pub fn subscribed(&self) -> bool {
+        self.seen.lock().is_ok_and(|s| s.subscribed)
     }
 
     /// A copy of the retained view.

@@ -198,7 +198,39 @@ impl BrokerKind {
     }
 }
 
-/// Finds a program in PATH or the sbin directories (Debian installs `mosquitto` in /usr/sbin).
+/// Which broker `printloop chaos` runs: one process ([`BrokerKind`]), or a RabbitMQ cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChaosBroker {
+    /// `printloop broker` (rumqttd): keeps nothing across a restart.
+    Rumqttd,
+    /// The system's `mosquitto` with a generated config (persistence off).
+    Mosquitto,
+    /// Three RabbitMQ nodes with the MQTT plugin and quorum session queues
+    /// (`scripts/rabbitmq-cluster.sh`): gateways spread over the nodes through failover
+    /// proxies, the supervisor on node 1; the broker fault kills and restarts node 2 or 3.
+    RabbitmqCluster,
+}
+
+impl ChaosBroker {
+    /// Its name in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChaosBroker::Rumqttd => BrokerKind::Rumqttd.name(),
+            ChaosBroker::Mosquitto => BrokerKind::Mosquitto.name(),
+            ChaosBroker::RabbitmqCluster => "rabbitmq-cluster",
+        }
+    }
+
+    /// The one-process broker it is, if it is one.
+    pub fn single(self) -> Option<BrokerKind> {
+        match self {
+            ChaosBroker::Rumqttd => Some(BrokerKind::Rumqttd),
+            ChaosBroker::Mosquitto => Some(BrokerKind::Mosquitto),
+            ChaosBroker::RabbitmqCluster => None,
+        }
+    }
+}
+
 /// What a runner of real processes needs first: this executable, the gateway binary (`given`,
 /// or the one next to this executable), and a fresh directory `printloop-<what>-…` that is kept
 /// (the runner removes it when the run passes).
@@ -262,6 +294,7 @@ pub fn print_report(
     Ok(())
 }
 
+/// Finds a program in PATH or the sbin directories (Debian installs `mosquitto` in /usr/sbin).
 pub fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)

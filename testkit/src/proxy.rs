@@ -15,8 +15,16 @@
 //!
 //! No byte is ever dropped or reordered inside a connection: a link is either whole, late, or
 //! closed, as TCP promises. Every task ends when the proxy is dropped.
+//!
+//! Upstreams: one port ([`Proxy::start`]) or several in order of preference
+//! ([`Proxy::start_multi`]), as a TCP load balancer in front of a broker cluster does it: each
+//! new connection goes to the first upstream that accepts it, so a client whose node died is
+//! closed with that node's connection and its reconnect lands on the next node. A connection
+//! stays where it landed: nothing moves it back when a preferred node returns.
+//! [`Proxy::connections_to`] tells which upstream a client is on now.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -41,23 +49,89 @@ pub enum LinkMode {
 pub struct Proxy {
     port: u16,
     mode: Arc<watch::Sender<LinkMode>>,
+    open: OpenLinks,
     task: tokio::task::JoinHandle<()>,
 }
+
+/// Connections open upstream, by upstream port.
+type OpenLinks = Arc<Mutex<BTreeMap<u16, usize>>>;
+
+/// Counts one open upstream connection while it lives.
+struct OpenGuard {
+    open: OpenLinks,
+    upstream: u16,
+}
+
+impl OpenGuard {
+    fn new(open: &OpenLinks, upstream: u16) -> OpenGuard {
+        if let Ok(mut m) = open.lock() {
+            *m.entry(upstream).or_default() += 1;
+        }
+        OpenGuard {
+            open: open.clone(),
+            upstream,
+        }
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.open.lock() {
+            if let Some(n) = m.get_mut(&self.upstream) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+}
+
+/// How long the proxy waits for one upstream to accept a connection before it tries the next.
+pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Proxy {
     /// Listens on a free loopback port and forwards to `127.0.0.1:upstream`.
     pub async fn start(upstream: u16) -> std::io::Result<Proxy> {
+        Self::start_multi(vec![upstream]).await
+    }
+
+    /// Listens on a free loopback port and forwards each new connection to the first of
+    /// `127.0.0.1:<upstreams>`, in this order, that accepts it within
+    /// [`UPSTREAM_CONNECT_TIMEOUT`]; when none does, the connection is closed.
+    pub async fn start_multi(upstreams: Vec<u16>) -> std::io::Result<Proxy> {
+        if upstreams.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a proxy needs at least one upstream port",
+            ));
+        }
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let port = listener.local_addr()?.port();
         let (tx, _) = watch::channel(LinkMode::Pass);
         let mode = Arc::new(tx);
-        let task = tokio::spawn(accept_loop(listener, upstream, mode.clone()));
-        Ok(Proxy { port, mode, task })
+        let open = OpenLinks::default();
+        let task = tokio::spawn(accept_loop(
+            listener,
+            upstreams.into(),
+            mode.clone(),
+            open.clone(),
+        ));
+        Ok(Proxy {
+            port,
+            mode,
+            open,
+            task,
+        })
     }
 
     /// The port gateways connect to.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Connections through the proxy that are open to `upstream` now.
+    pub fn connections_to(&self, upstream: u16) -> usize {
+        self.open
+            .lock()
+            .map_or(0, |m| m.get(&upstream).copied().unwrap_or(0))
     }
 
     /// Switches the mode (takes effect at once for every connection).
@@ -73,7 +147,12 @@ impl Drop for Proxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, upstream: u16, mode: Arc<watch::Sender<LinkMode>>) {
+async fn accept_loop(
+    listener: TcpListener,
+    upstreams: Arc<[u16]>,
+    mode: Arc<watch::Sender<LinkMode>>,
+    open: OpenLinks,
+) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -86,7 +165,12 @@ async fn accept_loop(listener: TcpListener, upstream: u16, mode: Arc<watch::Send
                     drop(down);
                     continue;
                 }
-                conns.spawn(connection(down, upstream, mode.subscribe()));
+                conns.spawn(connection(
+                    down,
+                    upstreams.clone(),
+                    mode.subscribe(),
+                    open.clone(),
+                ));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
@@ -109,15 +193,32 @@ async fn usable(mode: &mut watch::Receiver<LinkMode>) -> bool {
     }
 }
 
+/// The first upstream, in order, that accepts a connection, and its port.
+async fn connect_first(upstreams: &[u16]) -> Option<(TcpStream, u16)> {
+    for &port in upstreams {
+        let attempt = TcpStream::connect(("127.0.0.1", port));
+        if let Ok(Ok(up)) = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, attempt).await {
+            return Some((up, port));
+        }
+    }
+    None
+}
+
 /// One proxied connection: connects upstream once the link allows it, then pumps both ways
 /// until either side closes or the link is cut.
-async fn connection(down: TcpStream, upstream: u16, mut mode: watch::Receiver<LinkMode>) {
+async fn connection(
+    down: TcpStream,
+    upstreams: Arc<[u16]>,
+    mut mode: watch::Receiver<LinkMode>,
+    open: OpenLinks,
+) {
     if !usable(&mut mode).await {
         return;
     }
-    let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+    let Some((up, port)) = connect_first(&upstreams).await else {
         return;
     };
+    let _counted = OpenGuard::new(&open, port);
     let _ = down.set_nodelay(true);
     let _ = up.set_nodelay(true);
     let (down_r, down_w) = down.into_split();
@@ -211,6 +312,95 @@ mod tests {
             Ok(Ok(_)) => Some(got),
             _ => None,
         }
+    }
+
+    /// A server that writes `tag` to every connection it accepts, then echoes.
+    async fn tagged_server(listener: TcpListener, tag: u8) {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(&[tag]).await;
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    /// Which tagged server a new connection through the proxy reached (`None`: closed).
+    async fn reached(proxy: &Proxy) -> Option<u8> {
+        let mut s = TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .expect("connect");
+        let mut tag = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut tag)).await {
+            Ok(Ok(1)) => Some(tag[0]),
+            _ => None,
+        }
+    }
+
+    /// Waits (at most 5 s) until `proxy` counts `want` connections to `upstream`; the count.
+    async fn count_becomes(proxy: &Proxy, upstream: u16, want: usize) -> usize {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while proxy.connections_to(upstream) != want && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        proxy.connections_to(upstream)
+    }
+
+    #[tokio::test]
+    async fn fails_over_in_order_of_preference_and_back() {
+        let a = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind a");
+        let b = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind b");
+        let (pa, pb) = (
+            a.local_addr().expect("a").port(),
+            b.local_addr().expect("b").port(),
+        );
+        let server_a = tokio::spawn(tagged_server(a, b'a'));
+        let _server_b = tokio::spawn(tagged_server(b, b'b'));
+        let proxy = Proxy::start_multi(vec![pa, pb]).await.expect("proxy");
+        assert_eq!(reached(&proxy).await, Some(b'a'), "the first choice");
+
+        // An open connection is counted on its upstream while it lives.
+        assert_eq!(count_becomes(&proxy, pa, 0).await, 0, "the probe closed");
+        let mut held = TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .expect("connect");
+        let mut tag = [0u8; 1];
+        held.read_exact(&mut tag).await.expect("tag");
+        assert_eq!((proxy.connections_to(pa), proxy.connections_to(pb)), (1, 0));
+        drop(held);
+        assert_eq!(
+            count_becomes(&proxy, pa, 0).await,
+            0,
+            "not counted once closed"
+        );
+
+        // The first upstream goes away (its listener closed: connections are refused).
+        server_a.abort();
+        let _ = server_a.await;
+        assert_eq!(reached(&proxy).await, Some(b'b'), "failed over");
+
+        // It comes back on the same port: new connections prefer it again.
+        let a = TcpListener::bind(("127.0.0.1", pa))
+            .await
+            .expect("rebind a");
+        let _server_a = tokio::spawn(tagged_server(a, b'a'));
+        assert_eq!(
+            reached(&proxy).await,
+            Some(b'a'),
+            "back to the first choice"
+        );
+
+        // None accepts: the connection is closed.
+        let dead = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+        let dead_port = dead.local_addr().expect("addr").port();
+        drop(dead);
+        let nowhere = Proxy::start_multi(vec![dead_port]).await.expect("proxy");
+        assert_eq!(reached(&nowhere).await, None);
+        assert!(Proxy::start_multi(Vec::new()).await.is_err());
     }
 
     #[tokio::test]
