@@ -260,7 +260,9 @@ fn every_rest_operation_answers_as_documented_and_prints_a_job() {
     );
 
     // Upload in two chunks, the second after asking where to resume (as after a cut).
-    let file = gcode(400, "http api test");
+    // Long enough that p0 is still printing after a pause and a resume on a loaded machine
+    // (400 lines once finished before the cancel below came).
+    let file = gcode(2000, "http api test");
     let digest = sha(&file);
     let path = format!("/api/v1/files/{digest}");
     let r = api.call("get", &path, None, &[]);
@@ -419,11 +421,17 @@ fn every_rest_operation_answers_as_documented_and_prints_a_job() {
         tile(v, "p0")["phase"] == "printing"
     });
 
-    // Cancel p0's job; a second cancel is refused; the cancelled job can be requeued.
+    // Cancel p0's job (paused again first: a paused job cannot end on its own before the
+    // cancel arrives); a second cancel is refused; the cancelled job can be requeued.
+    let r = api.call("post", "/api/v1/printers/p0/pause", None, &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_fleet(&api, &mut spec, "p0 paused again", |v| {
+        tile(v, "p0")["phase"] == "paused"
+    });
     let r = api.call("post", &format!("/api/v1/jobs/{on_p0}/cancel"), None, &[]);
     assert_eq!(r.status, 200, "{}", r.text());
     wait_fleet(&api, &mut spec, "p0's job cancelled", |v| {
-        tile(v, "p0")["phase"] != "printing"
+        !matches!(tile(v, "p0")["phase"].as_str(), Some("printing" | "paused"))
     });
     let r = api.call("post", &format!("/api/v1/jobs/{on_p0}/cancel"), None, &[]);
     assert_eq!(
