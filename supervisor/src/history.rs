@@ -65,16 +65,22 @@ pub fn read(dir: &Path) -> std::io::Result<(Vec<JobRecord>, usize)> {
 
 /// `YYYY-MM` (UTC) of a Unix time in ms.
 fn month_of(unix_ms: u64) -> String {
-    // Howard Hinnant's days-to-civil, for days since 1970-01-01.
-    let z = (unix_ms / 86_400_000) as i64 + 719_468;
+    let (year, month, _) = civil((unix_ms / 86_400_000) as i64);
+    format!("{year:04}-{month:02}")
+}
+
+/// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's algorithm).
+pub(crate) fn civil(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
     let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}")
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
 }
 
 #[cfg(test)]

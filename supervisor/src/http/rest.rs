@@ -431,7 +431,7 @@ fn iso(ms: Option<u64>) -> String {
         let secs = (ms / 1000) as i64;
         let days = secs.div_euclid(86_400);
         let rem = secs.rem_euclid(86_400);
-        let (y, m, d) = civil(days);
+        let (y, m, d) = crate::history::civil(days);
         format!(
             "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
             rem / 3600,
@@ -440,20 +440,6 @@ fn iso(ms: Option<u64>) -> String {
         )
     })
     .unwrap_or_default()
-}
-
-/// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's algorithm).
-fn civil(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 /// `GET /api/v1/history.csv`: ended jobs for a spreadsheet.
