@@ -510,7 +510,9 @@ impl Shell {
                     }
                 }
                 Output::StoreUpload { caller, id, chunk } => {
-                    self.uploads.store(caller, id, chunk, now.unix_ms);
+                    if let Some(refused) = self.uploads.store(caller, id, chunk, now.unix_ms) {
+                        self.pending.push_back(refused);
+                    }
                 }
             }
         }
@@ -524,8 +526,13 @@ impl Shell {
 /// A file is always handled by the same worker (picked by its digest); different files go in
 /// parallel.
 struct Uploads {
-    workers: Vec<std::sync::mpsc::Sender<UploadWork>>,
+    workers: Vec<std::sync::mpsc::SyncSender<UploadWork>>,
 }
+
+/// Chunks waiting for one upload writer, at most (~6 MiB of base64): beyond it a chunk is
+/// answered "busy" at once instead of piling up in memory behind a slow disk (many clients,
+/// or one that ignores its answers).
+const UPLOAD_QUEUE: usize = 64;
 
 struct UploadWork {
     caller: crate::machine::Caller,
@@ -542,7 +549,7 @@ impl Uploads {
     fn start(files: Arc<FileStore>, answers: mpsc::Sender<Input>) -> Self {
         let workers = (0..UPLOAD_WORKERS)
             .map(|i| {
-                let (tx, rx) = std::sync::mpsc::channel::<UploadWork>();
+                let (tx, rx) = std::sync::mpsc::sync_channel::<UploadWork>(UPLOAD_QUEUE);
                 let (files, answers) = (files.clone(), answers.clone());
                 std::thread::Builder::new()
                     .name(format!("upload-{i}"))
@@ -566,37 +573,44 @@ impl Uploads {
         Self { workers }
     }
 
+    /// Hands a chunk to its file's writer; when that cannot be done now, the refusal to answer
+    /// the request with (it is never left unanswered).
     fn store(
         &self,
         caller: crate::machine::Caller,
         id: protocol::CommandId,
         chunk: protocol::api::UploadChunk,
         at_ms: u64,
-    ) {
+    ) -> Option<Input> {
         let n = self.workers.len().max(1);
-        let pick = usize::from(
-            chunk
-                .sha256
-                .as_str()
-                .as_bytes()
-                .first()
-                .copied()
-                .unwrap_or(0),
-        ) % n;
+        let first = chunk.sha256.as_str().as_bytes().first().copied();
+        let pick = usize::from(first.unwrap_or(0)) % n;
         let work = UploadWork {
             caller,
             id,
             chunk,
             at_ms,
         };
-        match self.workers.get(pick) {
-            Some(tx) => {
-                if let Err(e) = tx.send(work) {
-                    tracing::error!("upload writer gone: {}", e.0.id);
-                }
+        let Some(tx) = self.workers.get(pick) else {
+            tracing::error!("no upload writer could be started");
+            return None;
+        };
+        let (w, reason) = match tx.try_send(work) {
+            Ok(()) => return None,
+            Err(std::sync::mpsc::TrySendError::Full(w)) => (
+                w,
+                "busy: the supervisor's upload writer is behind; send this chunk again",
+            ),
+            Err(std::sync::mpsc::TrySendError::Disconnected(w)) => {
+                tracing::error!("upload writer gone");
+                (w, "the supervisor cannot store uploads now")
             }
-            None => tracing::error!("no upload writer could be started"),
-        }
+        };
+        Some(Input::Uploaded {
+            caller: w.caller,
+            id: w.id,
+            outcome: UploadOutcome::Failed(reason.into()),
+        })
     }
 }
 
