@@ -43,9 +43,11 @@ fn will() -> LastWill {
     LastWill::new("printloop/v1/test/will", "gone", QoS::AtLeastOnce, false)
 }
 
-/// What the connection task reported until it connected, or until `limit`.
+/// What the connection task reported until it connected, was first taken for refused, or
+/// until `limit`.
 struct Outcome {
     connected_after: Option<Duration>,
+    refused_after: Option<Duration>,
     downs: u32,
     refused: u32,
 }
@@ -57,6 +59,7 @@ async fn watch(port: u16, id: &str, limit: Duration) -> Outcome {
     let start = Instant::now();
     let mut out = Outcome {
         connected_after: None,
+        refused_after: None,
         downs: 0,
         refused: 0,
     };
@@ -71,6 +74,10 @@ async fn watch(port: u16, id: &str, limit: Duration) -> Outcome {
             } => {
                 out.downs += 1;
                 out.refused += u32::from(refused);
+                if refused {
+                    out.refused_after = Some(start.elapsed());
+                    break;
+                }
                 if let Some(next) = next_will {
                     let _ = next.send(will());
                 }
@@ -103,17 +110,22 @@ async fn a_broker_behind_a_proxy_that_comes_back_is_reached_within_seconds() {
 async fn closes_that_go_on_are_taken_for_a_refused_login_and_slow_down() {
     // Nothing behind the door ever answers: rumqttd refusing a bad password looks like this.
     let port = door(1, Duration::from_secs(3_600)).await;
-    let out = watch(port, "reconnect-refused", Duration::from_secs(12)).await;
+    // The network backoff's attempts are 0.25-0.5 s, 0.5-1 s, 1-2 s, 2-4 s, 4-8 s apart (the
+    // jitter is seeded per run), so the first close after 5 s comes between 5 and 15.5 s.
+    let out = watch(port, "reconnect-refused", Duration::from_secs(20)).await;
     assert!(out.connected_after.is_none());
+    let refused_after = out
+        .refused_after
+        .unwrap_or_else(|| panic!("{} closes over 20 s, none taken for a refusal", out.downs));
     assert!(
-        out.refused >= 1,
-        "{} closes over 12 s, none taken for a refusal",
-        out.downs
+        refused_after >= transport::AMBIGUOUS_FOR,
+        "taken for a refusal after only {refused_after:?}"
     );
-    // ~5 quick attempts in the first 5 s (the network backoff), then 11-15 s apart.
+    // A few quick attempts first (a proxy whose broker restarts is reached again at once), not
+    // one and not a flood; after the refusal the pace is 11-15 s (`refused_backoff`'s tests).
     assert!(
-        (3..=8).contains(&out.downs),
-        "{} attempts in 12 s",
+        (4..=7).contains(&out.downs),
+        "{} attempts before the refusal",
         out.downs
     );
 }
