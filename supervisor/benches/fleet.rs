@@ -1,11 +1,18 @@
-//! Fleet benchmark (issue #4): the real supervisor (in-process, its own runtime) against a real
-//! `printloop broker` child process and N lightweight in-process fake printers (one rumqttc
-//! client each, no pty, no firmware model).
+//! Fleet benchmark (issues #4, #13): the real supervisor (`printloop supervisor`, a child
+//! process with its production defaults) against a real `printloop broker` child process and N
+//! lightweight fake printers in this process (one rumqttc client each, no pty, no firmware
+//! model).
 //!
-//! `cargo bench -p supervisor --bench fleet -- --printers 1000 [--duration 20] [--print-ms 1000..3000] [--broker mosquitto]`
+//! `cargo bench -p supervisor --bench fleet -- --printers 1000 [--duration 20] [--print-ms 1000..3000] [--broker mosquitto] [--soak 600] [--no-build]`
 //!
 //! `--broker mosquitto`: the system's Mosquitto (docs/mosquitto.conf's limits, no persistence)
-//! instead of `printloop broker`.
+//! instead of `printloop broker`. The release `printloop` binary is built first (quick when up
+//! to date) unless `--no-build`.
+//!
+//! `--soak S`: after the broker restart below, S more seconds of printing with the supervisor
+//! killed -9 half way (the fleet goes on finishing prints for 3 s while it is gone), its
+//! reconciliation timed like the broker's, dispatch latency per half, and the supervisor's RSS
+//! at each step (`scripts/fleet-soak.sh` runs 10 000 printers this way).
 //!
 //! Prints human lines and, last, one JSON object. What is measured:
 //! - `printers_online`: fake printers connected at the end of the steady window.
@@ -22,8 +29,8 @@
 //!   online and not stale, its phase counts equal the fakes' phases exactly, and its finished
 //!   and done jobs together equal the jobs the fakes finished (a finished job whose printer
 //!   went ready again is harvested: done). `/metrics` is rendered once a second: ±1 s.
-//! - `supervisor_peak_rss_kb`: VmHWM of the bench process: supervisor **plus** the N fakes
-//!   (an upper bound of the supervisor's own).
+//! - `supervisor_peak_rss_kb`: VmHWM of the supervisor process (of its last life with
+//!   `--soak`), and `supervisor_rss_kb`: its VmRSS at each step of the run.
 //! - The dashboard (issue #12): the steady window's first half runs with no browser, its
 //!   second half with `--streams` (default 10) live streams (`/api/v1/stream`) reading all the
 //!   time: `dispatch_p99_ms_no_streams` vs `dispatch_p99_ms_streams` (one run, so the ratio is
@@ -45,8 +52,6 @@ use protocol::presence::{Meta, Status};
 use protocol::state::{JobProgress, JobStage, LedgerEntry, PrinterPhase, StateSnapshot};
 use protocol::{CommandId, Payload, PrinterId, Sha256Hex, Topic, Topics, Version};
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
-use supervisor::machine::SupervisorConfig;
-use supervisor::run::{BrokerTarget, Settings};
 use testkit::BrokerProcess;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use transport::{Forwarding, MqttEvent, Out, Reconnect};
@@ -58,9 +63,10 @@ struct Args {
     printers: usize,
     duration_s: u64,
     print_ms: (u64, u64),
-    rebuild: bool,
+    no_build: bool,
     streams: usize,
     mosquitto: bool,
+    soak_s: u64,
 }
 
 fn parse_args() -> Args {
@@ -68,9 +74,10 @@ fn parse_args() -> Args {
         printers: 1000,
         duration_s: 20,
         print_ms: (1000, 3000),
-        rebuild: false,
+        no_build: false,
         streams: 10,
         mosquitto: false,
+        soak_s: 0,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -97,7 +104,11 @@ fn parse_args() -> Args {
                 a.streams = val.parse().unwrap_or(a.streams);
                 i += 1;
             }
-            "--rebuild" => a.rebuild = true,
+            "--soak" => {
+                a.soak_s = val.parse().unwrap_or(a.soak_s);
+                i += 1;
+            }
+            "--no-build" => a.no_build = true,
             "--broker" => {
                 a.mosquitto = val == "mosquitto";
                 i += 1;
@@ -116,11 +127,16 @@ fn unix_ms() -> u64 {
 }
 
 fn vm_hwm_kb(pid: &str) -> u64 {
+    status_kb(pid, "VmHWM:")
+}
+
+/// A kB figure of `/proc/<pid>/status` (`VmHWM:`, `VmRSS:`).
+fn status_kb(pid: &str, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)
@@ -142,6 +158,9 @@ struct Shared {
     printing: AtomicUsize,
     finished: AtomicUsize,
     measuring: AtomicBool,
+    /// Dispatch latency is sampled only for printers that went ready after this (ms since
+    /// `start`): a printer ready since before a freeze waits on the freeze, not on dispatch.
+    measure_since_ms: AtomicU64,
     /// The broker is being restarted: printing fakes finish when they lose it.
     outage: AtomicBool,
     /// No phase changes and no new starts.
@@ -150,6 +169,11 @@ struct Shared {
 }
 
 impl Shared {
+    fn measure_from_now(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.measure_since_ms.store(ms, Ordering::Relaxed);
+    }
+
     fn count(&self, phase: PrinterPhase) -> Option<&AtomicUsize> {
         match phase {
             PrinterPhase::Ready => Some(&self.ready),
@@ -300,7 +324,9 @@ impl Fake {
                     );
                     return;
                 }
-                if self.sh.measuring.load(Ordering::Relaxed) {
+                let since = self.sh.start
+                    + Duration::from_millis(self.sh.measure_since_ms.load(Ordering::Relaxed));
+                if self.sh.measuring.load(Ordering::Relaxed) && self.ready_since >= since {
                     let us = self.ready_since.elapsed().as_micros() as u64;
                     if let Ok(mut l) = self.sh.latencies_us.lock() {
                         l.push(us);
@@ -407,9 +433,9 @@ impl Fake {
                             self.sh.connected.fetch_sub(1, Ordering::Relaxed);
                         }
                         if self.sh.outage.load(Ordering::Relaxed) && self.phase == PrinterPhase::Printing {
-                            // Finishes while nobody can hear it: only its ledger will tell.
+                            // Finishes while nobody can hear it: only its ledger will tell. (It
+                            // goes ready again once the fleet is no longer frozen.)
                             self.advance();
-                            self.next_phase = None;
                         }
                         // The next connection's will carries the next epoch.
                         self.epoch += 1;
@@ -428,7 +454,10 @@ impl Fake {
                     let now = Instant::now();
                     if self.next_phase.is_some_and(|t| t <= now) {
                         if self.sh.frozen.load(Ordering::Relaxed) {
-                            self.next_phase = Some(now + Duration::from_millis(200));
+                            // Thawed, the fleet's held-back changes come spread over 5 s (as
+                            // beds are cleared), not all in one instant.
+                            let d = self.rand(200, 5_000);
+                            self.next_phase = Some(now + Duration::from_millis(d));
                         } else {
                             self.advance();
                             if online { self.publish_state(); } else { self.next_heartbeat = now + Duration::from_secs(10); }
@@ -502,17 +531,25 @@ impl Operator {
         };
         transport::forward::spawn(el, forwarding, Out::Unbounded(tx));
         let (answers_tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Some(ev) = events.recv().await {
-                if let MqttEvent::Message(p) = ev {
-                    let _ = answers_tx.send(p.payload.to_vec());
-                }
-            }
-        });
         let resp = topics.format(&Topic::ApiResponse(
             protocol::ClientId::new("bench-operator").expect("valid"),
         ));
-        let _ = client.subscribe(resp, QoS::AtLeastOnce).await;
+        let c = client.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                match ev {
+                    // A clean session: subscribe again on every connection (a restarted
+                    // broker has forgotten it).
+                    MqttEvent::Connected { .. } => {
+                        let _ = c.try_subscribe(resp.clone(), QoS::AtLeastOnce);
+                    }
+                    MqttEvent::Message(p) => {
+                        let _ = answers_tx.send(p.payload.to_vec());
+                    }
+                    _ => {}
+                }
+            }
+        });
         tokio::time::sleep(Duration::from_millis(300)).await;
         Operator {
             client,
@@ -585,23 +622,23 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
 }
 
-fn locate_printloop(rebuild: bool) -> Result<PathBuf, BoxError> {
+fn locate_printloop(no_build: bool) -> Result<PathBuf, BoxError> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| root.join("target"));
     let built = target.join("release").join("printloop");
-    // Only `printloop broker` runs from it: an existing build is used unless --rebuild (a
-    // release build of the workspace takes minutes on a loaded 2-core machine).
-    if built.exists() && !rebuild {
+    // The supervisor and the broker run from it: it is brought up to date first (quick when
+    // it is), unless --no-build.
+    if no_build && built.exists() {
         println!(
-            "broker binary: {} (pass --rebuild to build it first)",
+            "printloop binary: {} (not rebuilt: --no-build)",
             built.display()
         );
         return Ok(built);
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    println!("building printloop (release) for the broker child process…");
+    println!("building printloop (release) for the supervisor and broker child processes…");
     let st = std::process::Command::new(cargo)
         .args(["build", "--release", "--quiet", "--bin", "printloop"])
         .current_dir(&root)
@@ -631,7 +668,7 @@ fn main() -> Result<(), BoxError> {
         args.print_ms.1,
         std::thread::available_parallelism().map_or(0, |p| p.get())
     );
-    let binary = locate_printloop(args.rebuild)?;
+    let binary = locate_printloop(args.no_build)?;
     // A bench-only copy of the shipped broker.toml, sized for the fleet (docs/broker.md: the
     // QoS 0 retained cap must exceed 3 x printers).
     let dir = tempfile::tempdir()?;
@@ -667,9 +704,8 @@ fn main() -> Result<(), BoxError> {
         n + 100
     );
 
-    // The supervisor on its own runtime (it is its own process in production).
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // The supervisor: `printloop supervisor`, its own process as in production, so that its
+    // memory is measured apart from the fakes and it can be killed -9 (`--soak`).
     let sup_dir = dir.path().join("supervisor");
     // The dashboard's viewer (a wall screen's token).
     let token = supervisor::http::tokens::add(
@@ -678,56 +714,41 @@ fn main() -> Result<(), BoxError> {
         protocol::web::Role::Viewer,
         0,
     )?;
-    let settings = Settings {
-        machine: SupervisorConfig::default(),
-        broker: BrokerTarget::External(transport::BrokerAddr::loopback(port)),
-        data_dir: sup_dir,
-        metrics: Some("127.0.0.1:0".parse()?),
-        http: Some("127.0.0.1:0".parse()?),
-        keepalive: Duration::from_secs(15),
-    };
-    let sup_thread = std::thread::Builder::new()
-        .name("supervisor".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("supervisor-rt")
-                .enable_all()
-                .build()
-                .expect("supervisor runtime");
-            rt.block_on(supervisor::run::run(
-                settings,
-                async {
-                    let _ = stop_rx.await;
-                },
-                Some(ready_tx),
-            ))
-            .map_err(|e| e.to_string())
-        })?;
+    let mut sup = SupervisorProc::new(&binary, port, &sup_dir, dir.path())?;
+    sup.start()?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let result = rt.block_on(async {
-        let handle = tokio::time::timeout(Duration::from_secs(20), ready_rx)
-            .await
-            .map_err(|_| "supervisor did not start")??;
-        let metrics = handle.metrics.ok_or("no metrics address")?;
-        let web = handle.http.ok_or("no HTTP address")?;
-        drive(&args, port, metrics, (web, token), &mut broker).await
+        sup.wait_ready(Duration::from_secs(30)).await?;
+        drive(&args, port, (sup.web, token), &mut broker, &mut sup).await
     });
-    let _ = stop_tx.send(());
-    let _ = sup_thread.join();
+    let sup_hwm = sup.pid().map_or(0, |p| vm_hwm_kb(&p.to_string()));
+    sup.kill9();
     let broker_hwm = broker.pid().map_or(0, |p| vm_hwm_kb(&p.to_string()));
     broker.kill();
     let r = result?;
     let own_hwm = vm_hwm_kb("self");
-    println!("broker peak RSS (VmHWM): {broker_hwm} kB; bench process (supervisor + {n} fakes): {own_hwm} kB");
+    println!(
+        "peak RSS (VmHWM): supervisor {sup_hwm} kB ({:.1} kB per printer, its last life if --soak killed it), broker {broker_hwm} kB, bench process ({n} fakes, not measured) {own_hwm} kB",
+        sup_hwm as f64 / n as f64
+    );
+    if !r.rss.is_empty() {
+        println!("supervisor RSS over the run (VmRSS, kB):");
+        for (what, kb) in &r.rss {
+            println!(
+                "  {what}: {kb} kB ({:.1} kB per printer)",
+                *kb as f64 / n as f64
+            );
+        }
+    }
     let sustained = r.online == n
         && r.p99 < 50.0
         && r.max < 1000.0
         && r.reconcile_s.is_some()
+        && r.restart_s.iter().all(Option::is_some)
         && r.web.p99_streams < 50.0
         && r.web.first_load_ms < 1000.0;
     println!(
@@ -753,7 +774,11 @@ fn main() -> Result<(), BoxError> {
         "dispatch_max_ms": (r.max * 10.0).round() / 10.0,
         "broker_peak_rss_kb": broker_hwm,
         "reconcile_after_broker_restart_s": r.reconcile_s.map(|s| (s * 100.0).round() / 100.0),
-        "supervisor_peak_rss_kb": own_hwm,
+        "supervisor_peak_rss_kb": sup_hwm,
+        "supervisor_rss_kb": r.rss.iter().map(|(w, kb)| serde_json::json!({"at": w, "kb": kb})).collect::<Vec<_>>(),
+        "reconcile_after_supervisor_kill_s": r.restart_s,
+        "soak_phases": r.phases.iter().map(|p| serde_json::json!({"phase": p.0, "p50_ms": p.1, "p99_ms": p.2, "max_ms": p.3, "starts": p.4})).collect::<Vec<_>>(),
+        "bench_process_peak_rss_kb": own_hwm,
         "stream_clients": r.web.streams,
         "dispatch_p99_ms_no_streams": (r.web.p99_no_streams * 100.0).round() / 100.0,
         "dispatch_p99_ms_streams": (r.web.p99_streams * 100.0).round() / 100.0,
@@ -768,6 +793,12 @@ fn main() -> Result<(), BoxError> {
 
 struct Report {
     web: Web,
+    /// Supervisor VmRSS at named points of the run.
+    rss: Vec<(String, u64)>,
+    /// `--soak`: reconcile time after each supervisor kill -9.
+    restart_s: Vec<Option<f64>>,
+    /// `--soak`: dispatch p50/p99/max (ms) and starts per phase.
+    phases: Vec<(String, f64, f64, f64, usize)>,
     online: usize,
     states_per_s: f64,
     p50: f64,
@@ -843,10 +874,12 @@ async fn http_get(web: std::net::SocketAddr, path: &str, token: &str) -> Result<
 async fn drive(
     args: &Args,
     port: u16,
-    metrics: std::net::SocketAddr,
     (web_addr, token): (std::net::SocketAddr, String),
     broker: &mut Broker,
+    sup: &mut SupervisorProc,
 ) -> Result<Report, BoxError> {
+    let metrics = sup.metrics;
+    let mut rss: Vec<(String, u64)> = vec![("started, jobs queued".into(), 0)];
     let n = args.printers;
     let topics = Topics::default();
     let gcode = b"G28\nG1 X10 Y10 F3000\nG1 X0 Y0\nM84\n".to_vec();
@@ -865,11 +898,12 @@ async fn drive(
         printing: AtomicUsize::new(0),
         finished: AtomicUsize::new(0),
         measuring: AtomicBool::new(false),
+        measure_since_ms: AtomicU64::new(0),
         outage: AtomicBool::new(false),
         frozen: AtomicBool::new(false),
         latencies_us: Mutex::new(Vec::new()),
     });
-    let _ = (&sh.sha, sh.size, sh.start);
+    let _ = sh.size;
 
     // Upload the file and queue a first batch before the fleet arrives.
     let mut op = Operator::connect(port, topics.clone()).await;
@@ -890,6 +924,7 @@ async fn drive(
         submitted += c;
     }
     println!("queued {submitted} jobs");
+    rss[0].1 = sup.rss_kb();
 
     // The fleet connects (rumqttd accepts ~1000 connections/s: next_connection_delay_ms = 1).
     let t0 = Instant::now();
@@ -930,6 +965,7 @@ async fn drive(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    rss.push(("fleet connected, warmed up".into(), sup.rss_kb()));
     // Steady window.
     sh.measuring.store(true, Ordering::Relaxed);
     let s0 = sh.states_published.load(Ordering::Relaxed);
@@ -1039,6 +1075,8 @@ async fn drive(
         );
     }
 
+    rss.push(("end of the steady window".into(), sup.rss_kb()));
+
     // Broker restart: kill it, printing fakes finish while it is down, freeze, start it again.
     sh.outage.store(true, Ordering::Relaxed);
     sh.frozen.store(true, Ordering::Relaxed);
@@ -1054,8 +1092,126 @@ async fn drive(
     );
     let b = tokio::task::block_in_place(|| broker.start_again());
     b?;
-    let up = Instant::now();
     println!("broker up again after {:.2} s", tk.elapsed().as_secs_f64());
+    let reconcile_s = reconciled(&sh, metrics, n, "the broker was ready", 0).await;
+    rss.push(("reconciled after the broker restart".into(), sup.rss_kb()));
+
+    // --soak: go on printing, kill -9 the supervisor half way, go on to the end.
+    let mut restart_s = Vec::new();
+    let mut phases = Vec::new();
+    if args.soak_s > 0 {
+        let half = Duration::from_secs(args.soak_s / 2);
+        sh.outage.store(false, Ordering::Relaxed);
+        sh.frozen.store(false, Ordering::Relaxed);
+        sh.measure_from_now();
+        let from = sh.latencies_us.lock().map_err(|_| "poisoned")?.len();
+        sh.measuring.store(true, Ordering::Relaxed);
+        keep_printing(&sh, &mut op, &mut submitted, target_backlog, half).await;
+        phases.push(phase("after the broker restart", &sh, from)?);
+        rss.push(("before the supervisor kill -9".into(), sup.rss_kb()));
+
+        // kill -9: the fleet goes on finishing prints while the supervisor is gone.
+        sup.kill9();
+        println!("supervisor killed -9");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        sh.frozen.store(true, Ordering::Relaxed);
+        sh.measuring.store(false, Ordering::Relaxed);
+        // Jobs its first life archived: its counter starts again from 0.
+        let archived_before = sup.archived_jobs();
+        tokio::task::block_in_place(|| sup.start())?;
+        sup.wait_ready(Duration::from_secs(60)).await?;
+        restart_s
+            .push(reconciled(&sh, metrics, n, "the supervisor restarted", archived_before).await);
+        rss.push((
+            "reconciled after the supervisor restart".into(),
+            sup.rss_kb(),
+        ));
+        sh.frozen.store(false, Ordering::Relaxed);
+        sh.measure_from_now();
+        let from = sh.latencies_us.lock().map_err(|_| "poisoned")?.len();
+        sh.measuring.store(true, Ordering::Relaxed);
+        keep_printing(&sh, &mut op, &mut submitted, target_backlog, half).await;
+        phases.push(phase("after the supervisor restart", &sh, from)?);
+        sh.measuring.store(false, Ordering::Relaxed);
+        rss.push(("end of the soak".into(), sup.rss_kb()));
+        if let Some(m) = scrape(metrics).await {
+            println!(
+                "soak: {} jobs finished by the fakes; supervisor holds {:?} done + {:?} finished, archived {:?}",
+                sh.jobs_finished.load(Ordering::Relaxed),
+                gauge(&m, "printloop_jobs{state=\"done\"}"),
+                gauge(&m, "printloop_jobs{state=\"finished\"}"),
+                gauge(&m, "printloop_jobs_archived_total"),
+            );
+        }
+    }
+    Ok(Report {
+        web,
+        rss,
+        restart_s,
+        phases,
+        online,
+        states_per_s: states as f64 / secs,
+        p50,
+        p99,
+        max: lat.last().copied().unwrap_or(0) as f64 / 1000.0,
+        reconcile_s,
+    })
+}
+
+/// Dispatch latency of the samples taken since `from`, printed and returned.
+fn phase(name: &str, sh: &Shared, from: usize) -> Result<(String, f64, f64, f64, usize), BoxError> {
+    let mut l = sh.latencies_us.lock().map_err(|_| "poisoned")?[from..].to_vec();
+    l.sort_unstable();
+    let (p50, p99) = (pct(&l, 0.5), pct(&l, 0.99));
+    let max = l.last().copied().unwrap_or(0) as f64 / 1000.0;
+    println!(
+        "soak, {name}: dispatch p50 {p50:.2} ms p99 {p99:.2} ms max {max:.1} ms over {} starts",
+        l.len()
+    );
+    Ok((name.to_owned(), p50, p99, max, l.len()))
+}
+
+/// Keeps the queue fed for `dur` while the fleet prints.
+async fn keep_printing(
+    sh: &Shared,
+    op: &mut Operator,
+    submitted: &mut u64,
+    target_backlog: u64,
+    dur: Duration,
+) {
+    let until = Instant::now() + dur;
+    let mut errors = 0u32;
+    while Instant::now() < until {
+        let started = sh.starts_received.load(Ordering::Relaxed);
+        let outstanding = submitted.saturating_sub(started);
+        if outstanding < target_backlog {
+            let c = (target_backlog - outstanding).min(1000);
+            let req = serde_json::json!({"op": "submit_job", "args": {
+                "name": "bench.gcode", "sha256": sh.sha.as_str(), "copies": c}});
+            match op.request(req).await {
+                Ok(_) => *submitted += c,
+                Err(e) => {
+                    errors += 1;
+                    if errors <= 3 {
+                        println!("operator: {e} (the supervisor is behind)");
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Seconds from now until the supervisor's `/metrics` show every printer online and phase
+/// counts and finished jobs equal to the fakes' truth (the fleet is frozen), at most 90 s.
+async fn reconciled(
+    sh: &Shared,
+    metrics: std::net::SocketAddr,
+    n: usize,
+    since: &str,
+    archived_before: i64,
+) -> Option<f64> {
+    let up = Instant::now();
     let mut reconcile_s = None;
     let mut last = String::new();
     let limit = Duration::from_secs(90);
@@ -1067,11 +1223,12 @@ async fn drive(
             let sup_printing = g("printloop_printers_phase{phase=\"printing\"}");
             let sup_finished = g("printloop_printers_phase{phase=\"finished\"}");
             // Finished jobs whose printer went ready again (its bed cleared there) are
-            // harvested: done.
-            // Harvested jobs beyond the history retention were archived: they count too.
+            // harvested: done. Harvested jobs beyond the history retention were archived:
+            // they count too.
             let sup_jobs_fin = g("printloop_jobs{state=\"finished\"}")
                 + g("printloop_jobs{state=\"done\"}")
-                + g("printloop_jobs_archived_total");
+                + g("printloop_jobs_archived_total")
+                + archived_before;
             let truth = (
                 sh.ready.load(Ordering::Relaxed) as i64,
                 sh.printing.load(Ordering::Relaxed) as i64,
@@ -1093,18 +1250,123 @@ async fn drive(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     match reconcile_s {
-        Some(s) => println!("reconciled {s:.2} s after the broker was ready: {last}"),
-        None => println!("NOT reconciled within {limit:?}: {last}"),
+        Some(s) => println!("reconciled {s:.2} s after {since}: {last}"),
+        None => println!("NOT reconciled within {limit:?} after {since}: {last}"),
     }
-    Ok(Report {
-        web,
-        online,
-        states_per_s: states as f64 / secs,
-        p50,
-        p99,
-        max: lat.last().copied().unwrap_or(0) as f64 / 1000.0,
-        reconcile_s,
-    })
+    reconcile_s
+}
+
+/// `printloop supervisor` as a child process on free loopback ports.
+struct SupervisorProc {
+    binary: PathBuf,
+    data_dir: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    metrics: std::net::SocketAddr,
+    web: std::net::SocketAddr,
+    child: Option<std::process::Child>,
+}
+
+impl SupervisorProc {
+    fn new(
+        binary: &std::path::Path,
+        broker_port: u16,
+        data_dir: &std::path::Path,
+        dir: &std::path::Path,
+    ) -> Result<Self, BoxError> {
+        let metrics: std::net::SocketAddr =
+            format!("127.0.0.1:{}", testkit::free_port()).parse()?;
+        let web: std::net::SocketAddr = format!("127.0.0.1:{}", testkit::free_port()).parse()?;
+        let args = vec![
+            "supervisor".into(),
+            "--broker".into(),
+            format!("mqtt://127.0.0.1:{broker_port}"),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--metrics".into(),
+            metrics.to_string(),
+            "--http".into(),
+            web.to_string(),
+        ];
+        Ok(SupervisorProc {
+            binary: binary.to_owned(),
+            data_dir: data_dir.to_owned(),
+            args,
+            log: dir.join("supervisor.log"),
+            metrics,
+            web,
+            child: None,
+        })
+    }
+
+    fn start(&mut self) -> Result<(), BoxError> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = std::process::Command::new(&self.binary)
+            .args(&self.args)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Until `/metrics` answers (the store is open and the HTTP side listens).
+    async fn wait_ready(&mut self, limit: Duration) -> Result<(), BoxError> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    let tail = std::fs::read_to_string(&self.log).unwrap_or_default();
+                    let tail: Vec<&str> = tail.lines().rev().take(20).collect();
+                    return Err(format!("the supervisor exited ({st}): {tail:?}").into());
+                }
+            }
+            if scrape(self.metrics).await.is_some() {
+                println!("supervisor ready in {:.2} s", t.elapsed().as_secs_f64());
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!("the supervisor did not answer /metrics within {limit:?}").into())
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
+    /// Jobs in its history archive (`<data_dir>/history/*.jsonl`, one per line).
+    fn archived_jobs(&self) -> i64 {
+        let Ok(dir) = std::fs::read_dir(self.data_dir.join("history")) else {
+            return 0;
+        };
+        dir.filter_map(Result::ok)
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .map(|b| b.iter().filter(|&&c| c == b'\n').count() as i64)
+            .sum()
+    }
+
+    fn rss_kb(&self) -> u64 {
+        self.pid()
+            .map_or(0, |p| status_kb(&p.to_string(), "VmRSS:"))
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for SupervisorProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
 }
 
 /// The broker under test: `printloop broker` (rumqttd) or a system Mosquitto.
