@@ -476,21 +476,20 @@ impl Supervisor {
 
     pub(super) fn api_list(&self, l: &ListJobs) -> ApiResult {
         let limit = l.limit.unwrap_or(100).clamp(1, 1000) as usize;
+        // Only the jobs answered are sorted and summarised: a farm holds tens of thousands
+        // (the queue and the retained history) and the dashboard asks every second.
         let mut open: Vec<&JobRecord> = self.jobs.values().filter(|j| j.is_open()).collect();
-        open.sort_by_key(|j| (j.state != JobState::Queued, -j.priority, j.seq));
+        first_sorted(&mut open, limit, |j| {
+            (j.state != JobState::Queued, -j.priority, j.seq)
+        });
         let mut jobs: Vec<JobSummary> = open.into_iter().map(summary).collect();
-        if l.include_ended {
-            let mut rest: Vec<&JobRecord> = self
-                .jobs
-                .values()
-                .filter(|j| !jobs.iter().any(|s| s.job_id == j.job_id))
-                .collect();
-            rest.sort_by_key(|j| {
+        if l.include_ended && jobs.len() < limit {
+            let mut rest: Vec<&JobRecord> = self.jobs.values().filter(|j| !j.is_open()).collect();
+            first_sorted(&mut rest, limit - jobs.len(), |j| {
                 std::cmp::Reverse((j.ended_at_ms.unwrap_or(j.submitted_at_ms), j.seq))
             });
             jobs.extend(rest.into_iter().map(summary));
         }
-        jobs.truncate(limit);
         ApiResult::Jobs { jobs }
     }
 

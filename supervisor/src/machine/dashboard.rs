@@ -198,10 +198,10 @@ impl Supervisor {
             .values()
             .filter(|j| j.ended_at_ms.is_some() || !j.is_open())
             .collect();
-        ended.sort_by_key(|j| {
+        first_sorted(&mut ended, limit, |j| {
             std::cmp::Reverse((j.ended_at_ms.unwrap_or(j.submitted_at_ms), j.seq))
         });
-        ended.into_iter().take(limit).map(summary).collect()
+        ended.into_iter().map(summary).collect()
     }
 
     /// Each printer's use over the window before `now_ms` (24 hours, or since the printer

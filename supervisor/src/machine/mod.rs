@@ -68,7 +68,7 @@ pub use dashboard::UTILISATION_WINDOW_MS;
 pub(crate) use home_assistant::HA_ROUND_MS;
 pub use io::{Caller, Input, Output, Publish, UploadOutcome};
 pub use protocol::Now;
-use queue::summary;
+use queue::{first_sorted, summary};
 use timers::Timer;
 use views::{PendingStart, PrinterView, START_EXPIRY_SKEW_MS};
 

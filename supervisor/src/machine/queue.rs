@@ -71,6 +71,20 @@ impl Supervisor {
     }
 }
 
+/// Keeps the `k` first of `v` by `key`, in order: a partial selection, then a sort of only
+/// those (the keys end in a job's unique `seq`, so the order is total).
+pub(super) fn first_sorted<T, K: Ord>(v: &mut Vec<T>, k: usize, mut key: impl FnMut(&T) -> K) {
+    if k == 0 {
+        v.clear();
+        return;
+    }
+    if v.len() > k {
+        v.select_nth_unstable_by_key(k - 1, &mut key);
+        v.truncate(k);
+    }
+    v.sort_unstable_by_key(key);
+}
+
 pub(super) fn summary(j: &JobRecord) -> JobSummary {
     JobSummary {
         job_id: j.job_id.clone(),
@@ -84,5 +98,25 @@ pub(super) fn summary(j: &JobRecord) -> JobSummary {
         started_at_ms: j.started_at_ms,
         ended_at_ms: j.ended_at_ms,
         reason: j.reason.clone(),
+    }
+}
+
+#[cfg(test)]
+mod first_sorted_tests {
+    use super::first_sorted;
+
+    #[test]
+    fn keeps_the_k_smallest_in_order_whatever_k() {
+        // A shuffled 0..200 (a multiplier coprime with 200).
+        let all: Vec<u32> = (0..200u32).map(|i| (i * 77) % 200).collect();
+        for k in [0, 1, 2, 50, 199, 200, 500] {
+            let mut v = all.clone();
+            first_sorted(&mut v, k, |x| *x);
+            let want: Vec<u32> = (0..200u32).take(k).collect();
+            assert_eq!(v, want, "k = {k}");
+        }
+        let mut v = all.clone();
+        first_sorted(&mut v, 3, |x| std::cmp::Reverse(*x));
+        assert_eq!(v, vec![199, 198, 197]);
     }
 }

@@ -1560,3 +1560,51 @@ fn a_printer_without_meta_is_asked_for_a_rebirth() {
     let out = h.advance(after * 8);
     assert_eq!(rebirths(&out), 0);
 }
+
+#[test]
+fn a_job_list_is_open_jobs_by_priority_then_ended_newest_first_cut_at_the_limit() {
+    let mut h = H::new();
+    h.store_file();
+    let submit = |h: &mut H, priority: i32| -> JobId {
+        let (resp, _) = h.api(ApiOp::SubmitJob(SubmitJob {
+            name: "f.gcode".into(),
+            sha256: sha(),
+            copies: 1,
+            priority,
+            tags: vec![],
+        }));
+        match resp.result {
+            Some(ApiResult::Submitted { mut job_ids }) => job_ids.remove(0),
+            other => panic!("submit failed: {other:?}"),
+        }
+    };
+    let a = submit(&mut h, 0);
+    let b = submit(&mut h, 0);
+    let c = submit(&mut h, 0);
+    let d = submit(&mut h, 5);
+    let e = submit(&mut h, 5);
+    for j in [&b, &d] {
+        let (r, _) = h.api(ApiOp::CancelJob(JobArgs { job_id: j.clone() }));
+        assert!(r.ok, "{r:?}");
+    }
+    let list = |h: &mut H, include_ended: bool, limit: u32| -> Vec<JobId> {
+        let (r, _) = h.api(ApiOp::ListJobs(ListJobs {
+            include_ended,
+            limit: Some(limit),
+        }));
+        match r.result {
+            Some(ApiResult::Jobs { jobs }) => jobs.into_iter().map(|j| j.job_id).collect(),
+            other => panic!("list failed: {other:?}"),
+        }
+    };
+    assert_eq!(
+        list(&mut h, false, 100),
+        vec![e.clone(), a.clone(), c.clone()]
+    );
+    assert_eq!(list(&mut h, false, 2), vec![e.clone(), a.clone()]);
+    assert_eq!(
+        list(&mut h, true, 100),
+        vec![e.clone(), a.clone(), c.clone(), d.clone(), b.clone()]
+    );
+    assert_eq!(list(&mut h, true, 4), vec![e, a, c, d]);
+}
