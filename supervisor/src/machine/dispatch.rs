@@ -120,31 +120,23 @@ impl Supervisor {
     /// them) and the jobs are only collected when some printer is free: with thousands of
     /// printers and queued jobs this runs after every message.
     pub(super) fn dispatch(&mut self, now: Now, out: &mut Vec<Output>) {
-        // Deques: a job takes the first printer that suits it, and removing the front of a
-        // Vec moved the whole fleet's ids once per assignment.
-        let mut ready_free: VecDeque<PrinterId> = self
-            .printers
-            .values()
-            .filter(|p| Self::is_free(p, true))
-            .map(|p| p.rec.printer_id.clone())
-            .collect();
-        if ready_free.is_empty() && !self.printers.values().any(|p| Self::is_free(p, false)) {
+        // From the indexes (`index`): free printers, queued and assigned jobs are not looked
+        // for in the whole fleet after every batch.
+        self.refresh_indexes();
+        // Deques: a job takes the first printer that suits it (in id order).
+        let mut ready_free: VecDeque<PrinterId> = self.idx.free_now.iter().cloned().collect();
+        if ready_free.is_empty() && self.idx.free_later.is_empty() {
             return; // nothing can be placed: no job needs looking at
         }
-        let mut queued: Vec<(i32, u64, JobId)> = self
-            .jobs
-            .values()
-            .filter(|j| j.state == JobState::Queued)
-            .map(|j| (-j.priority, j.seq, j.job_id.clone()))
-            .collect();
         // An assigned job that its printer no longer holds (the printer was found running
         // another job, or forgotten), with no start on its way and not shown by the printer:
         // nobody will ever start it where it is, so it goes back to the queue.
         let orphans: Vec<JobId> = self
-            .jobs
-            .values()
-            .filter(|j| j.state == JobState::Assigned && self.orphaned(j))
-            .map(|j| j.job_id.clone())
+            .idx
+            .assigned
+            .iter()
+            .filter(|id| self.jobs.get(*id).is_some_and(|j| self.orphaned(j)))
+            .cloned()
             .collect();
         for job in orphans {
             let j = self.jobs.get_mut(&job).expect("listed");
@@ -152,23 +144,30 @@ impl Supervisor {
             j.state = JobState::Queued;
             j.printer = None;
             out.push(Output::Persist(vec![Mutation::PutJob(j.clone())]));
-            queued.push((-j.priority, j.seq, job));
             self.queue_dirty = true;
         }
         // A deferred job (assigned, not started, printer not ready) moves to a ready printer.
         let deferred: Vec<(PrinterId, JobId)> = if ready_free.is_empty() {
             Vec::new()
         } else {
-            self.printers
-                .values()
-                .filter(|p| p.pending.is_none() && p.phase() != Some(PrinterPhase::Ready))
-                .filter_map(|p| {
-                    let j = p.rec.assigned.as_ref()?;
+            // The printers holding an assigned job (`read_by`: their `rec.assigned`).
+            self.idx
+                .assigned
+                .iter()
+                .flat_map(|j| {
+                    self.idx
+                        .printers_holding(j)
+                        .filter_map(|id| self.printers.get(id))
+                        .map(move |p| (p, j))
+                })
+                .filter(|(p, j)| {
                     // Only when the printer's current report shows it does not have the job
                     // (a start it accepted may not have been heard of yet).
-                    (self.jobs.get(j)?.state == JobState::Assigned && Self::surely_without(p, j))
-                        .then(|| (p.rec.printer_id.clone(), j.clone()))
+                    p.pending.is_none()
+                        && p.phase() != Some(PrinterPhase::Ready)
+                        && Self::surely_without(p, j)
                 })
+                .map(|(p, j)| (p.rec.printer_id.clone(), j.clone()))
                 .collect()
         };
         for (printer, job) in deferred {
@@ -183,49 +182,68 @@ impl Supervisor {
                     Mutation::PutPrinter(rec),
                     Mutation::PutJob(j.clone()),
                 ]));
-                queued.push((-j.priority, j.seq, job));
             }
         }
-        queued.sort();
-        // Listed after the deferred moves: a printer that gave its job back may take another.
-        let mut later_free: VecDeque<PrinterId> = self
-            .printers
-            .values()
-            .filter(|p| Self::is_free(p, false))
-            .map(|p| p.rec.printer_id.clone())
-            .collect();
-        for (_, _, job_id) in queued {
-            if ready_free.is_empty() && later_free.is_empty() {
-                break;
-            }
-            let ready = self.pick(&ready_free, &job_id);
-            let deferred = ready.is_none();
-            let printer = match ready.and_then(|i| ready_free.remove(i)) {
-                Some(p) => p,
-                None => match self
-                    .pick(&later_free, &job_id)
-                    .and_then(|i| later_free.remove(i))
-                {
-                    Some(p) => p,
-                    None => continue,
-                },
+        // The moves above are in the indexes now: the queue in dispatch order, and a printer
+        // that gave its job back may take another.
+        self.refresh_indexes();
+        ready_free = self.idx.free_now.iter().cloned().collect();
+        let mut later_free: VecDeque<PrinterId> = self.idx.free_later.iter().cloned().collect();
+        // The queue is read a page at a time: most batches place a job or two, and a farm's
+        // queue can hold thousands.
+        const PAGE: usize = 64;
+        let mut after: Option<(i32, u64, JobId)> = None;
+        'pages: loop {
+            let page: Vec<(i32, u64, JobId)> = match &after {
+                None => self.idx.queued.iter().take(PAGE).cloned().collect(),
+                Some(k) => self
+                    .idx
+                    .queued
+                    .range((
+                        std::ops::Bound::Excluded(k.clone()),
+                        std::ops::Bound::Unbounded,
+                    ))
+                    .take(PAGE)
+                    .cloned()
+                    .collect(),
             };
-            let j = self.jobs.get_mut(&job_id).expect("queued job exists");
-            j.state = JobState::Assigned;
-            j.printer = Some(printer.clone());
-            j.assigned_at_ms = Some(now.unix_ms);
-            let jrec = j.clone();
-            let p = self.printers.get_mut(&printer).expect("known");
-            p.rec.assigned = Some(job_id.clone());
-            let prec = p.rec.clone();
-            // Persist the assignment before the start command can leave.
-            out.push(Output::Persist(vec![
-                Mutation::PutJob(jrec),
-                Mutation::PutPrinter(prec),
-            ]));
-            tracing::info!(printer = %printer, job = %job_id, deferred, "job assigned");
-            self.queue_dirty = true;
-            self.push_start(now, &printer, out);
+            let Some(last) = page.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            for (_, _, job_id) in page {
+                if ready_free.is_empty() && later_free.is_empty() {
+                    break 'pages;
+                }
+                let ready = self.pick(&ready_free, &job_id);
+                let deferred = ready.is_none();
+                let printer = match ready.and_then(|i| ready_free.remove(i)) {
+                    Some(p) => p,
+                    None => match self
+                        .pick(&later_free, &job_id)
+                        .and_then(|i| later_free.remove(i))
+                    {
+                        Some(p) => p,
+                        None => continue,
+                    },
+                };
+                let j = self.jobs.get_mut(&job_id).expect("queued job exists");
+                j.state = JobState::Assigned;
+                j.printer = Some(printer.clone());
+                j.assigned_at_ms = Some(now.unix_ms);
+                let jrec = j.clone();
+                let p = self.printers.get_mut(&printer).expect("known");
+                p.rec.assigned = Some(job_id.clone());
+                let prec = p.rec.clone();
+                // Persist the assignment before the start command can leave.
+                out.push(Output::Persist(vec![
+                    Mutation::PutJob(jrec),
+                    Mutation::PutPrinter(prec),
+                ]));
+                tracing::info!(printer = %printer, job = %job_id, deferred, "job assigned");
+                self.queue_dirty = true;
+                self.push_start(now, &printer, out);
+            }
         }
     }
 
@@ -296,23 +314,29 @@ impl Supervisor {
     /// assigned and could move it to a second printer while the first one prints it.
     pub(super) fn persist_pending_starts(&mut self, out: &mut Vec<Output>) {
         let mut muts = Vec::new();
-        for p in self.printers.values_mut() {
-            // Compared in place: this runs every batch over the whole fleet.
-            let same = match (&p.pending, &p.rec.start_sent) {
-                (None, None) => true,
-                (Some(x), Some(s)) => {
-                    x.expires_unix == s.expires_at_ms && x.job == s.job && x.command == s.command
-                }
-                _ => false,
-            };
-            if !same {
-                p.rec.start_sent = p.pending.as_ref().map(|x| StartSent {
-                    job: x.job.clone(),
-                    command: x.command.clone(),
-                    expires_at_ms: x.expires_unix,
-                });
-                muts.push(Mutation::PutPrinter(p.rec.clone()));
+        // Only the printers changed since the last look (`index`), or all of them.
+        let check: Vec<PrinterId> = match self.idx.unpersisted.replace(BTreeSet::new()) {
+            Some(changed) => changed.into_iter().collect(),
+            None => self.printers.keys().cloned().collect(),
+        };
+        let same = |p: &PrinterView| match (&p.pending, &p.rec.start_sent) {
+            (None, None) => true,
+            (Some(x), Some(s)) => {
+                x.expires_unix == s.expires_at_ms && x.job == s.job && x.command == s.command
             }
+            _ => false,
+        };
+        for id in check {
+            if self.printers.get(&id).is_none_or(same) {
+                continue;
+            }
+            let p = self.printers.get_mut(&id).expect("checked");
+            p.rec.start_sent = p.pending.as_ref().map(|x| StartSent {
+                job: x.job.clone(),
+                command: x.command.clone(),
+                expires_at_ms: x.expires_unix,
+            });
+            muts.push(Mutation::PutPrinter(p.rec.clone()));
         }
         if !muts.is_empty() {
             out.push(Output::Persist(muts));

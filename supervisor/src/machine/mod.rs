@@ -55,10 +55,12 @@ mod dashboard;
 mod dispatch;
 mod history;
 mod home_assistant;
+mod index;
 mod io;
 mod queue;
 mod reports;
 mod timers;
+mod tracked;
 mod views;
 
 use api::phase_name;
@@ -110,8 +112,10 @@ pub struct Supervisor {
     next_job: u64,
     commands_sent: u64,
     connected: bool,
-    jobs: BTreeMap<JobId, JobRecord>,
-    printers: BTreeMap<PrinterId, PrinterView>,
+    jobs: tracked::Tracked<JobId, JobRecord>,
+    printers: tracked::Tracked<PrinterId, PrinterView>,
+    /// Indexes over both, kept from their changes (`index`).
+    idx: index::Indexes,
     files: HashMap<Sha256Hex, FileRecord>,
     answers: HashMap<String, Vec<u8>>,
     queued_since_mono: HashMap<JobId, u64>,
@@ -209,6 +213,7 @@ impl Supervisor {
             // The first look a minute after start (a start is busy enough).
             history_checked_mono: Some(now.mono_ms),
             deadline_cache: std::cell::Cell::new(None),
+            idx: index::Indexes::default(),
             rebirth_slot_mono: 0,
             rebirths_in_slot: 0,
             queue_dirty: true,
@@ -299,7 +304,11 @@ impl Supervisor {
         self.on_time(now, Timer::BEFORE_DISPATCH, &mut out);
         self.dispatch(now, &mut out);
         self.on_time(now, Timer::AFTER_DISPATCH, &mut out);
+        self.refresh_indexes();
         self.persist_pending_starts(&mut out);
+        self.refresh_indexes();
+        #[cfg(debug_assertions)]
+        self.check_indexes();
         debug_assert!(
             self.next_deadline().is_none_or(|d| d > now.mono_ms),
             "a timer is still due after the batch (a busy loop)"
@@ -328,7 +337,7 @@ impl Supervisor {
     /// Others are listed, flagged.
     fn on_enrolled(&mut self, set: Option<BTreeSet<PrinterId>>, out: &mut Vec<Output>) {
         let mut withdrawn = Vec::new();
-        for (id, p) in &mut self.printers {
+        for (id, p) in self.printers.iter_mut() {
             let enrolled = set.as_ref().is_none_or(|s| s.contains(id));
             if p.enrolled != enrolled {
                 if enrolled {

@@ -249,24 +249,46 @@ impl Supervisor {
         if let Some(known) = self.deadline_cache.get() {
             return known;
         }
-        let next = self.compute_next_deadline();
+        let next = if self.indexes_current() {
+            // The timer index (`index`): no fleet scan.
+            let next = self
+                .fleet_next_due()
+                .into_iter()
+                .chain(self.first_printer_due())
+                .min();
+            debug_assert_eq!(next, self.compute_next_deadline(), "the timer index");
+            next
+        } else {
+            self.compute_next_deadline()
+        };
         self.deadline_cache.set(Some(next));
         next
     }
 
-    fn compute_next_deadline(&self) -> Option<u64> {
-        let fleet = Timer::BEFORE_DISPATCH
+    fn fleet_next_due(&self) -> Option<u64> {
+        Timer::BEFORE_DISPATCH
             .iter()
             .chain(Timer::AFTER_DISPATCH)
             .filter(|t| !t.per_printer())
-            .filter_map(|&t| self.fleet_due(t));
-        let printers = self.printers.values().flat_map(|p| {
-            Timer::BEFORE_DISPATCH
-                .iter()
-                .filter(|t| t.per_printer())
-                .filter_map(move |&t| self.printer_due(p, t))
-        });
-        fleet.chain(printers).min()
+            .filter_map(|&t| self.fleet_due(t))
+            .min()
+    }
+
+    fn compute_next_deadline(&self) -> Option<u64> {
+        let printers = self
+            .printers
+            .values()
+            .filter_map(|p| self.printer_timer_due(p));
+        self.fleet_next_due().into_iter().chain(printers).min()
+    }
+
+    /// When the first of printer `p`'s timers is due (monotonic ms), `None` when none is armed.
+    pub(super) fn printer_timer_due(&self, p: &PrinterView) -> Option<u64> {
+        Timer::BEFORE_DISPATCH
+            .iter()
+            .filter(|t| t.per_printer())
+            .filter_map(|&t| self.printer_due(p, t))
+            .min()
     }
 
     /// Fires every timer of `timers` that is due at `now`, in the order listed.
@@ -285,13 +307,31 @@ impl Supervisor {
         if per_printer.is_empty() {
             return;
         }
-        // This runs after every batch: collect only the printers with something due.
+        // This runs after every batch: the timer index names the printers with something due
+        // (`index`), and each is checked exactly.
+        self.refresh_indexes();
         let due: Vec<PrinterId> = self
-            .printers
-            .values()
-            .filter(|p| per_printer.iter().any(|&t| is_due(self.printer_due(p, t))))
-            .map(|p| p.rec.printer_id.clone())
+            .printers_due(now.mono_ms)
+            .into_iter()
+            .filter(|id| {
+                self.printers
+                    .get(id)
+                    .is_some_and(|p| per_printer.iter().any(|&t| is_due(self.printer_due(p, t))))
+            })
             .collect();
+        #[cfg(debug_assertions)]
+        {
+            let scanned: Vec<PrinterId> = self
+                .printers
+                .values()
+                .filter(|p| per_printer.iter().any(|&t| is_due(self.printer_due(p, t))))
+                .map(|p| p.rec.printer_id.clone())
+                .collect();
+            assert_eq!(
+                due, scanned,
+                "printers due by the timer index and by a scan"
+            );
+        }
         for id in due {
             for &t in &per_printer {
                 let Some(p) = self.printers.get(&id) else {
