@@ -178,6 +178,12 @@ fn order_key(job: &JobRecord) -> Vec<u8> {
     key
 }
 
+/// redb's page cache. Its default is 1 GiB, a ceiling that a long-running supervisor filled
+/// page by page as jobs were written and archived: RSS went 134 → 185 MB over seven minutes
+/// at 10 000 printers (issue #13). 64 MiB holds the whole store of a 10 000-printer farm with
+/// its retained history (~35 MB).
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 impl Store {
     /// Opens (or creates) the supervisor's database at `path` and checks its integrity.
     ///
@@ -186,6 +192,7 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = Database::builder()
             .set_check_integrity_on_open(true)
+            .set_cache_size(CACHE_BYTES)
             .create(path)
             .map_err(|e| StoreError::Open {
                 path: path.to_owned(),
