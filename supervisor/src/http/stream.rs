@@ -167,12 +167,18 @@ pub(crate) async fn serve(
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 
-/// Waits until the frame is at most a second old (the loop renders one within a quarter
-/// second of being asked).
+/// Waits until the frame is at most a second old, or one frame interval for a large fleet
+/// ([`super::frame_every_ms`]); the loop gathers one within a quarter second of being asked.
 pub(crate) async fn fresh(rx: &mut watch::Receiver<Arc<Frame>>) {
     loop {
-        let at = rx.borrow().at_ms;
-        if super::upload::unix_ms().saturating_sub(at) <= 1000 {
+        // As fresh as the frames come: a large fleet's are gathered less often (at 10 000
+        // printers every 2.5 s), and a new browser waited up to that long for the next one.
+        let (at, printers) = {
+            let f = rx.borrow();
+            (f.at_ms, f.tiles.len())
+        };
+        let within = super::frame_every_ms(printers).max(1000);
+        if super::upload::unix_ms().saturating_sub(at) <= within {
             return;
         }
         if rx.changed().await.is_err() {
