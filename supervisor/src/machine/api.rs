@@ -37,7 +37,7 @@ impl Supervisor {
         let payload = resp.encode();
         if remember {
             let key = caller.answer_key(id);
-            self.answers.insert(key.clone(), payload.clone());
+            self.remember_answer(key.clone(), payload.clone());
             out.push(Output::Persist(vec![Mutation::PutRequest {
                 key,
                 response: payload.clone(),
@@ -45,6 +45,21 @@ impl Supervisor {
             }]));
         }
         self.deliver(caller, Lane::Answer, resp, payload, out);
+    }
+
+    /// Keeps an answer for a repeat of its request: the newest [`crate::store::REQUEST_MEMORY`],
+    /// as the store does (the map had kept every answer until a restart: each operator
+    /// submission's list of job ids, for ever).
+    fn remember_answer(&mut self, key: String, payload: Vec<u8>) {
+        if self.answers.insert(key.clone(), payload).is_none() {
+            self.answer_order.push_back(key);
+        }
+        while self.answers.len() > crate::store::REQUEST_MEMORY {
+            let Some(oldest) = self.answer_order.pop_front() else {
+                break;
+            };
+            self.answers.remove(&oldest);
+        }
     }
 
     /// Sends an answer where its caller waits: a publish on `api/response/<client>`, or a

@@ -118,6 +118,8 @@ pub struct Supervisor {
     idx: index::Indexes,
     files: HashMap<Sha256Hex, FileRecord>,
     answers: HashMap<String, Vec<u8>>,
+    /// `answers`' keys, oldest first (the newest `REQUEST_MEMORY` are kept).
+    answer_order: std::collections::VecDeque<String>,
     queued_since_mono: HashMap<JobId, u64>,
     /// When retention last looked at the jobs.
     history_checked_mono: Option<u64>,
@@ -208,6 +210,7 @@ impl Supervisor {
                 .into_iter()
                 .map(|f| (f.sha256.clone(), f))
                 .collect(),
+            answer_order: snap.requests.iter().map(|(k, _)| k.clone()).collect(),
             answers: snap.requests.into_iter().collect(),
             queued_since_mono: queued_since,
             // The first look a minute after start (a start is busy enough).

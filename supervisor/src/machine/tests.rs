@@ -1608,3 +1608,43 @@ fn a_job_list_is_open_jobs_by_priority_then_ended_newest_first_cut_at_the_limit(
     );
     assert_eq!(list(&mut h, true, 4), vec![e, a, c, d]);
 }
+
+#[test]
+fn remembered_answers_are_bounded_like_the_store_and_the_newest_still_repeat() {
+    let mut h = H::new();
+    h.store_file();
+    let submit = || {
+        ApiOp::SubmitJob(SubmitJob {
+            name: "f.gcode".into(),
+            sha256: sha(),
+            copies: 1,
+            priority: 0,
+            tags: vec![],
+        })
+    };
+    let n = crate::store::REQUEST_MEMORY + 50;
+    for i in 0..n {
+        // Within the client's API rate: a busy answer is not remembered. (Reads, such as
+        // lists, are not remembered at all.)
+        h.advance(20);
+        let (r, _) = h.api_with_id(&format!("q{i}"), submit());
+        assert!(r.ok, "{r:?}");
+    }
+    assert_eq!(h.s.answers.len(), crate::store::REQUEST_MEMORY);
+    assert_eq!(h.s.answer_order.len(), crate::store::REQUEST_MEMORY);
+    assert!(!h.s.answers.contains_key(
+        &Caller::Mqtt(ClientId::new("cli").expect("id"))
+            .answer_key(&CommandId::new("q0").expect("id"))
+    ));
+    // A repeat of a remembered request gets its first answer again, and does nothing.
+    let last = format!("q{}", n - 1);
+    let held = h.s.jobs.len();
+    h.advance(20);
+    let (again, out) = h.api_with_id(&last, submit());
+    assert!(again.ok, "{again:?}");
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Persist(_))),
+        "{out:?}"
+    );
+    assert_eq!(h.s.jobs.len(), held);
+}
