@@ -1104,10 +1104,24 @@ async fn drive(
         sh.outage.store(false, Ordering::Relaxed);
         sh.frozen.store(false, Ordering::Relaxed);
         sh.measure_from_now();
-        let from = sh.latencies_us.lock().map_err(|_| "poisoned")?.len();
         sh.measuring.store(true, Ordering::Relaxed);
-        keep_printing(&sh, &mut op, &mut submitted, target_backlog, half).await;
-        phases.push(phase("after the broker restart", &sh, from)?);
+        // The first seconds take the whole fleet's held-back readies at once (a burst no farm
+        // makes by hand); the rest is the steady state again.
+        let burst = Duration::from_secs(20).min(half / 2);
+        let from = sh.latencies_us.lock().map_err(|_| "poisoned")?.len();
+        keep_printing(&sh, &mut op, &mut submitted, target_backlog, burst, sup).await;
+        phases.push(phase("burst after the broker restart", &sh, from)?);
+        let from = sh.latencies_us.lock().map_err(|_| "poisoned")?.len();
+        keep_printing(
+            &sh,
+            &mut op,
+            &mut submitted,
+            target_backlog,
+            half - burst,
+            sup,
+        )
+        .await;
+        phases.push(phase("steady after the broker restart", &sh, from)?);
         rss.push(("before the supervisor kill -9".into(), sup.rss_kb()));
 
         // kill -9: the fleet goes on finishing prints while the supervisor is gone.
@@ -1128,10 +1142,21 @@ async fn drive(
         ));
         sh.frozen.store(false, Ordering::Relaxed);
         sh.measure_from_now();
-        let from = sh.latencies_us.lock().map_err(|_| "poisoned")?.len();
         sh.measuring.store(true, Ordering::Relaxed);
-        keep_printing(&sh, &mut op, &mut submitted, target_backlog, half).await;
-        phases.push(phase("after the supervisor restart", &sh, from)?);
+        let from = sh.latencies_us.lock().map_err(|_| "poisoned")?.len();
+        keep_printing(&sh, &mut op, &mut submitted, target_backlog, burst, sup).await;
+        phases.push(phase("burst after the supervisor restart", &sh, from)?);
+        let from = sh.latencies_us.lock().map_err(|_| "poisoned")?.len();
+        keep_printing(
+            &sh,
+            &mut op,
+            &mut submitted,
+            target_backlog,
+            half - burst,
+            sup,
+        )
+        .await;
+        phases.push(phase("steady after the supervisor restart", &sh, from)?);
         sh.measuring.store(false, Ordering::Relaxed);
         rss.push(("end of the soak".into(), sup.rss_kb()));
         if let Some(m) = scrape(metrics).await {
@@ -1178,10 +1203,21 @@ async fn keep_printing(
     submitted: &mut u64,
     target_backlog: u64,
     dur: Duration,
+    sup: &SupervisorProc,
 ) {
     let until = Instant::now() + dur;
     let mut errors = 0u32;
+    let mut sampled = Instant::now();
     while Instant::now() < until {
+        // The supervisor's memory as it goes (is it bounded?).
+        if sampled.elapsed() >= Duration::from_secs(60) {
+            sampled = Instant::now();
+            println!(
+                "soak: supervisor RSS {} kB at {:.0} s",
+                sup.rss_kb(),
+                sh.start.elapsed().as_secs_f64()
+            );
+        }
         let started = sh.starts_received.load(Ordering::Relaxed);
         let outstanding = submitted.saturating_sub(started);
         if outstanding < target_backlog {
