@@ -1102,26 +1102,9 @@ async fn drive(
     if args.soak_s > 0 {
         let half = Duration::from_secs(args.soak_s / 2);
         sh.outage.store(false, Ordering::Relaxed);
-        sh.frozen.store(false, Ordering::Relaxed);
-        sh.measure_from_now();
-        sh.measuring.store(true, Ordering::Relaxed);
-        // The first seconds take the whole fleet's held-back readies at once (a burst no farm
-        // makes by hand); the rest is the steady state again.
         let burst = Duration::from_secs(20).min(half / 2);
-        let from = sh.latencies_us.lock().map_err(|_| "poisoned")?.len();
-        keep_printing(&sh, &mut op, &mut submitted, target_backlog, burst, sup).await;
-        phases.push(phase("burst after the broker restart", &sh, from)?);
-        let from = sh.latencies_us.lock().map_err(|_| "poisoned")?.len();
-        keep_printing(
-            &sh,
-            &mut op,
-            &mut submitted,
-            target_backlog,
-            half - burst,
-            sup,
-        )
-        .await;
-        phases.push(phase("steady after the broker restart", &sh, from)?);
+        let run = (target_backlog, burst, half - burst);
+        phases.extend(thaw("the broker restart", &sh, &mut op, &mut submitted, run, sup).await?);
         rss.push(("before the supervisor kill -9".into(), sup.rss_kb()));
 
         // kill -9: the fleet goes on finishing prints while the supervisor is gone.
@@ -1140,23 +1123,17 @@ async fn drive(
             "reconciled after the supervisor restart".into(),
             sup.rss_kb(),
         ));
-        sh.frozen.store(false, Ordering::Relaxed);
-        sh.measure_from_now();
-        sh.measuring.store(true, Ordering::Relaxed);
-        let from = sh.latencies_us.lock().map_err(|_| "poisoned")?.len();
-        keep_printing(&sh, &mut op, &mut submitted, target_backlog, burst, sup).await;
-        phases.push(phase("burst after the supervisor restart", &sh, from)?);
-        let from = sh.latencies_us.lock().map_err(|_| "poisoned")?.len();
-        keep_printing(
-            &sh,
-            &mut op,
-            &mut submitted,
-            target_backlog,
-            half - burst,
-            sup,
-        )
-        .await;
-        phases.push(phase("steady after the supervisor restart", &sh, from)?);
+        phases.extend(
+            thaw(
+                "the supervisor restart",
+                &sh,
+                &mut op,
+                &mut submitted,
+                run,
+                sup,
+            )
+            .await?,
+        );
         sh.measuring.store(false, Ordering::Relaxed);
         rss.push(("end of the soak".into(), sup.rss_kb()));
         if let Some(m) = scrape(metrics).await {
@@ -1181,6 +1158,29 @@ async fn drive(
         max: lat.last().copied().unwrap_or(0) as f64 / 1000.0,
         reconcile_s,
     })
+}
+
+/// Thaws the frozen fleet after `what` and keeps it printing: first the burst of its
+/// held-back readies (a burst no farm makes by hand: every printer finished during the
+/// outage), then the steady state again. `(backlog, burst, steady)`.
+async fn thaw(
+    what: &str,
+    sh: &Shared,
+    op: &mut Operator,
+    submitted: &mut u64,
+    (backlog, burst, steady): (u64, Duration, Duration),
+    sup: &SupervisorProc,
+) -> Result<Vec<(String, f64, f64, f64, usize)>, BoxError> {
+    sh.frozen.store(false, Ordering::Relaxed);
+    sh.measure_from_now();
+    sh.measuring.store(true, Ordering::Relaxed);
+    let mut phases = Vec::new();
+    for (name, dur) in [("burst", burst), ("steady", steady)] {
+        let from = sh.latencies_us.lock().map_err(|_| "poisoned")?.len();
+        keep_printing(sh, op, submitted, backlog, dur, sup).await;
+        phases.push(phase(&format!("{name} after {what}"), sh, from)?);
+    }
+    Ok(phases)
 }
 
 /// Dispatch latency of the samples taken since `from`, printed and returned.
