@@ -30,6 +30,7 @@ on_both_brokers!(
     retained_message_reaches_a_later_subscriber,
     retained_will_is_published_when_a_client_dies_and_kept,
     persistent_session_redelivers_qos1_published_while_away,
+    exact_and_wildcard_filters_route_whichever_came_first,
 );
 
 fn start(kind: BrokerKind) -> TestBroker {
@@ -287,4 +288,96 @@ async fn cli_broker_rejects_an_unknown_key_naming_file_and_key() {
         stderr.contains(&format!("{}: unknown key `router.colour`", bad.display())),
         "{stderr}"
     );
+}
+
+/// Routing by filter, in every order a fleet makes: a topic first seen through a wildcard and
+/// then subscribed exactly (a gateway's `cmd` after the supervisor's `+`), an exact filter
+/// before its topic exists, retained messages for exact and wildcard filters. The embedded
+/// broker finds exact filters by name instead of matching every filter (vendor/README.md); this
+/// is the behaviour that index must keep.
+async fn exact_and_wildcard_filters_route_whichever_came_first(broker: TestBroker) {
+    let quiet = Duration::from_millis(300);
+    let port = broker.port();
+    let mut publisher = TestClient::connect(port, "publisher")
+        .await
+        .expect("connect");
+    let mut wild = TestClient::connect(port, "wild").await.expect("connect");
+    wild.subscribe("fleet/+/state", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+
+    // The topic is routed (and remembered) through the wildcard first.
+    publisher
+        .publish("fleet/a/state", QoS::AtLeastOnce, true, "a1")
+        .await
+        .expect("publish");
+    let got = wild.expect_message("a1 through the wildcard").await;
+    assert_eq!(
+        (got.topic.as_str(), text(&got.payload).as_str()),
+        ("fleet/a/state", "a1")
+    );
+
+    // An exact subscriber arrives: the retained message, then every later one.
+    let mut exact = TestClient::connect(port, "exact").await.expect("connect");
+    exact
+        .subscribe("fleet/a/state", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let got = exact.expect_message("the retained a1").await;
+    assert_eq!(text(&got.payload), "a1");
+    assert!(got.retain);
+    publisher
+        .publish("fleet/a/state", QoS::AtLeastOnce, false, "a2")
+        .await
+        .expect("publish");
+    assert_eq!(text(&exact.expect_message("a2, exact").await.payload), "a2");
+    assert_eq!(
+        text(&wild.expect_message("a2, wildcard").await.payload),
+        "a2"
+    );
+
+    // Another topic under the wildcard reaches only the wildcard.
+    publisher
+        .publish("fleet/b/state", QoS::AtLeastOnce, true, "b1")
+        .await
+        .expect("publish");
+    assert_eq!(text(&wild.expect_message("b1").await.payload), "b1");
+    exact
+        .expect_no_message(quiet, "fleet/b/state is not fleet/a/state")
+        .await;
+
+    // An exact filter before its topic was ever published; a longer and a shorter topic do not
+    // match it.
+    exact
+        .subscribe("fleet/c/cmd", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    exact
+        .expect_no_message(quiet, "nothing retained on fleet/c/cmd")
+        .await;
+    for t in ["fleet/c/cmd/x", "fleet/c", "fleet/c/cmd"] {
+        publisher
+            .publish(t, QoS::AtLeastOnce, false, t)
+            .await
+            .expect("publish");
+    }
+    let got = exact.expect_message("fleet/c/cmd").await;
+    assert_eq!(got.topic, "fleet/c/cmd");
+    exact.expect_no_message(quiet, "only fleet/c/cmd").await;
+    wild.expect_no_message(quiet, "no state topic among those")
+        .await;
+
+    // A late wildcard subscriber gets every retained state, not one.
+    let mut late = TestClient::connect(port, "late").await.expect("connect");
+    late.subscribe("fleet/+/state", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let mut retained: Vec<String> = late
+        .collect_until_quiet(quiet, Duration::from_secs(5))
+        .await
+        .iter()
+        .map(|p| text(&p.payload))
+        .collect();
+    retained.sort();
+    assert_eq!(retained, ["a1", "b1"]);
 }

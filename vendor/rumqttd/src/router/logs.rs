@@ -61,6 +61,17 @@ pub struct DataLog {
     retained_publishes: HashMap<Topic, PublishData>,
     /// List of filters associated with a topic
     publish_filters: HashMap<Topic, Vec<FilterIdx>>,
+    /// printloop patch: the filters with a wildcard ('+' or '#'). A filter without one matches
+    /// only the topic spelled the same, found in `filter_indexes` directly, so a new topic, a new
+    /// filter or a subscription's retained messages cost a map lookup and a walk over these few,
+    /// not over every filter or topic the broker has seen (quadratic over a fleet).
+    wildcard_filters: Vec<(Filter, FilterIdx)>,
+}
+
+/// printloop patch: a filter without '+' or '#' matches exactly the topic spelled the same
+/// (see `matches`), apart from topics starting with '$', which `matches` never matches.
+fn is_exact(filter: &str) -> bool {
+    !filter.contains(['+', '#'])
 }
 
 impl DataLog {
@@ -69,6 +80,7 @@ impl DataLog {
         let mut filter_indexes = HashMap::new();
         let retained_publishes = HashMap::new();
         let publish_filters = HashMap::new();
+        let mut wildcard_filters = Vec::new();
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
@@ -77,6 +89,9 @@ impl DataLog {
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
                 let idx = native.insert(data);
+                if !is_exact(&filter) {
+                    wildcard_filters.push((filter.clone(), idx));
+                }
                 filter_indexes.insert(filter, idx);
             }
         }
@@ -87,6 +102,7 @@ impl DataLog {
             publish_filters,
             filter_indexes,
             retained_publishes,
+            wildcard_filters,
         })
     }
 
@@ -128,11 +144,20 @@ impl DataLog {
         match &self.publish_filters.get(topic) {
             Some(v) => Some(v.to_vec()),
             None => {
-                let v: Vec<usize> = self
-                    .filter_indexes
-                    .iter()
-                    .filter(|(filter, _)| matches(topic, filter))
-                    .map(|(_, filter_idx)| *filter_idx)
+                // printloop patch: the filter spelled as the topic, then the wildcard ones
+                // (was: every filter).
+                let exact = match topic.starts_with('$') {
+                    true => None,
+                    false => self.filter_indexes.get(topic).copied(),
+                };
+                let v: Vec<usize> = exact
+                    .into_iter()
+                    .chain(
+                        self.wildcard_filters
+                            .iter()
+                            .filter(|(filter, _)| matches(topic, filter))
+                            .map(|(_, filter_idx)| *filter_idx),
+                    )
                     .collect();
 
                 if !v.is_empty() {
@@ -159,9 +184,17 @@ impl DataLog {
                 self.filter_indexes.insert(filter.to_owned(), idx);
 
                 // Match new filter to existing topics and add to publish_filters if it matches
-                for (topic, filters) in publish_filters.iter_mut() {
-                    if matches(topic, filter) {
+                // (printloop patch: an exact filter can only match the topic spelled the same).
+                if is_exact(filter) {
+                    if let Some(filters) = publish_filters.get_mut(filter) {
                         filters.push(idx);
+                    }
+                } else {
+                    self.wildcard_filters.push((filter.to_owned(), idx));
+                    for (topic, filters) in publish_filters.iter_mut() {
+                        if matches(topic, filter) {
+                            filters.push(idx);
+                        }
                     }
                 }
 
@@ -272,6 +305,30 @@ impl DataLog {
     pub fn read_retained_messages(&mut self, filter: &str) -> Vec<PubWithProp> {
         trace!(info = "reading retain msg", filter = &filter);
         let now = Instant::now();
+
+        // printloop patch: an exact filter reads (and expires) the one retained message spelled
+        // the same, instead of walking every retained message the broker holds.
+        if is_exact(filter) {
+            if filter.starts_with('$') {
+                return Vec::new();
+            }
+            let Some(pubdata) = self.retained_publishes.get_mut(filter) else {
+                return Vec::new();
+            };
+            if let Some(interval) = pubdata
+                .properties
+                .as_mut()
+                .and_then(|p| p.message_expiry_interval.as_mut())
+            {
+                let time_spent = (now - pubdata.timestamp).as_secs() as u32;
+                if time_spent >= *interval {
+                    self.retained_publishes.remove(filter);
+                    return Vec::new();
+                }
+                *interval -= time_spent;
+            }
+            return vec![(pubdata.publish.clone(), pubdata.properties.clone())];
+        }
 
         // discard expired retained messages
         self.retained_publishes.retain(|_, pubdata| {
@@ -475,6 +532,83 @@ mod test {
         data.matches("topic/a");
 
         assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 1);
+    }
+
+    fn config() -> RouterConfig {
+        RouterConfig {
+            max_segment_size: 1024,
+            max_connections: 10,
+            max_segment_count: 10,
+            max_outgoing_packet_count: 1024,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Strategy::RoundRobin,
+        }
+    }
+
+    /// printloop patch: the indexed lookup gives the same filters as `matches` over all of them,
+    /// whichever comes first, the filter or the topic.
+    #[test]
+    fn indexed_matches_equal_the_full_scan() {
+        let filters = [
+            "a/b", "a/+", "a/#", "#", "+/b", "a/b/c", "$sys/x", "+", "a", "a/b/#", "b/+/c",
+            "printers/p1/cmd", "printers/+/cmd", "printers/p1/#",
+        ];
+        let topics = [
+            "a/b", "a", "a/b/c", "b/x/c", "$sys/x", "x", "printers/p1/cmd", "printers/p2/cmd",
+            "printers/p1/state", "", "a/", "/a",
+        ];
+        for split in 0..=filters.len() {
+            let mut data = DataLog::new(config()).unwrap();
+            for f in &filters[..split] {
+                data.next_native_offset(f);
+            }
+            for t in &topics {
+                data.matches(t);
+            }
+            for f in &filters[split..] {
+                data.next_native_offset(f);
+            }
+            for t in &topics {
+                let mut got = data.matches(t).unwrap();
+                got.sort();
+                let mut want: Vec<usize> = data
+                    .filter_indexes
+                    .iter()
+                    .filter(|(f, _)| crate::protocol::matches(t, f))
+                    .map(|(_, i)| *i)
+                    .collect();
+                want.sort();
+                assert_eq!(got, want, "topic {t:?}, {split} filters before the topics");
+            }
+        }
+    }
+
+    /// printloop patch: an exact subscription gets the retained message of its own topic only.
+    #[test]
+    fn exact_filters_read_their_own_retained_message() {
+        use crate::protocol::Publish;
+        let mut data = DataLog::new(config()).unwrap();
+        for t in ["p/1/state", "p/2/state", "$sys/x"] {
+            let publish = Publish::new(t.as_bytes().to_vec(), t.as_bytes().to_vec(), true);
+            data.insert_to_retained_publishes(publish, None, t.to_owned());
+        }
+        let read = |data: &mut DataLog, f: &str| {
+            let mut v: Vec<Vec<u8>> = data
+                .read_retained_messages(f)
+                .into_iter()
+                .map(|(p, _)| p.payload.to_vec())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(read(&mut data, "p/1/state"), vec![b"p/1/state".to_vec()]);
+        assert_eq!(read(&mut data, "p/3/state"), Vec::<Vec<u8>>::new());
+        assert_eq!(read(&mut data, "$sys/x"), Vec::<Vec<u8>>::new());
+        assert_eq!(
+            read(&mut data, "p/+/state"),
+            vec![b"p/1/state".to_vec(), b"p/2/state".to_vec()]
+        );
     }
 
     //     #[test]
