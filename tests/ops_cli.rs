@@ -360,10 +360,10 @@ async fn upload_and_submit(kind: BrokerKind) {
         }
         other => panic!("last request was {other:?}"),
     }
-    // Every request of this invocation came from one client, with distinct ids.
+    // Every request of this invocation came under the CLI's name, with distinct ids.
     let clients: std::collections::HashSet<_> = fake.requests.iter().map(|r| &r.client).collect();
     assert_eq!(clients.len(), 1);
-    assert!(clients.iter().all(|c| c.as_str().starts_with("cli-")));
+    assert!(clients.iter().all(|c| c.as_str() == "cli"));
     let ids: std::collections::HashSet<_> = fake.requests.iter().map(|r| &r.id).collect();
     assert_eq!(ids.len(), fake.requests.len());
 }
@@ -522,6 +522,35 @@ async fn jobs_list_prints_a_table_or_json_lines() {
         })
         .collect();
     assert_eq!(flags, [false, true]);
+}
+
+/// Every run of the CLI answers under one name (`cli`), so the broker holds one response topic
+/// however many runs a cron job or a script makes (it was one per run, and rumqttd never frees a
+/// topic's log); runs at the same time share it and each keeps to its own answers.
+#[tokio::test]
+async fn cli_runs_share_one_response_topic_and_keep_to_their_own_answers() {
+    let broker = TestBroker::start(BrokerKind::Embedded).expect("broker starts");
+    let port = broker.port();
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    let _sup = fake_supervisor(port, fake.clone()).await;
+
+    let list = || printloop(port, &["jobs", "list"]);
+    let (a, b, c, d) = tokio::join!(list(), list(), list(), list());
+    for out in [a, b, c, d] {
+        let table = success(&out, "jobs list");
+        assert_eq!(table.lines().count(), 3, "{table}");
+    }
+    let out = printloop(port, &["printers"]).await;
+    success(&out, "printers");
+
+    let fake = fake.lock().expect("lock");
+    assert_eq!(fake.requests.len(), 5, "{:?}", fake.requests);
+    let clients: std::collections::BTreeSet<&str> =
+        fake.requests.iter().map(|r| r.client.as_str()).collect();
+    assert_eq!(clients, ["cli"].into(), "one response topic for every run");
+    let ids: std::collections::BTreeSet<&str> =
+        fake.requests.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids.len(), 5, "request ids stay unique across runs: {ids:?}");
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use rumqttc::{QoS, SubscribeReasonCode};
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
 use super::gcode::GcodeFile;
-use super::mqtt::{Link, LinkEvent};
+use super::mqtt::{api_client_name, Link, LinkEvent};
 use super::{Endpoint, OpsError};
 
 /// Bytes per `upload_chunk` request (the protocol's largest chunk).
@@ -26,6 +26,8 @@ pub const UPLOAD_WINDOW: usize = 16;
 /// A connection to the supervisor's operator API.
 pub struct ApiClient {
     link: Link,
+    /// The name answers come back under ([`api_client_name`]), shared by this user's runs.
+    name: protocol::ClientId,
     topics: Topics,
     response_topic: String,
     timeout: Duration,
@@ -51,13 +53,12 @@ pub fn op_name(op: &ApiOp) -> &'static str {
 }
 
 impl ApiClient {
-    /// Connects with a fresh client id and subscribes to its response topic (waiting for the
-    /// SUBACK), so no answer can be missed.
+    /// Connects with a fresh client id and subscribes to the response topic of its user
+    /// ([`api_client_name`]), waiting for the SUBACK, so no answer can be missed.
     pub async fn connect(ep: &Endpoint) -> Result<ApiClient, OpsError> {
         let mut link = Link::connect(ep, false).await?;
-        let response_topic = ep
-            .topics
-            .format(&Topic::ApiResponse(link.client_id.clone()));
+        let name = api_client_name(ep);
+        let response_topic = ep.topics.format(&Topic::ApiResponse(name.clone()));
         link.subscribe(&response_topic, QoS::AtLeastOnce).await?;
         let secs = ep.timeout.as_secs().max(1);
         let acked = tokio::time::timeout(ep.timeout, async {
@@ -98,6 +99,7 @@ impl ApiClient {
         }
         Ok(ApiClient {
             link,
+            name,
             topics: ep.topics.clone(),
             response_topic,
             timeout: ep.timeout,
@@ -158,7 +160,7 @@ impl ApiClient {
         let request = ApiRequest {
             v: Version,
             id: id.clone(),
-            client: self.link.client_id.clone(),
+            client: self.name.clone(),
             op,
         };
         let broker = self.link.broker.clone();

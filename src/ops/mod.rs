@@ -2,8 +2,9 @@
 //!
 //! - [`Endpoint`]: where the broker is, the topic root, the answer timeout, credentials.
 //! - [`ApiClient`]: one MQTT connection with a unique client id (`cli-<pid>-<random>`); it
-//!   subscribes to its response topic before it publishes anything, sends one request at a
-//!   time and waits (bounded) for the answer with the same correlation id.
+//!   subscribes to its user's response topic (`api/response/cli`, shared by every run, so a
+//!   broker holds one topic per user, not one per run) before it publishes anything, sends one
+//!   request at a time and waits (bounded) for the answer with the same correlation id.
 //! - [`gcode::inspect`]: checks a file is plain-text G-code and hashes it, streaming.
 //! - [`table`]: the tables `jobs list` and `printers` print.
 //! - [`watch`]: a fleet view built from the retained `state`/`status`/`queue` topics (pure:

@@ -53,6 +53,21 @@ pub(crate) fn unique_client_id() -> ClientId {
     ClientId::new(id).unwrap_or_else(|_| unreachable!("generated client ids are valid"))
 }
 
+/// The name the operator API answers this CLI under (`api/response/<name>`): `cli`, or
+/// `cli-<user>` with broker credentials. One topic per person, not one per invocation: a broker
+/// keeps every topic it was asked for (rumqttd never frees a subscription's log), so a name per
+/// run would grow it by one for every `printloop jobs list` a cron job or a script makes.
+/// Concurrent runs share the topic and keep to their own answers by request id (each request id
+/// starts with the run's unique MQTT client id).
+pub(crate) fn api_client_name(ep: &Endpoint) -> ClientId {
+    let fallback =
+        || ClientId::new("cli").unwrap_or_else(|_| unreachable!("\"cli\" is a valid id"));
+    match &ep.credentials {
+        Some(c) => ClientId::new(format!("cli-{}", c.username)).unwrap_or_else(|_| fallback()),
+        None => fallback(),
+    }
+}
+
 fn options(ep: &Endpoint, client_id: &ClientId) -> MqttOptions {
     let mut o = MqttOptions::new(client_id.as_str(), ep.broker.host.clone(), ep.broker.port);
     o.set_clean_session(true)
