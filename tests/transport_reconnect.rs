@@ -50,18 +50,26 @@ struct Outcome {
     refused_after: Option<Duration>,
     downs: u32,
     refused: u32,
+    /// Downs that asked for the next connection's will.
+    wills_asked: u32,
 }
 
 async fn watch(port: u16, id: &str, limit: Duration) -> Outcome {
+    watch_with(port, id, limit, Some(will())).await
+}
+
+async fn watch_with(port: u16, id: &str, limit: Duration, last_will: Option<LastWill>) -> Outcome {
     let addr = BrokerAddr::parse(&format!("mqtt://127.0.0.1:{port}")).expect("address");
+    let with_will = last_will.is_some();
     let (_client, mut events, task) =
-        transport::connect(&addr, &session(id), will()).expect("connect");
+        transport::connect(&addr, &session(id), last_will).expect("connect");
     let start = Instant::now();
     let mut out = Outcome {
         connected_after: None,
         refused_after: None,
         downs: 0,
         refused: 0,
+        wills_asked: 0,
     };
     while let Ok(Some(ev)) = tokio::time::timeout_at((start + limit).into(), events.recv()).await {
         match ev {
@@ -79,7 +87,10 @@ async fn watch(port: u16, id: &str, limit: Duration) -> Outcome {
                     break;
                 }
                 if let Some(next) = next_will {
-                    let _ = next.send(will());
+                    out.wills_asked += 1;
+                    if with_will {
+                        let _ = next.send(will());
+                    }
                 }
             }
             _ => {}
@@ -103,6 +114,24 @@ async fn a_broker_behind_a_proxy_that_comes_back_is_reached_within_seconds() {
         "closes for 2.5 s were taken for a refused login"
     );
     // Closed for 2.5 s; the network backoff then retries within ~2 s (a refusal would wait 11-15 s).
+    assert!(after < Duration::from_secs(7), "connected after {after:?}");
+}
+
+/// A connection without a will (the supervisor's file server) reconnects like the others, and
+/// its task asks for no will: it used to ask at every drop and stop when none came.
+#[tokio::test]
+async fn a_connection_without_a_will_reconnects_and_asks_for_none() {
+    let broker = testkit::EmbeddedBroker::start().expect("broker");
+    let port = door(broker.v4_port(), Duration::from_millis(2_500)).await;
+    let out = watch_with(port, "reconnect-no-will", Duration::from_secs(10), None).await;
+    assert!(out.downs >= 2, "the door closed {} connections", out.downs);
+    assert_eq!(
+        out.wills_asked, 0,
+        "a will-less connection was asked for a will"
+    );
+    let after = out
+        .connected_after
+        .unwrap_or_else(|| panic!("not connected within 10 s ({} closes)", out.downs));
     assert!(after < Duration::from_secs(7), "connected after {after:?}");
 }
 

@@ -138,7 +138,7 @@ async fn serve(
     let (client, mut mqtt_rx, mqtt) = transport::connect(
         &settings.broker,
         &session,
-        LastWill::new(will_topic, will, QoS::AtLeastOnce, true),
+        Some(LastWill::new(will_topic, will, QoS::AtLeastOnce, true)),
     )?;
     shell.client = Some(client);
 

@@ -39,8 +39,8 @@ pub enum MqttEvent {
         /// The broker refused the login (the task has logged it, with the fix, and waits
         /// [`refused_backoff`] before the next attempt).
         refused: bool,
-        /// With [`Reconnect::Backoff`]: where to send the will of the next connection (dropping
-        /// it stops the task).
+        /// With [`Reconnect::Backoff`] and a will: where to send the will of the next
+        /// connection (dropping it stops the task).
         next_will: Option<oneshot::Sender<LastWill>>,
     },
 }
@@ -49,7 +49,8 @@ pub enum MqttEvent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reconnect {
     /// printloop's processes: a jittered backoff capped at `max`, a slow pace after a refused
-    /// login, and a new will asked for at each [`MqttEvent::Down`].
+    /// login, and a new will asked for at each [`MqttEvent::Down`] (when the connection has
+    /// one: the supervisor's file connection has none).
     Backoff {
         /// Longest pause.
         max: Duration,
@@ -246,8 +247,9 @@ async fn run(mut eventloop: EventLoop, f: Forwarding, out: Out) {
                         backoff(failures, max, seed)
                     }),
                 };
+                let has_will = eventloop.mqtt_options.last_will().is_some();
                 let (next_will, will_rx) = match f.reconnect {
-                    Reconnect::Backoff { .. } => {
+                    Reconnect::Backoff { .. } if has_will => {
                         let (tx, rx) = oneshot::channel();
                         (Some(tx), Some(rx))
                     }

@@ -173,14 +173,16 @@ impl Default for Session {
 pub fn connect(
     broker: &BrokerAddr,
     session: &Session,
-    will: LastWill,
+    will: Option<LastWill>,
 ) -> Result<(AsyncClient, mpsc::Receiver<MqttEvent>, JoinHandle<()>), TransportError> {
     let mut o = MqttOptions::new(session.client_id.clone(), broker.host.clone(), broker.port);
     o.set_clean_session(session.clean_session)
         .set_keep_alive(session.keepalive)
-        .set_last_will(will)
         .set_max_packet_size(session.max_packet, session.max_packet)
         .set_inflight(32);
+    if let Some(will) = will {
+        o.set_last_will(will);
+    }
     if let Some(user) = &broker.username {
         o.set_credentials(user.clone(), broker.password.clone().unwrap_or_default());
     }
