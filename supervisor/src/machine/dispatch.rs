@@ -189,6 +189,26 @@ impl Supervisor {
         self.refresh_indexes();
         ready_free = self.idx.free_now.iter().cloned().collect();
         let mut later_free: VecDeque<PrinterId> = self.idx.free_later.iter().cloned().collect();
+        // The lists of tags some free printer accepts, with how many queued jobs ask for each:
+        // a job whose tags no free printer has is passed over without looking at the printers,
+        // and the pass ends once no job it could place is left (idle PETG printers beside a
+        // long PLA queue used to cost a look at every free printer for every queued job,
+        // after every batch).
+        let accepts = |tags: &[String], free: &VecDeque<PrinterId>| {
+            free.iter().any(|id| {
+                self.printers
+                    .get(id)
+                    .is_some_and(|p| tags.iter().all(|t| p.rec.tags.contains(t)))
+            })
+        };
+        let mut placeable: HashMap<Vec<String>, usize> = self
+            .idx
+            .queued_tags
+            .iter()
+            .filter(|(tags, _)| accepts(tags, &ready_free) || accepts(tags, &later_free))
+            .map(|(tags, n)| (tags.clone(), *n))
+            .collect();
+        let mut left: usize = placeable.values().sum();
         // The queue is read a page at a time: most batches place a job or two, and a farm's
         // queue can hold thousands.
         const PAGE: usize = 64;
@@ -212,9 +232,19 @@ impl Supervisor {
             };
             after = Some(last.clone());
             for (_, _, job_id) in page {
-                if ready_free.is_empty() && later_free.is_empty() {
+                if left == 0 || (ready_free.is_empty() && later_free.is_empty()) {
                     break 'pages;
                 }
+                let tags = self
+                    .jobs
+                    .get(&job_id)
+                    .map(|j| j.tags.as_slice())
+                    .unwrap_or_default();
+                let Some(n) = placeable.get_mut(tags) else {
+                    continue; // no free printer has its tags
+                };
+                *n -= 1;
+                left -= 1;
                 let ready = self.pick(&ready_free, &job_id);
                 let deferred = ready.is_none();
                 let printer = match ready.and_then(|i| ready_free.remove(i)) {
@@ -224,7 +254,14 @@ impl Supervisor {
                         .and_then(|i| later_free.remove(i))
                     {
                         Some(p) => p,
-                        None => continue,
+                        None => {
+                            // The printers that had these tags are taken: free lists only
+                            // shrink in a pass, so the rest of its jobs are passed over too.
+                            if let Some(rest) = placeable.remove(tags) {
+                                left -= rest;
+                            }
+                            continue;
+                        }
                     },
                 };
                 let j = self.jobs.get_mut(&job_id).expect("queued job exists");

@@ -4,8 +4,8 @@
 //! alone were 56 % of the supervisor's CPU).
 //!
 //! - **Timers**: each printer's earliest armed timer, ordered by when.
-//! - **Dispatch**: the queued jobs in dispatch order (priority, then submission), the
-//!   assigned jobs (the only ones that can be orphaned), and the printers free now and free
+//! - **Dispatch**: the queued jobs in dispatch order (priority, then submission) and how many
+//!   ask for each list of tags, the assigned jobs (the only ones that can be orphaned), and the printers free now and free
 //!   once their bed is cleared.
 //! - **Pending starts** to mirror into the printers' records.
 //!
@@ -31,7 +31,10 @@ pub(super) struct Indexes {
     context: Option<TimerContext>,
     /// Queued jobs in dispatch order: (-priority, seq, id).
     pub(super) queued: BTreeSet<(i32, u64, JobId)>,
-    queued_key: HashMap<JobId, (i32, u64)>,
+    queued_key: HashMap<JobId, (i32, u64, Vec<String>)>,
+    /// How many queued jobs ask for each list of tags: dispatch skips the lists no free
+    /// printer accepts, and stops once no job it could place is left.
+    pub(super) queued_tags: BTreeMap<Vec<String>, usize>,
     /// Jobs in state `Assigned`.
     pub(super) assigned: BTreeSet<JobId>,
     /// Printers that can take a job now / once their bed is cleared ([`Supervisor::is_free`]).
@@ -61,6 +64,7 @@ impl Supervisor {
             Changed::All => {
                 self.idx.queued.clear();
                 self.idx.queued_key.clear();
+                self.idx.queued_tags.clear();
                 self.idx.assigned.clear();
                 let ids: Vec<JobId> = self.jobs.keys().cloned().collect();
                 for id in &ids {
@@ -113,8 +117,14 @@ impl Supervisor {
     }
 
     fn reindex_job(&mut self, id: &JobId) {
-        if let Some(key) = self.idx.queued_key.remove(id) {
-            self.idx.queued.remove(&(key.0, key.1, id.clone()));
+        if let Some((prio, seq, tags)) = self.idx.queued_key.remove(id) {
+            self.idx.queued.remove(&(prio, seq, id.clone()));
+            if let Some(n) = self.idx.queued_tags.get_mut(&tags) {
+                *n -= 1;
+                if *n == 0 {
+                    self.idx.queued_tags.remove(&tags);
+                }
+            }
         }
         self.idx.assigned.remove(id);
         let Some(j) = self.jobs.get(id) else {
@@ -122,9 +132,12 @@ impl Supervisor {
         };
         match j.state {
             JobState::Queued => {
-                let key = (-j.priority, j.seq);
-                self.idx.queued.insert((key.0, key.1, id.clone()));
-                self.idx.queued_key.insert(id.clone(), key);
+                let (prio, seq) = (-j.priority, j.seq);
+                self.idx.queued.insert((prio, seq, id.clone()));
+                *self.idx.queued_tags.entry(j.tags.clone()).or_default() += 1;
+                self.idx
+                    .queued_key
+                    .insert(id.clone(), (prio, seq, j.tags.clone()));
             }
             JobState::Assigned => {
                 self.idx.assigned.insert(id.clone());
@@ -221,6 +234,11 @@ impl Supervisor {
             self.idx.queued.iter().cloned().collect::<Vec<_>>(),
             "queued index"
         );
+        let mut tags: BTreeMap<Vec<String>, usize> = BTreeMap::new();
+        for j in self.jobs.values().filter(|j| j.state == JobState::Queued) {
+            *tags.entry(j.tags.clone()).or_default() += 1;
+        }
+        assert_eq!(tags, self.idx.queued_tags, "queued tags index");
         let assigned: BTreeSet<JobId> = self
             .jobs
             .values()

@@ -1648,3 +1648,59 @@ fn remembered_answers_are_bounded_like_the_store_and_the_newest_still_repeat() {
     );
     assert_eq!(h.s.jobs.len(), held);
 }
+
+/// Tags: a job goes only to a printer with all its tags, however many queued jobs ahead of it
+/// no free printer accepts (dispatch passes over those without looking at the printers); and
+/// a printer with the first jobs' tags still gets the first of them.
+#[test]
+fn a_tagged_job_behind_jobs_no_free_printer_takes_goes_to_the_printer_with_its_tags() {
+    let mut h = H::new();
+    h.store_file();
+    let submit = |h: &mut H, copies: u32, tag: &str| -> Vec<JobId> {
+        let (r, _) = h.api(ApiOp::SubmitJob(SubmitJob {
+            name: "f.gcode".into(),
+            sha256: sha(),
+            copies,
+            priority: 0,
+            tags: vec![tag.into()],
+        }));
+        match r.result {
+            Some(ApiResult::Submitted { job_ids }) => job_ids,
+            other => panic!("submit failed: {other:?} {:?}", r.error),
+        }
+    };
+    let pla = submit(&mut h, 100, "pla");
+    let tagged = |h: &mut H, p: &str, tag: &str| {
+        let meta = protocol::presence::Meta {
+            v: Version,
+            printer_id: pid(p),
+            epoch: 1,
+            name: p.into(),
+            model: "printloop-sim".into(),
+            firmware: None,
+            build_volume: None,
+            tags: vec![tag.into()],
+            gateway_version: "0.1.0".into(),
+        };
+        h.msg(&format!("printers/{p}/meta"), meta.encode());
+        h.online(p, 1);
+        h.report(p, state(PrinterPhase::Ready, None))
+    };
+    let out = tagged(&mut h, "p0", "petg");
+    assert!(starts(&out, "p0").is_empty(), "no PETG job yet");
+    let petg = submit(&mut h, 1, "petg");
+    assert_eq!(h.job(&petg[0]).state, JobState::Assigned);
+    assert_eq!(h.job(&petg[0]).printer, Some(pid("p0")));
+    assert!(pla.iter().all(|j| h.job(j).state == JobState::Queued));
+
+    let out = tagged(&mut h, "p1", "pla");
+    let s = starts(&out, "p1");
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert_eq!(s[0].job_id, pla[0], "the first PLA job");
+    assert_eq!(
+        pla.iter()
+            .filter(|j| h.job(j).state == JobState::Queued)
+            .count(),
+        99
+    );
+}
