@@ -141,32 +141,10 @@ struct Report {
     resent_verified_bytes: u64,
 }
 
-/// Writes a valid G-code file of at least `size` bytes: the shared slicer output repeated, each
-/// copy under its own comment (so no two runs' files need be equal, and the gateway's whole-file
-/// check counts real lines).
+/// Writes a valid G-code file of at least `size` bytes ([`testkit::gcode::write_repeated`]).
 fn write_gcode(path: &Path, size: u64) -> Result<(), BoxError> {
-    use std::io::Write as _;
-    let sample =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/gcode/cylinder30.gcode");
-    let body = std::fs::read(&sample).map_err(|e| {
-        format!(
-            "{}: {e} (../shared must sit beside the repo)",
-            sample.display()
-        )
-    })?;
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut written = 0u64;
-    let mut copy = 0u64;
-    let nonce = std::process::id();
-    while written < size {
-        let head = format!("; printloop file bench {nonce} copy {copy}\n");
-        out.write_all(head.as_bytes())?;
-        out.write_all(&body)?;
-        written += (head.len() + body.len()) as u64;
-        copy += 1;
-    }
-    out.flush()?;
-    Ok(())
+    let label = format!("file bench {}", std::process::id());
+    Ok(testkit::gcode::write_repeated(path, size, &label)?)
 }
 
 fn mb_s(bytes: u64, d: Duration) -> f64 {

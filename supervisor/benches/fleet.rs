@@ -1479,29 +1479,13 @@ struct PullReport {
     starts: usize,
 }
 
-/// Writes a valid G-code file of at least `size` bytes, different for each `k`: the shared
-/// slicer output repeated, each copy under its own comment.
+/// Writes a valid G-code file of at least `size` bytes, different for each `k`.
 fn write_pull_file(path: &std::path::Path, k: usize, size: u64) -> Result<(), BoxError> {
-    use std::io::Write as _;
-    let sample =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/gcode/cylinder30.gcode");
-    let body = std::fs::read(&sample).map_err(|e| {
-        format!(
-            "{}: {e} (../shared must sit beside the repo)",
-            sample.display()
-        )
-    })?;
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let (mut written, mut copy) = (0u64, 0u64);
-    while written < size {
-        let head = format!("; printloop fleet bench puller {k} copy {copy}\n");
-        out.write_all(head.as_bytes())?;
-        out.write_all(&body)?;
-        written += (head.len() + body.len()) as u64;
-        copy += 1;
-    }
-    out.flush()?;
-    Ok(())
+    Ok(testkit::gcode::write_repeated(
+        path,
+        size,
+        &format!("fleet bench puller {k}"),
+    )?)
 }
 
 /// `--pullers K --pull-mb M`: K different files of M MB are uploaded with the real CLI

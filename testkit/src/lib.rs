@@ -15,6 +15,7 @@
 mod client;
 mod demo;
 mod embedded;
+pub mod gcode;
 pub mod http;
 mod mosquitto;
 mod process;
