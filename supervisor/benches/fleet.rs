@@ -708,16 +708,9 @@ fn puller_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("bench-pullers")
-        .on_thread_start(|| lower_this_threads_priority(10))
+        .on_thread_start(|| supervisor::run::lower_this_threads_priority(10))
         .enable_all()
         .build()
-}
-
-#[allow(unsafe_code)]
-fn lower_this_threads_priority(niceness: i32) {
-    // SAFETY: plain integers in and out; raising one's own nice value needs no privilege.
-    let _ =
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, niceness) };
 }
 
 fn spawn_fake(i: usize, port: u16, sh: Arc<Shared>, puller: Option<&tokio::runtime::Handle>) {

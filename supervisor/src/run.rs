@@ -714,7 +714,7 @@ fn file_server(
 /// thread, and threads it starts inherit it). Never fails the caller: without it the server
 /// only competes on equal terms.
 #[allow(unsafe_code)]
-fn lower_this_threads_priority(niceness: i32) {
+pub fn lower_this_threads_priority(niceness: i32) {
     // SAFETY: `gettid` and `setpriority` take plain integers and touch no memory of ours;
     // raising one's own nice value needs no privilege.
     let rc = unsafe {
