@@ -146,7 +146,10 @@ impl DataLog {
             None => {
                 // printloop patch: the filter spelled as the topic, then the wildcard ones
                 // (was: every filter).
-                let exact = match topic.starts_with('$') {
+                // A topic spelled with '+' or '#' (rumqttd does not refuse one on publish) is
+                // matched by the wildcard walk alone, as before: looking it up by name too would
+                // find the wildcard filter spelled the same a second time.
+                let exact = match topic.starts_with('$') || !is_exact(topic) {
                     true => None,
                     false => self.filter_indexes.get(topic).copied(),
                 };
@@ -556,7 +559,7 @@ mod test {
         ];
         let topics = [
             "a/b", "a", "a/b/c", "b/x/c", "$sys/x", "x", "printers/p1/cmd", "printers/p2/cmd",
-            "printers/p1/state", "", "a/", "/a",
+            "printers/p1/state", "", "a/", "/a", "a/+", "a/#", "printers/+/cmd", "#",
         ];
         for split in 0..=filters.len() {
             let mut data = DataLog::new(config()).unwrap();
